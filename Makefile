@@ -1,0 +1,39 @@
+# carnet: `make demo` and `make test` are all a new user needs; every target installs .venv first if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+DEMO_DATA ?= demo_data
+DEMO_RUN ?= outputs/demo
+
+.PHONY: install demo test test-all lint clean
+
+install: $(STAMP)
+
+# Re-run only when pyproject.toml changes. pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+# Synthetic cars in the Kaggle layout, then a from-scratch CPU training of timm's tiny test_efficientnet.
+demo: install
+	test -f $(DEMO_DATA)/sample-submission.csv || $(PY) -m carnet.demo $(DEMO_DATA)
+	$(PY) train.py data.root=$(DEMO_DATA) model=test_efficientnet trainer=cpu hydra.run.dir=$(DEMO_RUN) \
+		$(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

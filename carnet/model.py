@@ -1,0 +1,258 @@
+"""The classifier: a timm backbone without its classifier, a replaceable head, and the training logic.
+
+A checkpoint carries everything inference needs under ``checkpoint["carnet"]`` (model name, head config,
+class names, image size, normalisation): see :func:`load_checkpoint`, used by predict, serve and export.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+CHECKPOINT_KEY = "carnet"
+
+
+class LinearHead(nn.Sequential):
+    """Dropout then one linear layer on the pooled features."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+
+
+class MLPHead(nn.Sequential):
+    """Linear -> BatchNorm -> ReLU -> Dropout -> Linear: more capacity on top of a frozen backbone."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden_dim: int = 512, dropout: float = 0.3) -> None:
+        super().__init__(
+            nn.Linear(in_features, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, num_classes),
+        )
+
+
+class WeightsError(ValueError):
+    """A weights file does not fit the backbone; the message names the file and the keys."""
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local ``.safetensors`` / ``.pth`` state dict in timm's key names into a headless backbone.
+
+    The original classifier's keys are ignored (carnet brings its own head); any other missing or unexpected
+    key is an error that names them, because a silently half-loaded backbone trains like a random one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"model.weights={path}: file not found (expected a .safetensors or .pth state dict)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "state_dict_ema"):  # common wrappers of training checkpoints
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier", "classifier")
+    classifiers = [classifier] if isinstance(classifier, str) else list(classifier)
+    state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifiers)}
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f"model.weights={path} does not fit {type(backbone).__name__}: missing keys "
+            f"{result.missing_keys[:10]}{' ...' if len(result.missing_keys) > 10 else ''}, unexpected keys "
+            f"{result.unexpected_keys[:10]}{' ...' if len(result.unexpected_keys) > 10 else ''}"
+        )
+
+
+def create_backbone(name: str, pretrained: bool = False, weights: str | None = None, **kwargs: Any) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``: it returns pooled features)."""
+    backbone = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0, **kwargs)
+    if weights:
+        load_backbone_weights(backbone, weights)
+    return backbone
+
+
+def build_head(head: dict[str, Any] | DictConfig, in_features: int, num_classes: int) -> nn.Module:
+    """Instantiate a head config (``_target_`` + its arguments) for the backbone's feature width."""
+    return instantiate(head, in_features=in_features, num_classes=num_classes)
+
+
+class CarNet(nn.Module):
+    """Backbone + head: the plain ``nn.Module`` that inference, serving and export use."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers to plain dicts/lists, so checkpoints and hparams stay simple to read."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+class CarClassifier(pl.LightningModule):
+    """LightningModule: cross-entropy training of :class:`CarNet` with head and backbone learning rates."""
+
+    def __init__(
+        self,
+        model_name: str,
+        class_names: Sequence[str],
+        head: dict[str, Any],
+        image_size: int = 224,
+        pretrained: bool = False,
+        weights: str | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        channels_last: bool = False,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        backbone_lr_mult: float = 0.1,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        head, optimizer, scheduler = _plain(head), _plain(optimizer), _plain(scheduler)
+        self.save_hyperparameters({
+            "model_name": model_name, "class_names": list(class_names), "head": head, "image_size": image_size,
+            "pretrained": pretrained, "weights": weights, "drop_rate": drop_rate,
+            "drop_path_rate": drop_path_rate, "channels_last": channels_last, "optimizer": optimizer,
+            "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult, "label_smoothing": label_smoothing,
+        })
+        kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if drop_path_rate or drop_rate else {}
+        backbone = create_backbone(model_name, pretrained=pretrained, weights=weights, **kwargs)
+        self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)))
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.train_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.net.backbone
+
+    @property
+    def head(self) -> nn.Module:
+        return self.net.head
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config of the backbone (mean, std, interpolation, crop_pct) at this run's image size."""
+        config = timm.data.resolve_model_data_config(self.backbone)
+        size = self.hparams.image_size
+        return {**config, "input_size": (3, size, size)}
+
+    def inference_meta(self) -> dict[str, Any]:
+        """Everything needed to rebuild the network and feed it images, without any config."""
+        config = self.data_config
+        return {
+            "model_name": self.hparams.model_name,
+            "head": self.hparams.head,
+            "class_names": list(self.hparams.class_names),
+            "image_size": self.hparams.image_size,
+            "mean": list(config["mean"]),
+            "std": list(config["std"]),
+            "interpolation": config["interpolation"],
+            "crop_pct": float(config.get("crop_pct", 1.0)),
+        }
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        return loss, logits, labels
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logits, labels = self._step(batch)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, labels = self._step(batch)
+        self.val_acc(logits, labels)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Head at the optimizer's LR, the whole backbone at ``backbone_lr_mult`` x that LR.
+
+        The whole backbone is always in the optimizer, frozen parts included: a frozen tensor has no gradient
+        and optimizers skip it, so unfreezing later needs no optimizer surgery and every scheduler's
+        per-group state (ReduceLROnPlateau, CyclicLR) stays valid, also across resumes.
+        """
+        lr = self.hparams.optimizer.get("lr", 1e-3)
+        return [
+            {"params": list(self.head.parameters()), "lr": lr, "name": "head"},
+            {"params": list(self.backbone.parameters()), "lr": lr * self.hparams.backbone_lr_mult,
+             "name": "backbone"},
+        ]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer)(self.param_groups())
+        if not self.hparams.scheduler:
+            return optimizer
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        scheduler = instantiate(self.hparams.scheduler)(optimizer, total_steps=steps,
+                                                        steps_per_epoch=max(1, steps // epochs))
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.inference_meta()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or is not a carnet checkpoint; the message names the file."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a carnet checkpoint file (on the CPU), with a clear error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a carnet checkpoint (no '{CHECKPOINT_KEY}' metadata)")
+    return checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[CarNet, dict[str, Any]]:
+    """Rebuild the network of a checkpoint for inference: (CarNet in eval mode on the CPU, its metadata).
+
+    Needs nothing but the file: no config, no download (the backbone is built without pretrained weights and
+    then gets the checkpoint's own).
+    """
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint[CHECKPOINT_KEY]
+    backbone = create_backbone(meta["model_name"], pretrained=False)
+    net = CarNet(backbone, build_head(meta["head"], backbone.num_features, len(meta["class_names"])))
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return net.eval(), meta

@@ -1,0 +1,127 @@
+"""Training entry: config -> DataModule, LightningModule, callbacks -> Trainer -> a run directory.
+
+``train.py`` at the top level is a thin ``@hydra.main`` wrapper around :func:`train`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+
+from carnet.artifacts import SPLIT_FILE, RunArtifacts
+from carnet.data import CarDataModule
+from carnet.model import CarClassifier
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: Any, accelerator: str) -> str:
+    """``auto``: bf16-mixed on GPUs that support it, 16-mixed on older GPUs, 32 on the CPU."""
+    if str(precision) != "auto":
+        return str(precision)
+    if accelerator in ("cpu",) or not torch.cuda.is_available():
+        return "32"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The Hydra run (or sweep job) directory; ``cfg.run_dir`` when called outside ``@hydra.main``."""
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise ValueError("no run directory: call train() from @hydra.main or set run_dir=PATH in the config")
+
+
+def overrides_of(cfg: DictConfig) -> list[str]:
+    """The command-line overrides of this run (for reports that compare runs)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def build_module(cfg: DictConfig) -> CarClassifier:
+    """The LightningModule for ``cfg`` (model, head, optimizer, scheduler)."""
+    return CarClassifier(
+        model_name=cfg.model.name,
+        class_names=list(cfg.data.class_names),
+        head=cfg.head,
+        image_size=cfg.data.image_size,
+        pretrained=cfg.model.pretrained,
+        weights=cfg.model.weights,
+        drop_rate=cfg.model.drop_rate,
+        drop_path_rate=cfg.model.drop_path_rate,
+        channels_last=cfg.model.channels_last,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        backbone_lr_mult=cfg.backbone_lr_mult,
+        label_smoothing=cfg.label_smoothing,
+    )
+
+
+def build_datamodule(cfg: DictConfig, module: CarClassifier) -> CarDataModule:
+    """The DataModule for ``cfg``, normalised as the model expects (timm data config)."""
+    augment = OmegaConf.to_container(cfg.augment.train, resolve=True)
+    return instantiate(cfg.data, seed=cfg.seed, augment=augment, data_config=module.data_config,
+                       _convert_="all")
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The Trainer of ``cfg.trainer`` with carnet's checkpointing, progress bar and loggers."""
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True,
+        auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    callbacks = [checkpoints, *callbacks]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar(leave=True))
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c, save_dir=str(run_dir)) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"),
+                                                 str(trainer_cfg.get("accelerator", "auto")))
+    if trainer_cfg.get("benchmark") is None:
+        trainer_cfg["benchmark"] = torch.cuda.is_available() and trainer_cfg.get("accelerator") != "cpu"
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
+                       default_root_dir=str(run_dir))
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``)."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    pl.seed_everything(cfg.seed, workers=True)
+
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg, module)
+    datamodule.setup("fit")
+    datamodule.write_split(run_dir / SPLIT_FILE)
+    counts = datamodule.split.split.value_counts()
+    artifacts = RunArtifacts(run_dir, {
+        "run_dir": str(run_dir),
+        "model": cfg.model.name,
+        "head": cfg.head.get("_target_", "").rsplit(".", 1)[-1],
+        "image_size": int(cfg.data.image_size),
+        "seed": int(cfg.seed),
+        "data_root": str(datamodule.root),
+        "num_train": int(counts.get("train", 0)),
+        "num_val": int(counts.get("val", 0)),
+        "num_excluded": len(datamodule.excluded),
+        "overrides": overrides_of(cfg),
+        "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
+    })
+    trainer = build_trainer(cfg, run_dir, [artifacts])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
+
+    summary = artifacts.summary
+    if summary.get("best_val_acc") is not None:
+        print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
+    return summary
+

@@ -1,0 +1,72 @@
+"""albumentations pipelines: training views from the `augment` config, evaluation view from the model.
+
+Normalisation (mean, std) and the evaluation resize interpolation come from the model's timm data config,
+so a checkpoint of any timm model is fed exactly what its pretrained weights expect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+from hydra.utils import instantiate
+
+# timm names its resize interpolations like PIL; albumentations wants OpenCV flags.
+_CV2_INTERPOLATION = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+
+
+def cv2_interpolation(name: str) -> int:
+    """OpenCV flag for a timm interpolation name ('bicubic', 'bilinear', ...)."""
+    try:
+        return _CV2_INTERPOLATION[name]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(_CV2_INTERPOLATION)}") from None
+
+
+def eval_transforms(
+    image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic",
+    crop_pct: float = 1.0,
+) -> list[A.BasicTransform]:
+    """Resize the shorter side to image_size / crop_pct, then centre-crop image_size x image_size."""
+    resize_to = max(image_size, round(image_size / crop_pct))
+    return [
+        A.SmallestMaxSize(max_size=resize_to, interpolation=cv2_interpolation(interpolation)),
+        A.CenterCrop(height=image_size, width=image_size),
+    ]
+
+
+def to_tensor(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
+    """Normalise uint8 pixels with the model's statistics and convert HWC to a CHW float tensor, once."""
+    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+
+
+def build_train_transform(
+    augment: Sequence[Any] | None, image_size: int, mean: Sequence[float], std: Sequence[float],
+    interpolation: str = "bicubic", crop_pct: float = 1.0,
+) -> A.Compose:
+    """Training pipeline: the `augment.train` list (albumentations `_target_` configs or objects).
+
+    An empty list means no augmentation: the training images get the evaluation view. A list that does not
+    end at image_size x image_size gets a final resize, so every batch has one shape.
+    """
+    steps = [instantiate(t, _convert_="all") if not isinstance(t, A.BasicTransform) else t for t in augment or []]
+    if not steps:
+        steps = eval_transforms(image_size, mean, std, interpolation, crop_pct)
+    return A.Compose([*steps, A.Resize(image_size, image_size), *to_tensor(mean, std)])
+
+
+def build_eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic",
+    crop_pct: float = 1.0,
+) -> A.Compose:
+    """Evaluation pipeline: deterministic resize + centre crop + normalisation."""
+    return A.Compose([*eval_transforms(image_size, mean, std, interpolation, crop_pct), *to_tensor(mean, std)])
