@@ -1,0 +1,106 @@
+"""Every option of every config group composes (Hydra compose API) and builds its objects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from carnet.model import CarClassifier
+from carnet.train import build_datamodule, build_module, build_trainer, resolve_precision
+from tests.conftest import CONF, TINY, compose_cfg
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_defaults_compose_to_the_competition():
+    cfg = compose_cfg()
+    assert cfg.model.name == "tf_efficientnet_b6.ns_jft_in1k"
+    assert cfg.data.image_size == 224
+    assert list(cfg.data.class_names)[:2] == ["Lada Priora", "Ford Focus"]
+    assert cfg.data.class_names[9] == "Lada 21099" and len(cfg.data.class_names) == 10
+
+
+@pytest.mark.parametrize("size", [224, 300, 448, 528, 97])
+def test_image_size_is_a_plain_value(size):
+    assert compose_cfg([f"image_size={size}"]).data.image_size == size
+    assert compose_cfg([f"data.image_size={size}"]).data.image_size == size
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_every_model_option_composes(name):
+    cfg = compose_cfg([f"model={name}"])
+    assert {"name", "pretrained", "weights", "drop_rate", "drop_path_rate", "channels_last"} <= set(cfg.model)
+
+
+@pytest.mark.parametrize("head", options("head"))
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+def test_heads_and_optimizers_build(head, optimizer):
+    cfg = compose_cfg([*TINY, f"head={head}", f"optimizer={optimizer}", "scheduler=none"])
+    module = build_module(cfg)
+    opt = instantiate(module.hparams.optimizer)(module.param_groups())
+    assert [g["name"] for g in opt.param_groups] == ["head", "backbone"]
+    assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"] * cfg.backbone_lr_mult)
+
+
+@pytest.mark.parametrize("scheduler", options("scheduler"))
+def test_every_scheduler_builds_and_steps(scheduler):
+    cfg = compose_cfg([*TINY, f"scheduler={scheduler}"])
+    module = build_module(cfg)
+    opt = instantiate(module.hparams.optimizer)(module.param_groups())
+    config = instantiate(module.hparams.scheduler)(opt, total_steps=20, steps_per_epoch=5)
+    if scheduler == "none":
+        assert config is None
+        return
+    sched = config["scheduler"]
+    for _ in range(3):
+        opt.step()
+        sched.step(0.5) if scheduler == "plateau" else sched.step()
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert all(lr > 0 for lr in lrs)
+    # Every schedule scales the groups alike: the backbone stays at backbone_lr_mult x the head.
+    assert lrs[1] == pytest.approx(lrs[0] * cfg.backbone_lr_mult, rel=1e-6)
+
+
+@pytest.mark.parametrize("augment", options("augment"))
+def test_every_augment_builds_a_training_pipeline(augment, tiny_data):
+    cfg = compose_cfg([*TINY, f"augment={augment}", f"data.root={tiny_data}"])
+    datamodule = build_datamodule(cfg, build_module(cfg))
+    datamodule.setup("fit")
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_option_builds(trainer, tmp_path):
+    if trainer == "gpu" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    cfg = compose_cfg([*TINY, f"trainer={trainer}", "trainer.max_epochs=1"])
+    built = build_trainer(cfg, tmp_path, [])
+    assert built.max_epochs == 1
+
+
+def test_precision_defaults_to_fp32_on_the_cpu():
+    assert resolve_precision("auto", "cpu") == "32"
+    assert resolve_precision("bf16-mixed", "gpu") == "bf16-mixed"
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "auto") == "32"
+
+
+def test_normalisation_comes_from_the_model(tiny_data):
+    cfg = compose_cfg([*TINY, f"data.root={tiny_data}"])
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg, module)
+    assert datamodule.mean == tuple(module.data_config["mean"])
+    lite = CarClassifier("tf_efficientnet_lite0", list("abc"), {"_target_": "carnet.model.LinearHead"})
+    assert tuple(lite.data_config["mean"]) == (0.5, 0.5, 0.5)  # timm's config for this model, not ImageNet's
+
+
+def test_config_is_plain_yaml_after_resolution():
+    cfg = compose_cfg(["augment=heavy", "image_size=300"])
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    assert "300" in text and "${" not in text

@@ -1,0 +1,131 @@
+"""The Kaggle layout: scanning, clear errors for bad input, broken images, the stratified split."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from carnet.data import CarDataModule, DataError, read_test, scan_train, stratified_split
+
+NAMES = [f"class {k}" for k in range(10)]
+
+
+@pytest.fixture
+def data(tiny_data: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny dataset that a test may damage."""
+    return Path(shutil.copytree(tiny_data, tmp_path / "cars"))
+
+
+def test_scan_reads_train_csv_and_folders(data):
+    frame = scan_train(data, 10)
+    table = pd.read_csv(data / "train.csv")
+    assert len(frame) == len(table) == 40
+    assert sorted(frame.label.unique()) == list(range(10))
+    assert all(p.startswith(f"train/{k}/") for p, k in zip(frame.path, frame.label, strict=True))
+    (data / "train.csv").unlink()  # without train.csv the folders are the labels
+    assert scan_train(data, 10).equals(frame)
+
+
+def test_test_images_follow_sample_submission_order(data):
+    frame = read_test(data)
+    sample = pd.read_csv(data / "sample-submission.csv")
+    assert list(frame.Id) == list(sample.Id)
+
+
+def test_missing_root_says_how_to_get_data(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere.*does not exist.*make data.*carnet.demo"):
+        scan_train(tmp_path / "nowhere", 10)
+
+
+def test_unknown_class_folder_is_named(data):
+    (data / "train" / "cabrio").mkdir()
+    with pytest.raises(DataError, match=r"\['cabrio'\].*0..9"):
+        scan_train(data, 10)
+
+
+def test_empty_class_folder_is_named(data):
+    for f in (data / "train" / "3").iterdir():
+        f.unlink()
+    (data / "train.csv").unlink()
+    with pytest.raises(DataError, match=r"train/3"):
+        scan_train(data, 10)
+
+
+def test_train_csv_row_without_its_file_is_named(data):
+    table = pd.read_csv(data / "train.csv")
+    victim = data / "train" / str(table.Category[0]) / table.Id[0]
+    victim.unlink()
+    with pytest.raises(DataError, match=str(victim)):
+        scan_train(data, 10)
+
+
+def test_bad_header_and_missing_sample_submission(data):
+    (data / "train.csv").write_text("file,label\na.jpg,1\n")
+    with pytest.raises(DataError, match=r"train.csv.*Id,Category"):
+        scan_train(data, 10)
+    (data / "sample-submission.csv").unlink()
+    with pytest.raises(DataError, match=r"sample-submission.csv not found"):
+        read_test(data)
+
+
+def _damage(data: Path, count: int) -> list[Path]:
+    victims = sorted((data / "train" / "5").glob("*.jpg"))[:count]
+    for victim in victims:
+        victim.write_bytes(victim.read_bytes()[:300])  # a truncated JPEG
+    return victims
+
+
+def test_undecodable_images_are_left_out_with_a_warning(data):
+    victims = _damage(data, 2)
+    dm = CarDataModule(data, NAMES, image_size=32, num_workers=0)
+    with pytest.warns(UserWarning, match="leaving out 2 image") as record:
+        dm.setup("fit")
+    message = str(record[0].message)
+    assert all(str(v) in message for v in victims)
+    assert len(dm.split) == 38 and not dm.split.path.str.contains(victims[0].name).any()
+
+
+def test_strict_mode_lists_every_broken_image(data):
+    victims = _damage(data, 2)
+    dm = CarDataModule(data, NAMES, image_size=32, num_workers=0, strict=True)
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert all(str(v) in str(err.value) for v in victims)
+
+
+def test_split_is_stratified_and_reproducible():
+    labels = np.repeat(np.arange(10), [50, 40, 30, 30, 30, 25, 20, 20, 15, 10])
+    first, again = stratified_split(labels, 0.2, seed=7), stratified_split(labels, 0.2, seed=7)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, stratified_split(labels, 0.2, seed=8))
+    for k, n in zip(range(10), [50, 40, 30, 30, 30, 25, 20, 20, 15, 10], strict=True):
+        assert first[labels == k].sum() == round(n * 0.2)
+
+
+def test_split_keeps_every_class_on_both_sides_of_tiny_data():
+    labels = np.repeat(np.arange(3), 2)
+    is_val = stratified_split(labels, 0.2, seed=0)
+    for k in range(3):
+        assert is_val[labels == k].sum() == 1
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_val_fraction_out_of_range_is_an_error(fraction):
+    with pytest.raises(DataError, match="val_fraction"):
+        stratified_split([0, 1], fraction, seed=0)
+
+
+def test_datamodule_split_file_round_trips(data, tmp_path):
+    dm = CarDataModule(data, NAMES, image_size=32, num_workers=0, seed=3)
+    dm.setup("fit")
+    dm.write_split(tmp_path / "split.csv")
+    again = pd.read_csv(tmp_path / "split.csv")
+    assert again.equals(dm.split)
+    assert set(again.split) == {"train", "val"}
+    dm2 = CarDataModule(data, NAMES, image_size=32, num_workers=0, seed=3)
+    dm2.setup("fit")
+    assert dm2.split.equals(dm.split)
