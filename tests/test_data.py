@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from carnet.data import CarDataModule, DataError, read_test, scan_train, stratified_split
 
@@ -129,3 +130,20 @@ def test_datamodule_split_file_round_trips(data, tmp_path):
     dm2 = CarDataModule(data, NAMES, image_size=32, num_workers=0, seed=3)
     dm2.setup("fit")
     assert dm2.split.equals(dm.split)
+
+
+def test_loader_workers_draw_different_augmentations(tiny_data):
+    """Forked workers must not replay one albumentations stream (the same image gets different views)."""
+    from torch.utils.data import DataLoader
+
+    from carnet.data import ImageDataset, _seed_worker_augmentations
+    from carnet.transforms import build_train_transform
+
+    flip_and_crop = [{"_target_": "albumentations.RandomResizedCrop", "size": [32, 32], "scale": [0.2, 1.0]}]
+    transform = build_train_transform(flip_and_crop, 32, (0.5,) * 3, (0.5,) * 3)
+    transform.set_random_seed(0)
+    path = scan_train(tiny_data, 10).path[0]
+    dataset = ImageDataset(tiny_data, [path] * 4, [0] * 4, transform)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=_seed_worker_augmentations)
+    first_of_worker0, first_of_worker1, *_ = [images[0] for images, _ in loader]
+    assert not torch.equal(first_of_worker0, first_of_worker1)
