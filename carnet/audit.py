@@ -112,6 +112,20 @@ def near_pairs(a: np.ndarray, b: np.ndarray | None = None, threshold: int = DEFA
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d).astype(int)
 
 
+def nearest_distances(a: np.ndarray, budget: int = 1 << 22) -> np.ndarray:
+    """Each hash's Hamming distance to its nearest other hash: the gap between twins (0-4) and merely similar
+    photos shows whether ``threshold`` sits in a valley of this data."""
+    a = np.asarray(a, dtype=np.uint64)
+    chunk = max(1, budget // max(1, len(a)))
+    nearest = np.full(len(a), 64, dtype=int)
+    for start in range(0, len(a), chunk):
+        dist = np.bitwise_count(a[start:start + chunk, None] ^ a[None, :]).astype(int)
+        rows = np.arange(dist.shape[0])
+        dist[rows, rows + start] = 65  # not itself
+        nearest[start:start + chunk] = np.minimum(dist.min(axis=1), 64)
+    return nearest
+
+
 def drop_val_near_duplicates(frame: pd.DataFrame, root: str | os.PathLike, threshold: int = DEFAULT_THRESHOLD,
                              workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Remove training rows that are (near-)duplicates of a validation row.
@@ -168,6 +182,7 @@ def collect(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (),
             by_name.setdefault(Path(rel).name, []).append(rel)
         missing = sorted(listed - disk)
         moved = [m for m in missing if Path(m).name in by_name]
+        layout["train_csv_counts"] = table.Category.astype(int).value_counts().to_dict()
         layout.update(train_listed=len(listed), train_missing=len(missing), train_unlisted=len(disk - listed),
                       train_missing_examples=missing[:5])
         for m in moved[:20]:
@@ -240,7 +255,8 @@ def _plot_classes(counts: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4), constrained_layout=True)
-    counts.plot.bar(ax=ax, stacked=True)
+    counts.plot.bar(ax=ax, width=0.8)  # grouped: train.csv (listed) and train (on disk) would double up stacked
+    ax.legend(fontsize=8, loc="lower right")
     ax.set_ylabel("images")
     ax.set_title("images per class")
     fig.savefig(path, dpi=100)
@@ -275,7 +291,12 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
     os.replace(tmp, pairs_path)
 
     labelled = images[images.label.notna()]
-    counts = labelled.pivot_table(index="label", columns="group", values="path", aggfunc="count", fill_value=0)
+    counts = pd.crosstab(labelled.label.astype(int), labelled.group) if len(labelled) else pd.DataFrame()
+    if layout.get("train_csv_counts"):  # what train.csv lists, whether or not the files are there
+        listed = pd.Series(layout["train_csv_counts"], name="train.csv").to_frame()
+        counts = listed.join(counts, how="outer") if len(counts) else listed
+        counts = counts.fillna(0).astype(int).sort_index()
+    counts.columns.name = None
     if len(counts):
         counts.index = [f"{k} {class_names[k]}" if k < len(class_names) else str(k) for k in counts.index]
         _plot_classes(counts, png_path)
@@ -288,7 +309,8 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
           "## Images\n"]
     groups = images.groupby("group").agg(images=("path", "count"), unreadable=("error", lambda e: e.notna().sum()))
     md.append(_table(groups.reset_index()))
-    facts = {k: v for k, v in layout.items() if k not in ("problems", "sources", "train_missing_examples")}
+    facts = {k: v for k, v in layout.items()
+             if k not in ("problems", "sources", "train_missing_examples", "train_csv_counts")}
     md.append("\nLayout: " + ", ".join(f"{k}={v}" for k, v in facts.items()) + "\n")
     if layout.get("train_missing"):
         md.append(f"\n{layout['train_missing']} file(s) listed in train.csv are missing, e.g. "
@@ -311,6 +333,12 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
         md.append(_table(summary))
     else:
         md.append("_no duplicate pairs_\n")
+    hashed = images.phash.dropna().to_numpy().astype(np.uint64)
+    if len(hashed) > 1:
+        hist = np.bincount(np.minimum(nearest_distances(hashed), 17), minlength=18)
+        md.append("\nNearest-neighbour phash distance per image (how far each image is from its closest other "
+                  "image; near = <= threshold): " + ", ".join(f"{d if d < 17 else '>16'}: {n}"
+                                                              for d, n in enumerate(hist) if n) + "\n")
     conflicts = pairs[pairs.label_conflict]
     md.append(f"\n### Labels that disagree between duplicates ({len(conflicts)})\n")
     md.append(_table(conflicts.head(examples)))

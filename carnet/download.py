@@ -40,7 +40,7 @@ Then run `make data` again.
 """
 
 RULES_HINT = f"""\
-The download was refused. If the message above says 403 / Forbidden, accept the competition rules at
+the kaggle client failed (its message is above). If it says 403 / Forbidden, accept the competition rules at
     {RULES_URL}
 with the account of your kaggle.json, then run `make data` again."""
 
@@ -142,6 +142,8 @@ def download(root: Path, competition: str = COMPETITION) -> Path:
     print("$ " + " ".join(cmd[2:]), flush=True)
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
+        if not any(cache.iterdir()):
+            cache.rmdir()
         raise RuntimeError(RULES_HINT)
     zips = sorted(cache.glob("*.zip"), key=lambda p: p.stat().st_mtime)
     if not zips:
