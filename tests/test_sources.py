@@ -125,3 +125,17 @@ def test_shipped_example_sources_parse(tmp_path: Path) -> None:
         copy.write_text(json.dumps({**spec, "path": str(target)}))
         frame, stats = read_sources([copy], CLASS_NAMES)
         assert len(frame) == 1 and stats[spec["name"]].kept == 1
+
+
+@pytest.mark.slow
+def test_train_records_sources_in_summary(train_run, sources: dict[str, Path]) -> None:
+    """`train.py data.extra=[...]` trains on the extra images and summary.json/split.csv say how many from where."""
+    run_dir, _ = train_run(f"data.extra=[{sources['folder']},{sources['csv']}]", "data.fold=1", "data.dedup=true")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert {k: v["used"] for k, v in summary["extra_sources"].items()} == {"photos": 5, "web": 3}
+    assert summary["extra_sources"]["photos"]["unmapped_labels"] == {"tractor": 1}
+    assert summary["fold"] == 1 and summary["num_folds"] == 5 and summary["num_dedup_excluded"] == 0
+    split = pd.read_csv(run_dir / "split.csv")
+    assert set(split[split.source != "train"].split) == {"train"}
+    assert summary["num_train"] == (split.split == "train").sum() and summary["num_val"] == (split.fold == 1).sum()
