@@ -292,7 +292,8 @@ class CarDataModule(pl.LightningDataModule):
                      len(self.dedup_dropped))
         used = frame[frame.source != "train"].source.value_counts()
         self.source_stats = {name: {**s.as_dict(), "used": int(used.get(name, 0))} for name, s in stats.items()}
-        self.split = frame[["path", "label", "split", "fold", "source"]]
+        columns = {"path": str, "label": int, "split": str, "fold": int, "source": str}  # as split.csv reads back
+        self.split = frame[list(columns)].astype(columns).reset_index(drop=True)
 
     def data_summary(self) -> dict[str, Any]:
         """Facts about the data for summary.json: extra sources (images used from each), fold, dedup."""
