@@ -8,8 +8,9 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 DEMO_DATA ?= demo_data
 DEMO_RUN ?= outputs/demo
+DATA ?= data
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo data test test-all lint clean
 
 install: $(STAMP)
 
@@ -25,6 +26,13 @@ demo: install
 	test -f $(DEMO_DATA)/sample-submission.csv || $(PY) -m carnet.demo $(DEMO_DATA)
 	$(PY) train.py data.root=$(DEMO_DATA) model=test_efficientnet trainer=cpu hydra.run.dir=$(DEMO_RUN) \
 		$(DEMO_ARGS)
+
+# The competition data via the official kaggle client (needs ~/.kaggle/kaggle.json; says how when missing).
+# Idempotent: an unpacked $(DATA) is left alone. The credentials check runs before installing the client.
+data: install
+	$(PY) -m carnet.download --root $(DATA) --check
+	test -f $(VENV)/.installed-data || { $(PY) -m pip install -q -e '.[data]' && touch $(VENV)/.installed-data; }
+	$(PY) -m carnet.download --root $(DATA)
 
 test: install
 	$(PY) -m pytest -m "not slow" -q

@@ -219,6 +219,11 @@ class CarDataModule(pl.LightningDataModule):
         seed: int = 42,
         augment: Sequence[Any] | None = None,
         data_config: dict[str, Any] | None = None,
+        extra: Sequence[str] | None = None,
+        num_folds: int = 5,
+        fold: int | None = None,
+        dedup: bool = False,
+        dedup_threshold: int = 6,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -238,16 +243,31 @@ class CarDataModule(pl.LightningDataModule):
         self.crop_pct = float(cfg.get("crop_pct", 1.0))
         self.split: pd.DataFrame | None = None
         self.excluded: dict[str, str] = {}
+        # data.extra / k-fold / dedup (carnet.sources, carnet.folds, carnet.audit)
+        self.extra = [extra] if isinstance(extra, str) else list(extra or [])
+        self.num_folds, self.fold = num_folds, fold
+        self.dedup, self.dedup_threshold = dedup, int(dedup_threshold)
+        self.source_stats: dict[str, Any] = {}
+        self.dedup_dropped: pd.DataFrame | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def setup(self, stage: str | None = None) -> None:
-        """Scan and check the layout, drop undecodable files, split train/val (once)."""
+        """Scan and check the layout (+ ``data.extra`` sources), drop undecodable files, split train/val (once).
+
+        Extra images are training-only; the split (fold or val_fraction) is drawn on the competition images alone,
+        so adding a source never changes which images validate.
+        """
         if self.split is not None:
             return
-        frame = scan_train(self.root, self.num_classes)
+        from carnet.folds import assign_split
+        from carnet.sources import read_sources
+
+        frame = scan_train(self.root, self.num_classes).assign(source="train")
+        extra, stats = read_sources(self.extra, self.class_names)
+        frame = pd.concat([frame, extra], ignore_index=True)
         if self.verify:
             broken = find_undecodable([self.root / p for p in frame.path], workers=max(2, self.num_workers))
             if broken:
@@ -259,8 +279,27 @@ class CarDataModule(pl.LightningDataModule):
                 self.excluded = {str(p): why for p, why in broken.items()}
                 keep = ~frame.path.map(lambda p: str(self.root / p) in self.excluded)
                 frame = frame[keep].reset_index(drop=True)
-        frame["split"] = np.where(stratified_split(frame.label, self.val_fraction, self.seed), "val", "train")
-        self.split = frame
+        own = (frame.source == "train").to_numpy()
+        frame["split"], frame["fold"] = "train", -1
+        split, fold = assign_split(frame.label[own], self.seed, self.val_fraction, self.num_folds, self.fold)
+        frame.loc[own, "split"], frame.loc[own, "fold"] = split, fold
+        if self.dedup:
+            from carnet.audit import drop_val_near_duplicates
+
+            frame, self.dedup_dropped = drop_val_near_duplicates(frame, self.root, self.dedup_threshold,
+                                                                 max(2, self.num_workers))
+            log.info("data.dedup: left out %d training image(s) that are near-duplicates of validation images",
+                     len(self.dedup_dropped))
+        used = frame[frame.source != "train"].source.value_counts()
+        self.source_stats = {name: {**s.as_dict(), "used": int(used.get(name, 0))} for name, s in stats.items()}
+        columns = {"path": str, "label": int, "split": str, "fold": int, "source": str}  # as split.csv reads back
+        self.split = frame[list(columns)].astype(columns).reset_index(drop=True)
+
+    def data_summary(self) -> dict[str, Any]:
+        """Facts about the data for summary.json: extra sources (images used from each), fold, dedup."""
+        return {"extra_sources": self.source_stats, "fold": self.fold,
+                "num_folds": self.num_folds if self.fold is not None else None,
+                "num_dedup_excluded": None if self.dedup_dropped is None else len(self.dedup_dropped)}
 
     def write_split(self, path: str | os.PathLike) -> None:
         """Write the split (``path,label,split``) so later tools validate on exactly these images."""

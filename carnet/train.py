@@ -114,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "num_train": int(counts.get("train", 0)),
         "num_val": int(counts.get("val", 0)),
         "num_excluded": len(datamodule.excluded),
+        **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
         "overrides": overrides_of(cfg),
         "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
     })

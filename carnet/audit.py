@@ -1,0 +1,408 @@
+"""Data audit: duplicates, leaks, label conflicts, class balance, sizes and formats, unreadable files.
+
+``python -m carnet.audit ROOT [--extra SRC.yaml ...] [--out DIR]`` hashes every image of a Kaggle-layout root
+(and of the extra sources) twice: SHA-1 of the file bytes finds exact duplicates, a 64-bit perceptual hash
+(``imagehash.phash``: DCT of a 32x32 grey thumbnail, robust to resizing and recompression) finds near-duplicates
+at Hamming distance <= ``--threshold``. Pairs are reported within train, across train/test (a test image whose
+twin is labelled in train leaks its label), across train/extra and the other group pairs, with labels that
+disagree. It writes ``audit.md``, ``audit_pairs.csv`` and ``audit_classes.png``.
+
+The same hashes let training drop training images that are near-duplicates of validation images
+(``data.dedup=true``, :func:`drop_val_near_duplicates`), so validation accuracy is not inflated by twins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from carnet.data import IMAGE_EXTENSIONS, DataError
+from carnet.sources import read_sources
+
+DEFAULT_THRESHOLD = 6  # bits of 64; resized/recompressed copies measure 0-4, unrelated photos ~32
+PAIR_COLUMNS = ["kind", "scope", "distance", "label_conflict", "group_a", "path_a", "label_a",
+                "group_b", "path_b", "label_b"]
+GROUP_ORDER = {"train": 0, "test": 2}  # extra:<name> sort between them: scopes read train/extra, extra/test
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _hash_one(path: str) -> dict[str, Any]:
+    """SHA-1, perceptual hash and header facts of one file; ``error`` says why it could not be read."""
+    info: dict[str, Any] = {"sha1": None, "phash": None, "width": None, "height": None, "format": None,
+                            "mode": None, "error": None}
+    try:
+        data = Path(path).read_bytes()
+        info["sha1"] = hashlib.sha1(data).hexdigest()
+        with Image.open(io.BytesIO(data)) as img:
+            info.update(width=img.width, height=img.height, format=img.format, mode=img.mode)
+            img.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; phash only looks at a 32x32 thumbnail
+            bits = imagehash.phash(img.convert("RGB")).hash.flatten()
+        info["phash"] = int(np.packbits(bits).view(">u8")[0])
+    except Exception as err:  # PIL raises many types for bad files; all mean "unreadable"
+        info["error"] = f"{type(err).__name__}: {err}"
+    return info
+
+
+def hash_images(paths: Sequence[str | os.PathLike], workers: int | None = None, progress: bool = True,
+                description: str = "hashing images") -> pd.DataFrame:
+    """One row per path: sha1, phash (uint64, NaN-free only where readable), width, height, format, mode, error.
+
+    Threads: PIL and numpy release the GIL while decoding and transforming, so this scales with cores.
+    """
+    paths = [str(p) for p in paths]
+    results: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        jobs = pool.map(_hash_one, paths)
+        if progress and paths:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            with Progress(*columns, transient=True) as bar:
+                task = bar.add_task(description, total=len(paths))
+                for info in jobs:
+                    results.append(info)
+                    bar.advance(task)
+        else:
+            results = list(jobs)
+    frame = pd.DataFrame(results, columns=["sha1", "phash", "width", "height", "format", "mode", "error"])
+    frame.insert(0, "path", paths)
+    return frame
+
+
+def near_pairs(a: np.ndarray, b: np.ndarray | None = None, threshold: int = DEFAULT_THRESHOLD,
+               budget: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index pairs (i into a, j into b, Hamming distance) of 64-bit hashes at distance <= threshold.
+
+    With ``b`` None, pairs within ``a`` with i < j. All pairs by blocks of ``budget`` XORs (popcount in numpy):
+    exact and cheap up to ~10^5 images, no index structure to maintain.
+    """
+    a = np.asarray(a, dtype=np.uint64)
+    same = b is None
+    b = a if same else np.asarray(b, dtype=np.uint64)
+    chunk = max(1, budget // max(1, len(b)))
+    found_i, found_j, found_d = [], [], []
+    for start in range(0, len(a), chunk):
+        dist = np.bitwise_count(a[start:start + chunk, None] ^ b[None, :])
+        i, j = np.nonzero(dist <= threshold)
+        d = dist[i, j]
+        i = i + start
+        if same:
+            keep = j > i
+            i, j, d = i[keep], j[keep], d[keep]
+        found_i.append(i)
+        found_j.append(j)
+        found_d.append(d)
+    if not found_i:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)
+    return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d).astype(int)
+
+
+def nearest_distances(a: np.ndarray, budget: int = 1 << 22) -> np.ndarray:
+    """Each hash's Hamming distance to its nearest other hash: the gap between twins (0-4) and merely similar
+    photos shows whether ``threshold`` sits in a valley of this data."""
+    a = np.asarray(a, dtype=np.uint64)
+    chunk = max(1, budget // max(1, len(a)))
+    nearest = np.full(len(a), 64, dtype=int)
+    for start in range(0, len(a), chunk):
+        dist = np.bitwise_count(a[start:start + chunk, None] ^ a[None, :]).astype(int)
+        rows = np.arange(dist.shape[0])
+        dist[rows, rows + start] = 65  # not itself
+        nearest[start:start + chunk] = np.minimum(dist.min(axis=1), 64)
+    return nearest
+
+
+def drop_val_near_duplicates(frame: pd.DataFrame, root: str | os.PathLike, threshold: int = DEFAULT_THRESHOLD,
+                             workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Remove training rows that are (near-)duplicates of a validation row.
+
+    ``frame`` has ``path`` (relative to root or absolute) and ``split``. Returns (kept frame, dropped rows with the
+    ``val_twin`` each one matched). Unreadable images get no hash and are never dropped here.
+    """
+    root = Path(root)
+    hashes = hash_images([root / p for p in frame.path], workers, description="dedup: hashing images")
+    ok = hashes.phash.notna().to_numpy()
+    is_val = (frame.split == "val").to_numpy()
+    val_rows = np.flatnonzero(is_val & ok)
+    train_rows = np.flatnonzero(~is_val & ok)
+    phash = hashes.phash.to_numpy()
+    i, j, _ = near_pairs(phash[train_rows].astype(np.uint64), phash[val_rows].astype(np.uint64), threshold)
+    drop = pd.Series(frame.path.to_numpy()[val_rows[j]], index=train_rows[i]).groupby(level=0).first()
+    dropped = frame.iloc[drop.index].assign(val_twin=drop.to_numpy())
+    kept = frame.drop(index=frame.index[drop.index]).reset_index(drop=True)
+    return kept, dropped.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collecting the images of a root (lenient: the audit must run on incomplete or inconsistent data too)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def collect(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (),
+            class_names: Sequence[str] = ()) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """All images to audit: frame ``path`` (absolute), ``rel``, ``group``, ``label`` (or NA), plus layout facts."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise DataError(f"audit: data root {root} does not exist")
+    layout: dict[str, Any] = {"problems": []}
+    rows = []
+    train_dir = root / "train"
+    on_disk = _images_in(train_dir) if train_dir.is_dir() else []
+    for p in on_disk:
+        folder = p.relative_to(train_dir).parts[0]
+        label = int(folder) if folder.isdigit() and len(p.relative_to(train_dir).parts) > 1 else None
+        if label is None:
+            layout["problems"].append(f"{p.relative_to(root)}: not in a class folder train/<k>/")
+        rows.append((str(p), str(p.relative_to(root)), "train", label))
+    layout["train_on_disk"] = len(on_disk)
+    train_csv = root / "train.csv"
+    if train_csv.is_file():
+        table = pd.read_csv(train_csv, dtype=str)
+        listed = {f"train/{c}/{i}" for i, c in zip(table.Id, table.Category, strict=True)}
+        disk = {r[1] for r in rows}
+        by_name: dict[str, list[str]] = {}
+        for rel in disk:
+            by_name.setdefault(Path(rel).name, []).append(rel)
+        missing = sorted(listed - disk)
+        moved = [m for m in missing if Path(m).name in by_name]
+        layout["train_csv_counts"] = table.Category.astype(int).value_counts().to_dict()
+        layout.update(train_listed=len(listed), train_missing=len(missing), train_unlisted=len(disk - listed),
+                      train_missing_examples=missing[:5])
+        for m in moved[:20]:
+            layout["problems"].append(f"train.csv puts {Path(m).name} in {Path(m).parent} but it is in "
+                                      f"{', '.join(str(Path(x).parent) for x in by_name[Path(m).name])}")
+    test_dir = root / "test_upload"
+    test_files = _images_in(test_dir) if test_dir.is_dir() else []
+    rows += [(str(p), str(p.relative_to(root)), "test", None) for p in test_files]
+    layout["test_on_disk"] = len(test_files)
+    sample = root / "sample-submission.csv"
+    if sample.is_file():
+        ids = set(pd.read_csv(sample, dtype=str).Id)
+        names = {p.name for p in test_files}
+        layout.update(test_listed=len(ids), test_missing=len(ids - names), test_unlisted=len(names - ids))
+    extra_frame, stats = read_sources(list(extra), class_names)
+    rows += [(p, p, f"extra:{s}", int(lab)) for p, lab, s in zip(extra_frame.path, extra_frame.label,
+                                                                  extra_frame.source, strict=True)]
+    layout["sources"] = {name: s.as_dict() for name, s in stats.items()}
+    frame = pd.DataFrame(rows, columns=["path", "rel", "group", "label"])
+    frame["label"] = frame.label.astype("Int64")
+    return frame, layout
+
+
+def _group_key(group: str) -> int:
+    return GROUP_ORDER.get(group, 1)
+
+
+def find_pairs(images: pd.DataFrame, threshold: int) -> pd.DataFrame:
+    """Exact (same SHA-1) and near (phash distance <= threshold, different bytes) pairs among ``images``."""
+    records = []
+    readable = images[images.sha1.notna()]
+    for _, dup in readable.groupby("sha1"):
+        idx = dup.index.to_list()
+        records += [("exact", a, b, 0) for k, a in enumerate(idx) for b in idx[k + 1:]]
+    hashed = images[images.phash.notna()]
+    i, j, d = near_pairs(hashed.phash.to_numpy().astype(np.uint64), None, threshold)
+    a, b = hashed.index.to_numpy()[i], hashed.index.to_numpy()[j]
+    differ = images.sha1.to_numpy()[a] != images.sha1.to_numpy()[b]
+    records += [("near", x, y, int(z)) for x, y, z in zip(a[differ], b[differ], d[differ], strict=True)]
+    out = []
+    for kind, x, y, dist in records:
+        ra, rb = images.loc[x], images.loc[y]
+        if (_group_key(ra.group), ra.rel) > (_group_key(rb.group), rb.rel):
+            ra, rb = rb, ra
+        ga, gb = ("extra" if g.startswith("extra:") else g for g in (ra.group, rb.group))
+        conflict = bool(pd.notna(ra.label) and pd.notna(rb.label) and ra.label != rb.label)
+        out.append((kind, f"{ga}/{gb}", dist, conflict, ra.group, ra.rel, ra.label, rb.group, rb.rel, rb.label))
+    pairs = pd.DataFrame(out, columns=PAIR_COLUMNS)
+    return pairs.sort_values(["scope", "kind", "distance", "path_a"], kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _table(frame: pd.DataFrame) -> str:
+    """A markdown table (pandas' to_markdown needs tabulate; this needs nothing)."""
+    if frame.empty:
+        return "_none_\n"
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_classes(counts: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4), constrained_layout=True)
+    counts.plot.bar(ax=ax, width=0.8)  # grouped: train.csv (listed) and train (on disk) would double up stacked
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylabel("images")
+    ax.set_title("images per class")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out: str | os.PathLike | None = None,
+          class_names: Sequence[str] = (), threshold: int = DEFAULT_THRESHOLD, workers: int | None = None,
+          progress: bool = True, examples: int = 30) -> dict[str, Any]:
+    """Audit ``root`` (+ extra sources); write audit.md, audit_pairs.csv, audit_classes.png to ``out``.
+
+    Returns the facts the report shows: ``pairs`` (frame), ``images`` (frame with hashes), ``layout``, ``paths``.
+    """
+    started = time.time()
+    root = Path(root).resolve()
+    out = Path(out) if out is not None else Path("outputs") / "audit"
+    out.mkdir(parents=True, exist_ok=True)
+    images, layout = collect(root, extra, class_names)
+    hashes = hash_images(images.path, workers, progress)
+    images = pd.concat([images, hashes.drop(columns="path")], axis=1)
+    pairs = find_pairs(images, threshold)
+
+    pairs_path, md_path, png_path = out / "audit_pairs.csv", out / "audit.md", out / "audit_classes.png"
+    tmp = pairs_path.with_suffix(".csv.tmp")
+    pairs.to_csv(tmp, index=False)
+    os.replace(tmp, pairs_path)
+
+    labelled = images[images.label.notna()]
+    counts = pd.crosstab(labelled.label.astype(int), labelled.group) if len(labelled) else pd.DataFrame()
+    if layout.get("train_csv_counts"):  # what train.csv lists, whether or not the files are there
+        listed = pd.Series(layout["train_csv_counts"], name="train.csv").to_frame()
+        counts = listed.join(counts, how="outer") if len(counts) else listed
+        counts = counts.fillna(0).astype(int).sort_index()
+    counts.columns.name = None
+    if len(counts):
+        counts.index = [f"{k} {class_names[k]}" if k < len(class_names) else str(k) for k in counts.index]
+        _plot_classes(counts, png_path)
+    unreadable = images[images.error.notna()][["group", "rel", "error"]]
+
+    md = [f"# Data audit of `{root}`\n",
+          f"{len(images)} images hashed in {time.time() - started:.0f} s. Exact duplicates: same SHA-1 of the bytes. "
+          f"Near duplicates: perceptual hash (imagehash.phash, 64 bits) at Hamming distance <= {threshold}, "
+          f"different bytes. All pairs: `{pairs_path.name}`.\n",
+          "## Images\n"]
+    groups = images.groupby("group").agg(images=("path", "count"), unreadable=("error", lambda e: e.notna().sum()))
+    md.append(_table(groups.reset_index()))
+    facts = {k: v for k, v in layout.items()
+             if k not in ("problems", "sources", "train_missing_examples", "train_csv_counts")}
+    md.append("\nLayout: " + ", ".join(f"{k}={v}" for k, v in facts.items()) + "\n")
+    if layout.get("train_missing"):
+        md.append(f"\n{layout['train_missing']} file(s) listed in train.csv are missing, e.g. "
+                  f"{', '.join(layout['train_missing_examples'])}\n")
+    for name, s in layout["sources"].items():
+        md.append(f"\nSource `{name}`: {s['read']} read, {s['kept']} kept, {s['dropped_unmapped']} dropped with "
+                  f"unmapped labels {s['unmapped_labels'] or ''}\n")
+    if layout["problems"]:
+        md.append("\n" + "\n".join(f"- {p}" for p in layout["problems"][:examples]) + "\n")
+
+    md.append("\n## Class counts\n")
+    md.append(_table(counts.reset_index(names="class")) if len(counts) else "_no labelled images_\n")
+    if len(counts):
+        md.append(f"\n![classes]({png_path.name})\n")
+
+    md.append("\n## Duplicates\n")
+    if len(pairs):
+        summary = pairs.groupby(["scope", "kind"]).agg(pairs=("path_a", "count"),
+                                                       label_conflicts=("label_conflict", "sum")).reset_index()
+        md.append(_table(summary))
+    else:
+        md.append("_no duplicate pairs_\n")
+    hashed = images.phash.dropna().to_numpy().astype(np.uint64)
+    if len(hashed) > 1:
+        hist = np.bincount(np.minimum(nearest_distances(hashed), 17), minlength=18)
+        md.append("\nNearest-neighbour phash distance per image (how far each image is from its closest other "
+                  "image; near = <= threshold): " + ", ".join(f"{d if d < 17 else '>16'}: {n}"
+                                                              for d, n in enumerate(hist) if n) + "\n")
+    conflicts = pairs[pairs.label_conflict]
+    md.append(f"\n### Labels that disagree between duplicates ({len(conflicts)})\n")
+    md.append(_table(conflicts.head(examples)))
+    for scope in sorted(pairs.scope.unique()):
+        shown = pairs[pairs.scope == scope]
+        md.append(f"\n### {scope} ({len(shown)} pairs, first {min(examples, len(shown))})\n")
+        md.append(_table(shown.head(examples)[["kind", "distance", "path_a", "label_a", "path_b", "label_b"]]))
+
+    md.append("\n## Image sizes and formats\n")
+    ok = images[images.error.isna()]
+    if len(ok):
+        md.append(_table(ok.groupby(["group", "format", "mode"]).size().reset_index(name="images")))
+        sizes = (ok.width.astype(int).astype(str) + "x" + ok.height.astype(int).astype(str)).value_counts().head(10)
+        md.append("\nMost common sizes (WxH): " + ", ".join(f"{s} ({n})" for s, n in sizes.items()) + "\n")
+        stats = ok[["width", "height"]].astype(int).describe().loc[["min", "50%", "max"]].T
+        md.append("\n" + _table(stats.rename(columns={"50%": "median"}).reset_index(names="side")))
+    md.append(f"\n## Unreadable files ({len(unreadable)})\n")
+    md.append(_table(unreadable.head(examples * 3)))
+    _atomic_write(md_path, "".join(md))
+    return {"images": images, "pairs": pairs, "layout": layout,
+            "paths": {"audit_md": md_path, "pairs_csv": pairs_path, "classes_png": png_path}}
+
+
+def _default_class_names() -> list[str]:
+    """The competition's classes, from the repo's conf/data/kaggle_cars.yaml when it is there."""
+    import yaml
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "data" / "kaggle_cars.yaml"
+    if conf.is_file():
+        return list(yaml.safe_load(conf.read_text())["class_names"])
+    from carnet.demo import CLASS_NAMES
+
+    return list(CLASS_NAMES)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m carnet.audit", description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path, help="data root in the Kaggle layout (train/<k>/, train.csv, test_upload/)")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="SRC.yaml", help="extra sources (data.extra format)")
+    ap.add_argument("--out", type=Path, default=Path("outputs/audit"), help="report folder (default outputs/audit)")
+    ap.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
+                    help=f"near-duplicate Hamming distance of 64-bit phashes (default {DEFAULT_THRESHOLD})")
+    ap.add_argument("--workers", type=int, default=None, help="hashing threads (default min(8, CPUs))")
+    ap.add_argument("--data-config", type=Path, default=None,
+                    help="YAML with class_names (default: conf/data/kaggle_cars.yaml)")
+    a = ap.parse_args(argv)
+    import yaml
+
+    names = (list(yaml.safe_load(a.data_config.read_text())["class_names"]) if a.data_config
+             else _default_class_names())
+    try:
+        result = audit(a.root, a.extra, a.out, names, a.threshold, a.workers)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    pairs = result["pairs"]
+    print(f"{len(result['images'])} images; {int((pairs.kind == 'exact').sum())} exact and "
+          f"{int((pairs.kind == 'near').sum())} near duplicate pairs; {int(pairs.label_conflict.sum())} label "
+          f"conflicts; {int(result['images'].error.notna().sum())} unreadable")
+    for scope, n in pairs.scope.value_counts().sort_index().items():
+        print(f"  {scope}: {n} pairs")
+    print(f"report: {result['paths']['audit_md']}\npairs:  {result['paths']['pairs_csv']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""data.extra: folder and CSV sources with label maps add the right images, to training only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from carnet.data import CarDataModule, DataError
+from carnet.demo import CLASS_NAMES, render
+from carnet.sources import load_source, read_sources
+
+
+def _photo(path: Path, cls: int, key: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render(cls, seed=7, key=key, size=(96, 72)).save(path, quality=90)
+    return path
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, Path]:
+    """A folder source (their names, one unmapped folder) and a CSV source (their codes, one unmapped label)."""
+    photos = tmp_path / "photos"
+    for i in range(3):
+        _photo(photos / "priora" / f"p{i}.jpg", 0, 100 + i)
+    for i in range(2):
+        _photo(photos / "niva" / "sub" / f"n{i}.jpg", 5, 200 + i)  # nested folders count for their top folder
+    _photo(photos / "tractor" / "t0.jpg", 3, 300)  # no class of ours: dropped and counted
+    folder_yaml = tmp_path / "conf" / "photos.yaml"
+    folder_yaml.parent.mkdir()
+    folder_yaml.write_text("name: photos\ntype: folder\npath: ../photos\n"
+                           "label_map:\n  priora: Lada Priora\n  niva: 5\n")
+
+    table = tmp_path / "other" / "labels.csv"
+    rows = [(_photo(table.parent / "img" / f"c{i}.jpg", 8, 400 + i).relative_to(table.parent), "VW") for i in range(2)]
+    rows.append((_photo(tmp_path / "elsewhere" / "abs.jpg", 1, 500), "FF"))  # absolute path
+    rows += [(_photo(table.parent / "img" / f"x{i}.jpg", 2, 600 + i).relative_to(table.parent), "BUS")
+             for i in range(2)]
+    pd.DataFrame(rows, columns=["path", "label"]).assign(prob=0.99).to_csv(table, index=False)
+    csv_yaml = tmp_path / "csv.yaml"
+    csv_yaml.write_text(f"name: web\ntype: csv\npath: {table}\nlabel_map:\n  VW: Volkswagen Passat\n  FF: 1\n")
+    return {"folder": folder_yaml, "csv": csv_yaml, "root": tmp_path}
+
+
+def test_folder_and_csv_sources_map_labels_and_count_drops(sources: dict[str, Path]) -> None:
+    frame, stats = read_sources([sources["folder"], sources["csv"]], CLASS_NAMES)
+    got = {(Path(p).name, label, s) for p, label, s in frame.itertuples(index=False)}
+    want = {(f"p{i}.jpg", 0, "photos") for i in range(3)} | {(f"n{i}.jpg", 5, "photos") for i in range(2)}
+    want |= {("c0.jpg", 8, "web"), ("c1.jpg", 8, "web"), ("abs.jpg", 1, "web")}
+    assert got == want
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in frame.path)
+    assert stats["photos"].as_dict() == {"read": 6, "kept": 5, "dropped_unmapped": 1,
+                                         "unmapped_labels": {"tractor": 1}}
+    assert stats["web"].as_dict()["dropped_unmapped"] == 2 and stats["web"].unmapped == {"BUS": 2}
+
+
+def test_extra_images_go_to_training_only(tiny_data: Path, sources: dict[str, Path]) -> None:
+    kwargs = dict(root=tiny_data, class_names=CLASS_NAMES, num_workers=0, seed=3)
+    plain = CarDataModule(**kwargs)
+    plain.setup()
+    dm = CarDataModule(**kwargs, extra=[str(sources["folder"]), str(sources["csv"])])
+    dm.setup()
+    split = dm.split
+    extra = split[split.source != "train"]
+    assert len(extra) == 8 and set(extra.split) == {"train"}
+    assert extra.groupby("source").size().to_dict() == {"photos": 5, "web": 3}
+    # the competition images validate exactly as without extra data
+    own = split[split.source == "train"].drop(columns="source").reset_index(drop=True)
+    pd.testing.assert_frame_equal(own, plain.split.drop(columns="source").reset_index(drop=True),
+                                  check_dtype=False)
+    assert dm.data_summary()["extra_sources"]["photos"]["used"] == 5
+    assert dm.data_summary()["extra_sources"]["web"]["unmapped_labels"] == {"BUS": 2}
+    # the training loader reads extra images by their absolute paths
+    dataset = dm.train_dataloader().dataset
+    assert len(dataset) == (split.split == "train").sum()
+    image, label = dataset[dataset.paths.index(extra.path.iloc[0])]
+    assert label == extra.label.iloc[0] and image.shape[0] == 3
+
+
+def test_labels_without_map_must_be_classes(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    _photo(good / "3" / "a.jpg", 3, 1)
+    _photo(good / "Lada Niva" / "b.jpg", 5, 2)
+    (tmp_path / "good.yaml").write_text(f"name: good\ntype: folder\npath: {good}\n")
+    frame, _ = read_sources(tmp_path / "good.yaml", CLASS_NAMES)
+    assert sorted(frame.label) == [3, 5]
+
+    _photo(tmp_path / "bad" / "11" / "c.jpg", 1, 3)
+    (tmp_path / "bad.yaml").write_text("name: bad\ntype: folder\npath: bad\n")
+    with pytest.raises(DataError, match=r"bad\.yaml.*'11'.*label_map"):
+        read_sources([tmp_path / "bad.yaml"], CLASS_NAMES)
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("name: x\ntype: zip\npath: .\n", "type='zip'"),
+    ("name: x\ntype: folder\n", "'path' is missing"),
+    ("name: x\ntype: csv\npath: nope.csv\n", "nope.csv is not a file"),
+    ("name: x\ntype: folder\npath: .\nlabel_map:\n  a: Lada Nine\n", "label_map\\['a'\\] = 'Lada Nine'"),
+    ("name: x\ntype: folder\npath: .\nlabels: {}\n", "unknown key"),
+])
+def test_bad_source_yaml_names_file_and_key(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "src.yaml").write_text(text)
+    with pytest.raises(DataError, match=match) as err:
+        load_source(tmp_path / "src.yaml", CLASS_NAMES)
+    assert "src.yaml" in str(err.value)
+
+
+def test_shipped_example_sources_parse(tmp_path: Path) -> None:
+    """conf/extra/*.yaml are valid sources once their folders exist (checked on a copy pointing at tmp)."""
+    import yaml
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "extra"
+    for example in sorted(conf.glob("*.yaml")):
+        spec = yaml.safe_load(example.read_text())
+        target = tmp_path / example.stem
+        if spec["type"] == "folder":
+            _photo(target / next(iter(spec["label_map"])) / "a.jpg", 0, 1)
+        else:
+            _photo(tmp_path / "a.jpg", 0, 1)
+            target = tmp_path / f"{example.stem}.csv"
+            pd.DataFrame({"path": ["a.jpg"], "label": [next(iter(spec["label_map"]))]}).to_csv(target, index=False)
+        copy = tmp_path / example.name
+        copy.write_text(json.dumps({**spec, "path": str(target)}))
+        frame, stats = read_sources([copy], CLASS_NAMES)
+        assert len(frame) == 1 and stats[spec["name"]].kept == 1
+
+
+@pytest.mark.slow
+def test_train_records_sources_in_summary(train_run, sources: dict[str, Path]) -> None:
+    """`train.py data.extra=[...]` trains on the extra images and summary.json/split.csv say how many from where."""
+    run_dir, _ = train_run(f"data.extra=[{sources['folder']},{sources['csv']}]", "data.fold=1", "data.dedup=true")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert {k: v["used"] for k, v in summary["extra_sources"].items()} == {"photos": 5, "web": 3}
+    assert summary["extra_sources"]["photos"]["unmapped_labels"] == {"tractor": 1}
+    assert summary["fold"] == 1 and summary["num_folds"] == 5 and summary["num_dedup_excluded"] == 0
+    split = pd.read_csv(run_dir / "split.csv")
+    assert set(split[split.source != "train"].split) == {"train"}
+    assert summary["num_train"] == (split.split == "train").sum() and summary["num_val"] == (split.fold == 1).sum()
