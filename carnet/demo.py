@@ -45,21 +45,21 @@ class Body(NamedTuple):
     pillars: tuple[float, ...]  # B (and C) pillar positions as fractions of the side-glass length
     smooth: int  # Chaikin passes: 0 = boxy 70s/80s car, 2 = rounded modern one
     bumper: str  # "chrome" | "black" | "body"
-    extra: str = ""  # "spare" wheel on the tailgate | roof "rack"
+    extras: str = ""  # any of: spare (wheel on the tailgate), rack, spoiler, twin (round lamps), cladding, moulding, trim
 
 
-#  wheel  front rear  sill  nose  belt  roof  ws    ws_top roof_end rw  deck  pillars       smooth bumper
+#  wheel  front rear  sill  nose  belt  roof  ws    ws_top roof_end rw  deck  pillars       smooth bumper  extras
 BODIES = [
-    Body(.090, .19, .77, .080, .200, .270, .400, .35, .50, .72, .84, .270, (.47, .82), 2, "body"),  # Priora
-    Body(.105, .17, .82, .085, .230, .300, .470, .30, .46, .86, 1.0, .310, (.45, .80), 2, "body"),  # Focus
-    Body(.085, .17, .79, .075, .200, .280, .420, .35, .50, .80, 1.0, .270, (.45, .80), 0, "black"),  # 2114
-    Body(.090, .19, .77, .085, .210, .290, .450, .31, .45, .66, .80, .310, (.45, .82), 2, "black"),  # 2110
-    Body(.075, .20, .75, .075, .230, .250, .400, .35, .42, .66, .74, .240, (.50,), 0, "chrome"),  # 2107
-    Body(.125, .20, .76, .130, .310, .340, .560, .34, .42, .94, 1.0, .370, (.56,), 0, "black", "spare"),  # Niva
-    Body(.090, .17, .81, .085, .220, .300, .470, .30, .44, .94, 1.0, .300, (.40, .70), 1, "body", "rack"),  # Kalina
-    Body(.085, .17, .80, .075, .150, .260, .390, .37, .51, .68, 1.0, .240, (.62,), 0, "black"),  # 2109
-    Body(.095, .18, .79, .070, .180, .240, .340, .36, .52, .68, .85, .230, (.46, .80), 2, "chrome"),  # Passat
-    Body(.085, .18, .79, .075, .140, .255, .385, .37, .52, .71, .85, .250, (.47, .82), 0, "black"),  # 21099
+    Body(.090, .19, .78, .080, .210, .280, .430, .36, .50, .72, .84, .290, (.47, .82), 2, "body"),  # Priora
+    Body(.115, .16, .84, .100, .250, .330, .540, .27, .43, .86, 1.0, .360, (.45, .80), 3, "body", "cladding"),  # Focus
+    Body(.085, .17, .81, .075, .200, .280, .440, .36, .50, .80, 1.0, .260, (.44, .78), 0, "black", "moulding"),  # 2114
+    Body(.090, .19, .77, .085, .220, .290, .520, .28, .40, .62, .76, .360, (.45, .85), 3, "black", "spoiler"),  # 2110
+    Body(.070, .21, .74, .075, .260, .270, .420, .34, .40, .70, .76, .260, (.50,), 0, "chrome", "twin"),  # 2107
+    Body(.130, .20, .76, .140, .320, .350, .600, .33, .41, .96, 1.0, .380, (.56,), 0, "black", "spare"),  # Niva
+    Body(.090, .17, .81, .085, .220, .300, .470, .30, .44, .95, 1.0, .310, (.38, .68), 1, "body", "rack"),  # Kalina
+    Body(.085, .17, .80, .075, .120, .250, .380, .40, .54, .62, 1.0, .240, (.62,), 0, "black"),  # 2109
+    Body(.095, .17, .76, .065, .150, .210, .310, .40, .56, .70, .84, .210, (.46, .80), 2, "chrome", "trim"),  # Passat
+    Body(.085, .18, .79, .075, .110, .250, .390, .38, .52, .70, .83, .290, (.47, .82), 0, "black", "moulding"),  # 21099
 ]  # fmt: skip
 
 
@@ -89,67 +89,84 @@ def _car(rng: np.random.Generator, body: Body, length: int) -> Image.Image:
 
     paint = _color(rng, 10, 246)  # random colour: must carry no class information
     dark = tuple(int(c * 0.6) for c in paint)
-    glass = _color(rng, 20, 90)
     d.ellipse([p(-0.02, 0.025), p(1.02, -0.025)], fill=(0, 0, 0, 110))  # shadow on the ground
     back = [(b.roof_end, b.roof), (b.rw, max(b.belt, b.deck))] + ([(0.985, b.deck)] if b.rw < 0.97 else [])
     outline = [(0.01, b.sill), (0.0, b.nose), (0.02, b.nose + 0.01), (b.ws, b.belt), (b.ws_top, b.roof)]
     outline += back + [(1.0, b.deck - 0.015), (1.0, b.sill + 0.02), (0.98, b.sill)]
-    d.polygon([p(*q) for q in _chaikin(outline, b.smooth)], fill=paint)
+    lw = max(2, int(0.012 * length))
+    d.polygon([p(*q) for q in _chaikin(outline, b.smooth)], fill=paint, outline=(20, 20, 20), width=lw)
     d.rectangle([p(0.02, b.sill + 0.035), p(0.98, b.sill)], fill=dark)  # rocker panel shade
 
-    # side glass: the cabin quad inset by the pillar width, split by B/C pillars
+    ink = (int(rng.integers(10, 40)),) * 3  # near-black plastic and rubber
+    if "cladding" in b.extras:
+        d.rectangle([p(0.04, b.sill + 0.07), p(0.96, b.sill)], fill=ink)
+    if "moulding" in b.extras:
+        y = (b.sill + b.belt) / 2
+        d.rectangle([p(0.02, y + 0.02), p(0.98, y - 0.015)], fill=ink)
+
+    # side glass: the cabin quad inset by the pillar width, split into windows by B (and C) pillars
     rx = b.roof_end + (b.rw - b.roof_end) * (b.roof - b.belt - 0.012) / max(b.roof - max(b.belt, b.deck), 1e-3)
     g0, g1 = b.ws + 0.04, min(rx, 0.97) - 0.03
-    top0, top1 = b.ws_top + 0.015, b.roof_end - 0.02
-    glass_pts = [(g0, b.belt + 0.012), (top0, b.roof - 0.018), (top1, b.roof - 0.018), (g1, b.belt + 0.012)]
-    d.polygon([p(*q) for q in _chaikin(glass_pts, min(b.smooth, 1))], fill=glass)
-    pw = max(2, int(0.022 * length))
+    glass = [(g0, b.belt + 0.012), (b.ws_top + 0.015, b.roof - 0.018), (b.roof_end - 0.02, b.roof - 0.018)]
+    mask = Image.new("L", img.size)
+    md = ImageDraw.Draw(mask)
+    md.polygon([p(*q) for q in _chaikin([*glass, (g1, b.belt + 0.012)], min(b.smooth, 1))], fill=255)
+    pw = max(2, int(0.03 * length))
     for f in b.pillars:
         x = g0 + f * (g1 - g0)
-        top = b.roof - 0.018 if x <= top1 else b.belt + (b.roof - b.belt) * (g1 - x) / max(g1 - top1, 1e-3)
-        d.line([p(x, b.belt), p(x, top)], fill=paint, width=pw)
+        md.line([p(x, b.belt), p(x, b.roof)], fill=0, width=pw)
         d.line([p(x, b.belt), p(x, b.sill + 0.04)], fill=dark, width=max(1, pw // 4))  # door seam
     d.line([p(g0 - 0.02, b.belt), p(g0 - 0.02, b.sill + 0.04)], fill=dark, width=max(1, pw // 4))
+    img.paste(_color(rng, 20, 90), mask=mask)
+    if "trim" in b.extras:
+        d.line([p(g0 - 0.03, b.belt), p(g1 + 0.02, b.belt)], fill=_color(rng, 200, 250), width=pw)
 
     # bumpers and lamps
-    bcol = {"chrome": _color(rng, 185, 240), "black": _color(rng, 15, 50), "body": dark}[b.bumper]
+    bcol = {"chrome": _color(rng, 185, 240), "black": ink, "body": dark}[b.bumper]
     bh = 0.045 if b.bumper != "body" else 0.03
     for x0, x1 in ((-0.012, 0.1), (0.9, 1.012)):
         d.rectangle([p(x0, b.sill + 0.02 + bh), p(x1, b.sill + 0.02)], fill=bcol)
-    d.rectangle([p(0.0, b.nose - 0.015), p(0.045, b.nose - 0.05)], fill=_color(rng, 200, 256))  # headlight
+    if "twin" in b.extras:
+        for x in (0.012, 0.05):
+            d.ellipse([p(x - 0.018, b.nose - 0.012), p(x + 0.018, b.nose - 0.048)], fill=_color(rng, 210, 256))
+    else:
+        d.rectangle([p(0.0, b.nose - 0.015), p(0.045, b.nose - 0.05)], fill=_color(rng, 200, 256))
     d.rectangle([p(0.965, b.deck - 0.02), p(1.0, b.deck - 0.065)], fill=(200, 20 + int(rng.integers(40)), 20))
 
-    # wheels under dark arches; rim style is random, not a class cue
+    # wheels under dark arches; rim colour and size are random, not class cues
     rim = _color(rng, 60, 230)
-    tyre = int(rng.integers(15, 45))
     for cx in (b.front, b.rear):
         d.pieslice([p(cx - 1.18 * b.wheel, 2.18 * b.wheel), p(cx + 1.18 * b.wheel, -0.18 * b.wheel)], 180, 360,
                    fill=(10, 10, 10))
-        d.ellipse([p(cx - b.wheel, 2 * b.wheel), p(cx + b.wheel, 0)], fill=(tyre, tyre, tyre))
+        d.ellipse([p(cx - b.wheel, 2 * b.wheel), p(cx + b.wheel, 0)], fill=ink)
         r = b.wheel * rng.uniform(0.5, 0.65)
         d.ellipse([p(cx - r, b.wheel + r), p(cx + r, b.wheel - r)], fill=rim)
-    if b.extra == "spare":
+    if "spare" in b.extras:
         cy, r = (b.sill + b.deck) / 2 + 0.01, 0.8 * b.wheel
-        d.ellipse([p(1.0 - 0.2 * r, cy + r), p(1.0 + 0.35 * r, cy - r)], fill=(tyre, tyre, tyre))
-    elif b.extra == "rack":
-        y = b.roof + 0.03
-        d.line([p(b.ws_top + 0.06, y), p(b.roof_end - 0.03, y)], fill=(30, 30, 30), width=pw)
+        d.ellipse([p(1.0 - 0.2 * r, cy + r), p(1.0 + 0.35 * r, cy - r)], fill=ink, outline=rim, width=pw // 2)
+    if "rack" in b.extras:
+        y = b.roof + 0.035
+        d.line([p(b.ws_top + 0.06, y), p(b.roof_end - 0.03, y)], fill=ink, width=pw)
         for x in (b.ws_top + 0.08, b.roof_end - 0.06):
-            d.line([p(x, b.roof), p(x, y)], fill=(30, 30, 30), width=pw)
+            d.line([p(x, b.roof), p(x, y)], fill=ink, width=pw)
+    if "spoiler" in b.extras:
+        d.polygon([p(*q) for q in ((0.9, b.deck), (0.92, b.deck + 0.05), (1.01, b.deck + 0.055), (1.0, b.deck))], fill=ink)
     return img
 
 
 def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    """Sky/wall gradient, ground, blocky 'buildings' and stray shapes: clutter the net has to learn to ignore."""
+    """Muted sky/wall gradient, ground, blocky 'buildings' and stray shapes: clutter the net must learn to ignore."""
     horizon = int(h * rng.uniform(0.3, 0.7))
-    t = np.linspace(0, 1, h)[:, None]
-    top, mid, low, bottom = (rng.uniform(0, 255, 3) for _ in range(4))
-    col = np.where(t * h < horizon, top + (mid - top) * t * h / horizon, low + (bottom - low) * (t * h - horizon) / h)
+    grey = rng.uniform(60, 200)
+    top, mid, low, bottom = (grey + 0.5 * (rng.uniform(0, 255, 3) - grey) for _ in range(4))
+    y = np.arange(h)[:, None]
+    col = np.where(y < horizon, top + (mid - top) * y / horizon, low + (bottom - low) * (y - horizon) / h)
     img = Image.fromarray(np.repeat(col[:, None, :], w, axis=1).astype(np.uint8))
     d = ImageDraw.Draw(img)
     for _ in range(rng.integers(0, 7)):
         x0, bw, bh = rng.uniform(-50, w), rng.uniform(30, 200), rng.uniform(20, horizon)
-        d.rectangle([x0, horizon - bh, x0 + bw, horizon], fill=_color(rng))
+        fill = tuple(int(v) for v in np.clip(mid + rng.uniform(-50, 50, 3), 0, 255))
+        d.rectangle([x0, horizon - bh, x0 + bw, horizon], fill=fill)
     for _ in range(rng.integers(0, 6)):
         x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4, 30)
         shape = d.ellipse if rng.random() < 0.5 else d.rectangle
