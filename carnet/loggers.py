@@ -16,15 +16,20 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 
 def mlflow(save_dir: str | os.PathLike, experiment_name: str = "carnet", run_name: str | None = None,
-           **kwargs: Any) -> MLFlowLogger:
-    """Lightning's MLFlowLogger with a local file store in ``<run dir>/mlruns``.
+           tracking_uri: str | None = None, **kwargs: Any) -> MLFlowLogger:
+    """Lightning's MLFlowLogger; by default with a local file store in ``<run dir>/mlruns``.
 
     Written by hand because MLFlowLogger puts a file store straight into ``save_dir`` (numbered experiment
     folders among the run's own files); browse with ``mlflow ui --backend-store-uri <run dir>/mlruns``.
+    MLflow 3 keeps its file store in maintenance mode and refuses it unless ``MLFLOW_ALLOW_FILE_STORE`` is set:
+    carnet opts in (a self-contained run directory needs no database or server); give ``tracking_uri``
+    (``http://...``, ``sqlite:///...``) to log elsewhere.
     """
-    store = Path(save_dir).resolve() / "mlruns"
+    if tracking_uri is None:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        tracking_uri = (Path(save_dir).resolve() / "mlruns").as_uri()
     return MLFlowLogger(experiment_name=experiment_name, run_name=run_name or Path(save_dir).name,
-                        tracking_uri=store.as_uri(), **kwargs)
+                        tracking_uri=tracking_uri, **kwargs)
 
 
 class LogConfig(pl.Callback):
