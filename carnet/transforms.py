@@ -6,7 +6,7 @@ so a checkpoint of any timm model is fed exactly what its pretrained weights exp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import albumentations as A
@@ -53,12 +53,12 @@ def build_train_transform(
     augment: Sequence[Any] | None, image_size: int, mean: Sequence[float], std: Sequence[float],
     interpolation: str = "bicubic", crop_pct: float = 1.0,
 ) -> A.Compose:
-    """Training pipeline: the `augment.train` list (albumentations `_target_` configs or objects).
+    """Training pipeline: the `augment.train` list (albumentations transforms, or their `_target_` configs).
 
     An empty list means no augmentation: the training images get the evaluation view. A list that does not
     end at image_size x image_size gets a final resize, so every batch has one shape.
     """
-    steps = [instantiate(t, _convert_="all") if not isinstance(t, A.BasicTransform) else t for t in augment or []]
+    steps = [instantiate(t, _convert_="all") if isinstance(t, Mapping) else t for t in augment or []]
     if not steps:
         steps = eval_transforms(image_size, mean, std, interpolation, crop_pct)
     return A.Compose([*steps, A.Resize(image_size, image_size), *to_tensor(mean, std)])
