@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+import yaml
+from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
 
@@ -112,19 +114,32 @@ def report_frame(runs: list[Run]) -> pd.DataFrame:
             "seconds": round(float(s["seconds"])) if s.get("seconds") is not None else None,
             **{k: run.overrides.get(k, "") for k in keys},
         })
-    return pd.DataFrame(rows, columns=["rank", "run", "status", "best_val_acc", "best_epoch", "epochs", "seconds",
-                                       *keys])
+    frame = pd.DataFrame(rows, columns=["rank", "run", "status", "best_val_acc", "best_epoch", "epochs", "seconds",
+                                        *keys])
+    # whole numbers stay whole when some runs have none (pandas would make the column float)
+    return frame.astype({"best_epoch": "Int64", "epochs": "Int64", "seconds": "Int64"})
 
 
 def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def to_markdown(frame: pd.DataFrame, title: str) -> str:
+def optuna_result(root: Path) -> str | None:
+    """One line about an Optuna sweep's best trial (hydra-optuna-sweeper's optimization_results.yaml), if any."""
+    path = root / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    result = yaml.safe_load(path.read_text()) or {}
+    params = " ".join(f"{k}={v}" for k, v in (result.get("best_params") or {}).items())
+    return f"Optuna best value {result.get('best_value')}: {params}"
+
+
+def to_markdown(frame: pd.DataFrame, title: str, note: str | None = None) -> str:
     """A GitHub-flavoured markdown table (hand-written: pandas' to_markdown needs the extra `tabulate`)."""
     lines = [f"# {title}", "", f"{len(frame)} runs, best first; failed or unfinished runs last.", "",
+             *([note, ""] if note else []),
              "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |"
               for row in frame.itertuples(index=False)]
@@ -147,6 +162,7 @@ def plot_runs(runs: list[Run], path: str | os.PathLike, title: str = "") -> None
         else:
             ax.plot(metrics["epoch"], metrics["val/acc"], marker=".", linewidth=1, alpha=0.6,
                     linestyle="-" if run.status == "completed" else ":", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val/acc")
     ax.grid(alpha=0.3)
@@ -187,9 +203,12 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = report_frame(runs)
     title = f"carnet runs in {root}"
+    note = optuna_result(root)
     print_table(frame, title, console)
+    if note:
+        (console or Console()).print(note)
     tmp = out_dir / (REPORT_MD + ".tmp")
-    tmp.write_text(to_markdown(frame, title))
+    tmp.write_text(to_markdown(frame, title, note))
     os.replace(tmp, out_dir / REPORT_MD)
     plot_runs(runs, out_dir / REPORT_PNG, title=title)
     return frame

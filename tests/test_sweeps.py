@@ -80,6 +80,7 @@ def test_optuna_search_best_value_is_the_best_run(sweep: Sweep) -> None:
     # every trial recorded what it tried, for the report
     assert all(any(o.startswith("optimizer.lr=") for o in read_summary(job)["overrides"]) for job in jobs)
     assert len(write_report(sweep_dir)) == 3
+    assert f"Optuna best value {results['best_value']}" in (sweep_dir / "report.md").read_text()
 
 
 def test_optuna_search_space_composes() -> None:
