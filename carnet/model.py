@@ -134,7 +134,7 @@ class CarClassifier(pl.LightningModule):
             "pretrained": pretrained, "weights": weights, "drop_rate": drop_rate,
             "drop_path_rate": drop_path_rate, "channels_last": channels_last, "optimizer": optimizer,
             "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult, "label_smoothing": label_smoothing,
-        })
+        }, logger=False)  # carnet.loggers.LogConfig logs the whole run config instead
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if drop_path_rate or drop_rate else {}
         backbone = create_backbone(model_name, pretrained=pretrained, weights=weights, **kwargs)
         self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)))
@@ -186,7 +186,7 @@ class CarClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits, labels = self._step(batch)
         self.train_acc(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -194,7 +194,7 @@ class CarClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, labels = self._step(batch)
         self.val_acc(logits, labels)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)  # mean over DDP ranks
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -15,9 +15,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.utilities import rank_zero_only
 
 from carnet.artifacts import SPLIT_FILE, RunArtifacts
 from carnet.data import CarDataModule
+from carnet.loggers import LogConfig
 from carnet.model import CarClassifier
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
         callbacks.append(RichProgressBar(leave=True))
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c, save_dir=str(run_dir)) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if loggers:
+        callbacks.append(LogConfig(cfg))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"),
                                                  str(trainer_cfg.get("accelerator", "auto")))
@@ -96,13 +100,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``)."""
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
+    if is_rank_zero:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
 
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     datamodule.setup("fit")
-    datamodule.write_split(run_dir / SPLIT_FILE)
+    if is_rank_zero:
+        datamodule.write_split(run_dir / SPLIT_FILE)
+    if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
+        from carnet.tune import tune
+
+        return tune(cfg, module, datamodule, run_dir)
     counts = datamodule.split.split.value_counts()
     artifacts = RunArtifacts(run_dir, {
         "run_dir": str(run_dir),

@@ -1,0 +1,233 @@
+"""Compare runs: ``python -m carnet.report DIR`` (a sweep's folder, or any folder of run directories).
+
+Reads every ``summary.json`` + ``metrics.csv`` under DIR (carnet/artifacts.py's contract, never a logger's
+files), prints a table sorted by ``best_val_acc`` with the overrides that differ between runs, and writes
+``DIR/report.md`` and ``DIR/report.png`` (val accuracy per epoch of every run, the best one highlighted).
+Failed, interrupted and still-running runs are listed with their status, below the ranked ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import yaml
+from matplotlib.ticker import MaxNLocator
+from rich.console import Console
+from rich.table import Table
+
+from carnet.artifacts import SUMMARY_FILE, read_metrics, read_summary
+
+REPORT_MD, REPORT_PNG = "report.md", "report.png"
+# Overrides that name where a run lives, not what it tried: never a column.
+IGNORED_KEYS = ("hydra.", "run_dir", "paths.", "data.root", "trainer.enable_progress_bar")
+
+
+@dataclass
+class Run:
+    """One run directory as the report sees it."""
+
+    path: Path
+    name: str
+    summary: dict[str, Any]
+    metrics: pd.DataFrame
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status", "unknown"))
+
+    @property
+    def best_val_acc(self) -> float | None:
+        """The summary's best val/acc; for a run without one yet (running, failed), the best epoch so far."""
+        value = self.summary.get("best_val_acc")
+        if value is None and "val/acc" in self.metrics and self.metrics["val/acc"].notna().any():
+            value = float(self.metrics["val/acc"].max())
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """``["optimizer=sgd", "+x=1", "~y"]`` -> ``{"optimizer": "sgd", "x": "1", "y": "<deleted>"}``."""
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        parsed[key] = value if sep else "<deleted>"
+    return parsed
+
+
+def find_runs(root: str | os.PathLike) -> list[Run]:
+    """Every run under ``root`` (``root`` itself included): each directory holding a summary.json."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory: give a sweep folder (multirun/DATE/TIME) or a "
+                                "folder of run directories")
+    runs = []
+    for summary_path in sorted(root.rglob(SUMMARY_FILE)):
+        run_dir = summary_path.parent
+        try:
+            summary = read_summary(run_dir)
+        except ValueError as err:  # a corrupt file is reported, not fatal: the other runs still compare
+            summary = {"status": "unreadable", "error": f"{summary_path}: {err}"}
+        name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
+        runs.append(Run(run_dir, name, summary, read_metrics(run_dir),
+                        parse_overrides(list(summary.get("overrides") or []))))
+    return runs
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """Override keys whose value is not the same in every run (a key missing from some runs differs too)."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.overrides if k not in keys and not k.startswith(IGNORED_KEYS)]
+    return [k for k in keys if len({run.overrides.get(k, "") for run in runs}) > 1]
+
+
+def rank_runs(runs: list[Run]) -> list[Run]:
+    """Completed runs by best_val_acc (best first), then every other run (by accuracy so far, then name)."""
+    def key(run: Run) -> tuple[int, float, str]:
+        acc = run.best_val_acc
+        return (0 if run.status == "completed" else 1, -(acc if acc is not None else -1.0), run.name)
+
+    return sorted(runs, key=key)
+
+
+def report_frame(runs: list[Run]) -> pd.DataFrame:
+    """The report table: one row per run, ranked, with the differing overrides as columns."""
+    keys = differing_keys(runs)
+    rows = []
+    for rank, run in enumerate(rank_runs(runs), start=1):
+        s = run.summary
+        rows.append({
+            "rank": rank, "run": run.name, "status": run.status, "best_val_acc": run.best_val_acc,
+            "best_epoch": s.get("best_epoch"), "epochs": s.get("epochs_run", len(run.metrics)),
+            "seconds": round(float(s["seconds"])) if s.get("seconds") is not None else None,
+            **{k: run.overrides.get(k, "") for k in keys},
+        })
+    frame = pd.DataFrame(rows, columns=["rank", "run", "status", "best_val_acc", "best_epoch", "epochs", "seconds",
+                                        *keys])
+    # whole numbers stay whole when some runs have none (pandas would make the column float)
+    return frame.astype({"best_epoch": "Int64", "epochs": "Int64", "seconds": "Int64"})
+
+
+def _cell(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def optuna_result(root: Path) -> str | None:
+    """One line about an Optuna sweep's best trial (hydra-optuna-sweeper's optimization_results.yaml), if any."""
+    path = root / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    result = yaml.safe_load(path.read_text()) or {}
+    params = " ".join(f"{k}={v}" for k, v in (result.get("best_params") or {}).items())
+    return f"Optuna best value {result.get('best_value')}: {params}"
+
+
+def to_markdown(frame: pd.DataFrame, title: str, note: str | None = None) -> str:
+    """A GitHub-flavoured markdown table (hand-written: pandas' to_markdown needs the extra `tabulate`)."""
+    lines = [f"# {title}", "", f"{len(frame)} runs, best first; failed or unfinished runs last.", "",
+             *([note, ""] if note else []),
+             "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |"
+              for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + f"\n\n![val accuracy per epoch]({REPORT_PNG})\n"
+
+
+def plot_runs(runs: list[Run], path: str | os.PathLike, title: str = "") -> None:
+    """Val accuracy per epoch of every run; the best completed run bold and labelled, the others thin."""
+    ranked = rank_runs(runs)
+    best = ranked[0] if ranked and ranked[0].best_val_acc is not None else None
+    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    for run in reversed(ranked):  # best drawn last, on top
+        metrics = run.metrics
+        if "val/acc" not in metrics or not metrics["val/acc"].notna().any():
+            continue
+        label = f"{run.name} ({_cell(run.best_val_acc)})" + ("" if run.status == "completed" else f" [{run.status}]")
+        if run is best:
+            ax.plot(metrics["epoch"], metrics["val/acc"], "o-", color="tab:red", linewidth=2.5, markersize=4,
+                    label=f"best: {label}", zorder=3)
+        else:
+            ax.plot(metrics["epoch"], metrics["val/acc"], marker=".", linewidth=1, alpha=0.6,
+                    linestyle="-" if run.status == "completed" else ":", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val/acc")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="lower right", ncol=1 if len(ax.lines) <= 12 else 2)
+    ax.set_title(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(frame: pd.DataFrame, title: str, console: Console | None = None) -> None:
+    """The report as a rich table on the terminal: best row green, failed ones red."""
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(column, justify="right" if column in ("rank", "best_val_acc", "best_epoch", "epochs",
+                                                               "seconds") else "left")
+    for i, row in enumerate(frame.itertuples(index=False)):
+        status = row.status
+        style = "bold green" if i == 0 and status == "completed" else (
+            "red" if status in ("failed", "interrupted", "unreadable") else ("yellow" if status != "completed"
+                                                                             else None))
+        table.add_row(*(_cell(v) for v in row), style=style)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or captured: no terminal width to fit, keep columns readable
+            console = Console(width=200)
+    console.print(table)
+
+
+def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 console: Console | None = None) -> pd.DataFrame:
+    """Find, rank, print and write the report of every run under ``root``; return the table."""
+    root = Path(root)
+    runs = find_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no runs under {root}: no {SUMMARY_FILE} found in it or its subfolders")
+    out_dir = Path(out_dir) if out_dir else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = report_frame(runs)
+    title = f"carnet runs in {root}"
+    note = optuna_result(root)
+    print_table(frame, title, console)
+    if note:
+        (console or Console()).print(note)
+    tmp = out_dir / (REPORT_MD + ".tmp")
+    tmp.write_text(to_markdown(frame, title, note))
+    os.replace(tmp, out_dir / REPORT_MD)
+    plot_runs(runs, out_dir / REPORT_PNG, title=title)
+    return frame
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m carnet.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", help="a sweep folder (multirun/DATE/TIME) or any folder of run directories")
+    parser.add_argument("--out", default=None, help="where report.md and report.png go (default: DIR)")
+    args = parser.parse_args(argv)
+    try:
+        frame = write_report(args.dir, args.out)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or args.dir)
+    print(f"{len(frame)} runs; wrote {out / REPORT_MD} and {out / REPORT_PNG}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The `logger` group: each logger writes its own files, with the run's hyperparameters, several at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import yaml
+from conftest import compose_cfg
+
+
+def test_logger_group_options_compose() -> None:
+    assert set(compose_cfg([]).logger) == {"csv"}
+    assert set(compose_cfg(["logger=[csv,tensorboard]"]).logger) == {"csv", "tensorboard"}
+    assert set(compose_cfg(["logger=all"]).logger) == {"csv", "tensorboard", "mlflow"}
+    assert not compose_cfg(["logger=none"]).logger
+
+
+def test_every_logger_writes_its_files_with_hyperparameters(train_run: Callable,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    run_dir, _ = train_run("logger=all", "optimizer=sgd", "optimizer.lr=0.0123")
+    # CSV: Lightning's metrics.csv and the hparams, next to carnet's own metrics.csv
+    hparams = yaml.safe_load((run_dir / "csv" / "hparams.yaml").read_text())
+    assert hparams["optimizer"]["lr"] == 0.0123 and hparams["model"]["name"] == "test_efficientnet"
+    assert "val/acc" in (run_dir / "csv" / "metrics.csv").read_text()
+    # TensorBoard: event files and the same hparams
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())["optimizer"]["lr"] == 0.0123
+    # MLflow: a local file store inside the run directory, params and metrics in it
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as carnet.loggers.mlflow does in the run
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("carnet")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["optimizer/lr"] == "0.0123" and run.data.params["head/_target_"].endswith("LinearHead")
+    assert "val/acc" in run.data.metrics and run.info.run_name == run_dir.name
+    assert (run_dir / "summary.json").is_file()  # carnet's own files whatever the loggers

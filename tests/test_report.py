@@ -1,0 +1,73 @@
+"""carnet.report on hand-made run directories: ranking, differing overrides, unfinished runs, files written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from carnet.artifacts import EPOCH_COLUMNS, write_json
+from carnet.report import differing_keys, find_runs, main, parse_overrides, write_report
+
+
+def make_run(path: Path, status: str, accs: list[float], overrides: list[str]) -> Path:
+    """A run directory as RunArtifacts writes it: metrics.csv (one row per epoch) and summary.json."""
+    path.mkdir(parents=True)
+    rows = [{"epoch": i, "step": i, "val/acc": a, "val/loss": 1 - a} for i, a in enumerate(accs)]
+    pd.DataFrame(rows, columns=EPOCH_COLUMNS).to_csv(path / "metrics.csv", index=False)
+    best = max(accs) if accs and status == "completed" else None
+    write_json(path / "summary.json", {"status": status, "best_val_acc": best, "epochs_run": len(accs),
+                                       "best_epoch": accs.index(best) if best is not None else None,
+                                       "seconds": 12.0, "overrides": overrides})
+    return path
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    common = ["data.root=/data/cars", "hydra.run.dir=x", "model=test_efficientnet"]
+    make_run(root / "0", "completed", [0.5, 0.7, 0.6], [*common, "optimizer=adam", "head=linear"])
+    make_run(root / "1", "completed", [0.6, 0.9], [*common, "optimizer=sgd", "head=linear"])
+    make_run(root / "2", "failed", [0.3], [*common, "optimizer=adam", "head=mlp"])
+    make_run(root / "3", "running", [], [*common, "optimizer=sgd", "head=mlp"])
+    make_run(root / "nested" / "4", "completed", [0.8], [*common, "optimizer=adamw", "head=linear"])
+    return root
+
+
+def test_parse_overrides() -> None:
+    assert parse_overrides(["a=1", "+b.c=x=y", "~d"]) == {"a": "1", "b.c": "x=y", "d": "<deleted>"}
+
+
+def test_report_ranks_runs_and_keeps_unfinished(runs_dir: Path) -> None:
+    frame = write_report(runs_dir)
+    assert list(frame["run"]) == ["1", "nested/4", "0", "2", "3"]
+    assert list(frame["status"]) == ["completed", "completed", "completed", "failed", "running"]
+    assert list(frame["best_val_acc"][:3]) == [0.9, 0.8, 0.7]
+    assert frame["best_val_acc"][3] == pytest.approx(0.3)  # best so far of the failed run, still listed
+    assert pd.isna(frame["best_val_acc"][4])               # running run without an epoch yet
+    # only the overrides that differ are columns (not the data root, the run dir or the shared model)
+    assert differing_keys(find_runs(runs_dir)) == ["optimizer", "head"]
+    assert {"optimizer", "head"} <= set(frame.columns)
+    assert not {"data.root", "hydra.run.dir", "model"} & set(frame.columns)
+
+    markdown = (runs_dir / "report.md").read_text()
+    table_rows = [line for line in markdown.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert len(table_rows) == 5
+    assert table_rows[0].startswith("| 1 | 1 | completed | 0.9000")
+    assert "| failed |" in table_rows[3] and "| running |" in table_rows[4]
+    assert (runs_dir / "report.png").stat().st_size > 10_000
+
+
+def test_cli_writes_to_out_and_rejects_empty_dirs(runs_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    assert main([str(runs_dir), "--out", str(out)]) == 0
+    assert (out / "report.md").is_file() and (out / "report.png").is_file()
+    assert "nested/4" in capsys.readouterr().out
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no runs under" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
