@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY, run_script
+from tests.conftest import TINY, run_script
 
 from carnet.artifacts import read_summary
 from carnet.model import read_checkpoint

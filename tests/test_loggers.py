@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import yaml
-from conftest import compose_cfg
+from tests.conftest import compose_cfg
 
 
 def test_logger_group_options_compose() -> None:

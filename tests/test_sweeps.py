@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONF, TINY, compose_cfg, run_script
+from tests.conftest import CONF, TINY, compose_cfg, run_script
 from hydra import compose, initialize_config_dir
 
 from carnet.artifacts import read_summary
