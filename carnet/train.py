@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from carnet.artifacts import SPLIT_FILE, RunArtifacts
 from carnet.data import CarDataModule
 from carnet.model import CarClassifier
+from carnet.phases import finish_phase, read_init_from, setup_phase
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
 
+    init = read_init_from(cfg)  # fails fast on a missing or mismatching predecessor phase (conf/phase)
     module = build_module(cfg)
+    phase_callbacks, phase_fields = setup_phase(cfg, module, init)  # init_from weights, unfreezing callback
     datamodule = build_datamodule(cfg, module)
     datamodule.setup("fit")
     datamodule.write_split(run_dir / SPLIT_FILE)
@@ -116,11 +119,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "num_excluded": len(datamodule.excluded),
         "overrides": overrides_of(cfg),
         "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
+        **phase_fields,
     })
-    trainer = build_trainer(cfg, run_dir, [artifacts])
+    trainer = build_trainer(cfg, run_dir, [*phase_callbacks, artifacts])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
-    summary = artifacts.summary
+    summary = finish_phase(cfg, trainer, artifacts, phase_callbacks)
     if summary.get("best_val_acc") is not None:
         print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
     return summary
