@@ -76,10 +76,14 @@ def build_datamodule(cfg: DictConfig, module: CarClassifier) -> CarDataModule:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
     """The Trainer of ``cfg.trainer`` with carnet's checkpointing, progress bar and loggers."""
     checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True,
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
         auto_insert_metric_name=False, enable_version_counter=False,
     )
-    callbacks = [checkpoints, *callbacks]
+    # Not `save_last=True`: Lightning 2.6 rewrites last.ckpt only in epochs where the best improved, so it goes
+    # stale and `resume=last.ckpt` would restart from an old epoch. An unmonitored callback writes it every epoch.
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
+                           enable_version_counter=False)
+    callbacks = [checkpoints, last, *callbacks]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
