@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 DEMO_DATA ?= demo_data
 DEMO_RUN ?= outputs/demo
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-all lint clean pipeline
 
 install: $(STAMP)
 
@@ -25,6 +25,14 @@ demo: install
 	test -f $(DEMO_DATA)/sample-submission.csv || $(PY) -m carnet.demo $(DEMO_DATA)
 	$(PY) train.py data.root=$(DEMO_DATA) model=test_efficientnet trainer=cpu hydra.run.dir=$(DEMO_RUN) \
 		$(DEMO_ARGS)
+
+# Progressive unfreezing: phases head -> unfreeze_half -> unfreeze_3q -> unfreeze_all -> finetune_448 (carnet/pipeline.py).
+# DATA=dir MODEL=name (conf/model) ARGS='more Hydra overrides, or PHASE:key=value for one phase'.
+DATA ?=
+MODEL ?=
+ARGS ?=
+pipeline: install
+	$(PY) -m carnet.pipeline $(if $(DATA),data.root=$(DATA)) $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
 test: install
 	$(PY) -m pytest -m "not slow" -q

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY, compose_cfg
 
 from carnet.finetune import fraction_at, parse_schedule
 from carnet.train import build_module, train
+from tests.conftest import TINY, compose_cfg
 
-FAST = [*TINY, "trainer.num_sanity_val_steps=0", "data.verify=false"]
+# One batch per epoch: every assertion below needs one optimizer step, and the CPU is shared.
+FAST = [*TINY, "trainer.num_sanity_val_steps=0", "data.verify=false", "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=1"]
 
 
 def efficientnet_blocks(names: list[str]) -> list[list[str]]:

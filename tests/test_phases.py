@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY, compose_cfg, run_script
 
 from carnet.artifacts import read_summary
 from carnet.phases import PhaseError, join_phases, read_init_from, write_pipeline_report
 from carnet.train import build_module, train
+from tests.conftest import TINY, compose_cfg, run_script
 
-FAST = [*TINY, "trainer.num_sanity_val_steps=0", "data.verify=false"]
+# One batch per epoch: every assertion below needs one optimizer step, and the CPU is shared.
+FAST = [*TINY, "trainer.num_sanity_val_steps=0", "data.verify=false", "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=1"]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +88,7 @@ def test_resume_mid_progressive_restores_frozen_set_and_optimizer_groups(tiny_da
     train(compose_cfg([*common, "trainer.max_epochs=3", f"+run_dir={tmp_path / 'full'}"]))
     train(compose_cfg([*common, "trainer.max_epochs=2", f"+run_dir={tmp_path / 'cut'}"]))
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
-    train(compose_cfg([*common, "trainer.max_epochs=3", f"resume={last}", f"+run_dir={tmp_path / 'cut'}"]))
+    train(compose_cfg([*common, "trainer.max_epochs=3", f"+resume={last}", f"+run_dir={tmp_path / 'cut'}"]))
 
     full, cut = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
                  for r in ("full", "cut"))
