@@ -129,7 +129,12 @@ class ProgressiveUnfreezing(pl.Callback):
     def apply(self, pl_module: pl.LightningModule, epoch: int) -> float:
         """Set the frozen set of ``epoch`` (idempotent, depends on nothing else); return its fraction."""
         self.fraction = fraction_at(self.schedule, epoch)
+        previous = self.frozen_norms
         self.frozen_norms = freeze_backbone(getattr(pl_module, self.attribute), self.fraction, self.train_bn)
+        still_frozen = {id(m) for m in self.frozen_norms}
+        for module in previous:  # newly unfrozen BatchNorm layers train again (and update their statistics)
+            if id(module) not in still_frozen:
+                module.train(pl_module.training)
         self._norms_to_eval()
         return self.fraction
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
-from carnet.finetune import fraction_at, parse_schedule
+from carnet.finetune import ProgressiveUnfreezing, fraction_at, parse_schedule
+from carnet.model import CarClassifier
 from carnet.train import build_module, train
 from tests.conftest import TINY, compose_cfg
 
@@ -104,3 +106,20 @@ def test_schedule() -> None:
     for bad in (1.5, {0: -0.1}, {-1: 0.5}, [[0, 0.5, 1]], {}, "half"):
         with pytest.raises(ValueError, match="unfreeze"):
             parse_schedule(bad)
+
+
+def test_schedule_steps_set_requires_grad_and_batchnorm_modes() -> None:
+    """Each epoch's state depends on the epoch only: unfreezing puts BatchNorm back in train mode, and going
+    back to an earlier epoch (as a resume does) gives that epoch's frozen set again."""
+    module = CarClassifier("test_efficientnet", class_names=list("abc"), head={"_target_": "carnet.model.LinearHead"})
+    module.train()
+    norms = [m for m in module.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    head = sum(p.numel() for p in module.head.parameters())
+    callback = ProgressiveUnfreezing([[0, 0.0], [2, 1.0]])
+    states = []
+    for epoch in (0, 1, 2, 0):
+        assert callback.apply(module, epoch) == (1.0 if epoch == 2 else 0.0)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        states.append((trainable, [m.training for m in norms]))
+    assert states[0] == states[1] == states[3] == (head, [False] * len(norms))
+    assert states[2] == (sum(p.numel() for p in module.parameters()), [True] * len(norms))

@@ -28,22 +28,29 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
                                                                                   "num_batches_tracked"))}
 
 
-@pytest.fixture(scope="module")
-def two_phases(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """`train.py phase=head`, then `train.py phase=unfreeze_half optimizer.lr=0` (so it ends where it started)."""
-    root = tmp_path_factory.mktemp("phases")
+def run_two_phases(root: Path, tiny_data: Path, via_train_py: bool) -> dict[str, Path]:
+    """`phase=head`, then `phase=unfreeze_half optimizer.lr=0` (so that it ends exactly where it started)."""
     common = [f"data.root={tiny_data}", *FAST, f"paths.output_dir={root / 'outputs'}"]
-    run_script("train.py", *common, "phase=head", "optimizer.lr=0.05", f"hydra.run.dir={root / 'head'}")
-    run_script("train.py", *common, "phase=unfreeze_half", "optimizer.lr=0", f"hydra.run.dir={root / 'half'}")
+    runs = {"head": ["phase=head", "optimizer.lr=0.05"], "half": ["phase=unfreeze_half", "optimizer.lr=0"]}
+    for name, overrides in runs.items():
+        if via_train_py:
+            run_script("train.py", *common, *overrides, f"hydra.run.dir={root / name}")
+        else:  # the same train() that train.py calls, without a new interpreter (fast tests)
+            train(compose_cfg([*common, *overrides, f"+run_dir={root / name}"]))
     return {"head": root / "head", "half": root / "half", "phases": root / "outputs" / "phases", "root": root}
 
 
-def test_second_phase_starts_from_first_phases_weights(two_phases: dict[str, Path]) -> None:
-    head_ckpt = two_phases["phases"] / "head.ckpt"
-    assert head_ckpt.read_bytes() == (two_phases["head"] / "checkpoints" / "best.ckpt").read_bytes()
+@pytest.fixture(scope="module")
+def two_phases(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return run_two_phases(tmp_path_factory.mktemp("phases"), tiny_data, via_train_py=False)
+
+
+def check_second_phase_started_from_first(runs: dict[str, Path]) -> None:
+    head_ckpt = runs["phases"] / "head.ckpt"
+    assert head_ckpt.read_bytes() == (runs["head"] / "checkpoints" / "best.ckpt").read_bytes()
     handed = weights(head_ckpt)
     # unfreeze_half ran at LR 0: its weights are exactly the ones it started from, i.e. the head phase's best.
-    after = weights(two_phases["half"] / "checkpoints" / "last.ckpt")
+    after = weights(runs["half"] / "checkpoints" / "last.ckpt")
     assert handed.keys() == after.keys()
     assert all(torch.equal(handed[k], after[k]) for k in handed)
     # ... and not what a fresh start would have had: the head phase changed the head.
@@ -53,13 +60,22 @@ def test_second_phase_starts_from_first_phases_weights(two_phases: dict[str, Pat
     assert not torch.equal(fresh["net.head.1.weight"], handed["net.head.1.weight"])
     assert all(torch.equal(fresh[k], handed[k]) for k in handed if k.startswith("net.backbone."))  # frozen in head
 
-    head, half = read_summary(two_phases["head"]), read_summary(two_phases["half"])
+    head, half = read_summary(runs["head"]), read_summary(runs["half"])
     assert (head["phase"], head["init_from"], head["unfrozen_fraction"]) == ("head", None, 0.0)
     assert head["trainable_params"] == sum(v.numel() for k, v in handed.items() if k.startswith("net.head."))
     assert (half["phase"], half["init_from"], half["unfrozen_fraction"]) == ("unfreeze_half", str(head_ckpt), 0.5)
     assert head["trainable_params"] < half["trainable_params"] < half["total_params"]
-    assert (two_phases["phases"] / "unfreeze_half.ckpt").is_file()
-    assert (two_phases["half"] / "curves.png").is_file()
+    assert (runs["phases"] / "unfreeze_half.ckpt").is_file()
+    assert (runs["half"] / "curves.png").is_file()
+
+
+def test_second_phase_starts_from_first_phases_weights(two_phases: dict[str, Path]) -> None:
+    check_second_phase_started_from_first(two_phases)
+
+
+@pytest.mark.slow
+def test_train_py_head_then_unfreeze_half(tiny_data: Path, tmp_path: Path) -> None:
+    check_second_phase_started_from_first(run_two_phases(tmp_path, tiny_data, via_train_py=True))
 
 
 def test_missing_predecessor_says_which_command_to_run(tmp_path: Path) -> None:
