@@ -56,18 +56,20 @@ def run_fraction(tiny_data: Path, run_dir: Path, model: str, fraction: float, tr
     return summary, start, end, cfg
 
 
+# Each case with another scheduler: none of them may change what is frozen (plateau: tests/test_phases.py).
 CASES = [
-    ("test_efficientnet", 0.5, False),
-    ("test_efficientnet", 0.5, True),
-    ("tf_efficientnet_lite0", 0.75, False),
-    ("tf_efficientnet_lite0", 0.25, True),
+    ("test_efficientnet", 0.5, False, "cosine"),
+    ("test_efficientnet", 0.5, True, "onecycle"),
+    ("tf_efficientnet_lite0", 0.75, False, "cyclic"),
+    ("tf_efficientnet_lite0", 0.25, True, "none"),
 ]
 
 
-@pytest.mark.parametrize(("model", "fraction", "train_bn"), CASES)
+@pytest.mark.parametrize(("model", "fraction", "train_bn", "scheduler"), CASES)
 def test_only_last_fraction_of_blocks_trains(tiny_data: Path, tmp_path: Path, model: str, fraction: float,
-                                             train_bn: bool) -> None:
-    summary, start, end, _ = run_fraction(tiny_data, tmp_path / "run", model, fraction, train_bn)
+                                             train_bn: bool, scheduler: str) -> None:
+    summary, start, end, _ = run_fraction(tiny_data, tmp_path / "run", model, fraction, train_bn,
+                                          f"scheduler={scheduler}")
     backbone = {k.removeprefix("net.backbone."): v for k, v in start.items() if k.startswith("net.backbone.")}
     params = {k for k in backbone if not re.search(r"running_(mean|var)|num_batches_tracked", k)}
     blocks = efficientnet_blocks(list(backbone))
