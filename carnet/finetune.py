@@ -166,7 +166,3 @@ class ProgressiveUnfreezing(pl.Callback):
             warnings.warn(f"resuming with unfreeze schedule {dict(self.schedule)}, but the checkpoint was trained "
                           f"with {dict(saved)}: the frozen set follows the new schedule", stacklevel=2)
 
-
-def trainable_parameters(module: nn.Module) -> int:
-    """Number of parameters that receive gradients."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
