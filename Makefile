@@ -10,7 +10,7 @@ DEMO_DATA ?= demo_data
 DEMO_RUN ?= outputs/demo
 DATA ?= data
 
-.PHONY: install demo data test test-all lint clean
+.PHONY: install demo data pipeline test test-all lint clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ data: install
 	$(PY) -m carnet.download --root $(DATA) --check
 	test -f $(VENV)/.installed-data || { $(PY) -m pip install -q -e '.[data]' && touch $(VENV)/.installed-data; }
 	$(PY) -m carnet.download --root $(DATA)
+
+# Progressive unfreezing: phases head -> unfreeze_half -> unfreeze_3q -> unfreeze_all -> finetune_448 (carnet/pipeline.py).
+# DATA=dir MODEL=name (conf/model) ARGS='more Hydra overrides, or PHASE:key=value for one phase'.
+MODEL ?=
+ARGS ?=
+pipeline: install
+	$(PY) -m carnet.pipeline data.root=$(DATA) $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
 test: install
 	$(PY) -m pytest -m "not slow" -q

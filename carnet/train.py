@@ -21,6 +21,7 @@ from carnet.artifacts import SPLIT_FILE, RunArtifacts
 from carnet.data import CarDataModule
 from carnet.loggers import LogConfig
 from carnet.model import CarClassifier
+from carnet.phases import finish_phase, read_init_from, setup_phase
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,14 @@ def build_datamodule(cfg: DictConfig, module: CarClassifier) -> CarDataModule:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
     """The Trainer of ``cfg.trainer`` with carnet's checkpointing, progress bar and loggers."""
     checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True,
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
         auto_insert_metric_name=False, enable_version_counter=False,
     )
-    callbacks = [checkpoints, *callbacks]
+    # Not `save_last=True`: Lightning 2.6 rewrites last.ckpt only in epochs where the best improved, so it goes
+    # stale and `resume=last.ckpt` would restart from an old epoch. An unmonitored callback writes it every epoch.
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
+                           enable_version_counter=False)
+    callbacks = [checkpoints, last, *callbacks]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -105,7 +110,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
 
+    init = read_init_from(cfg)  # fails fast on a missing or mismatching predecessor phase (conf/phase)
     module = build_module(cfg)
+    phase_callbacks, phase_fields = setup_phase(cfg, module, init)  # init_from weights, unfreezing callback
     datamodule = build_datamodule(cfg, module)
     datamodule.setup("fit")
     if is_rank_zero:
@@ -128,11 +135,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
         "overrides": overrides_of(cfg),
         "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
+        **phase_fields,
     })
-    trainer = build_trainer(cfg, run_dir, [artifacts])
+    trainer = build_trainer(cfg, run_dir, [*phase_callbacks, artifacts])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
-    summary = artifacts.summary
+    summary = finish_phase(cfg, trainer, artifacts, phase_callbacks)
     if summary.get("best_val_acc") is not None:
         print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
     return summary

@@ -1,0 +1,180 @@
+"""Training phases: the hand-off of weights from one phase run to the next, and the joined curves of a pipeline.
+
+A phase run (``python train.py phase=NAME``, see conf/phase) copies its best checkpoint to
+``${paths.phases}/NAME.ckpt``; a later phase with ``init_from: NAME`` (or ``init_from=PATH``) starts from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from carnet.artifacts import SUMMARY_FILE, RunArtifacts, plot_curves, read_metrics, write_json
+from carnet.finetune import ProgressiveUnfreezing, fraction_at
+from carnet.model import CarClassifier, CheckpointError, read_checkpoint
+
+PIPELINE_FILE = "pipeline.json"
+
+
+class PhaseError(ValueError):
+    """A phase cannot start: its predecessor is missing or does not fit; the message says what to do."""
+
+
+def phase_checkpoint(phases_dir: str | os.PathLike, phase: str) -> Path:
+    return Path(phases_dir) / f"{phase}.ckpt"
+
+
+def resolve_init_from(init_from: str, phases_dir: str | os.PathLike) -> Path:
+    """``init_from`` as a file: a phase name means ``<phases_dir>/<name>.ckpt``, anything else is a path.
+
+    A missing phase checkpoint is an error that names the command producing it.
+    """
+    text = str(init_from)
+    is_path = text.endswith(".ckpt") or os.sep in text or "/" in text
+    path = Path(text) if is_path else phase_checkpoint(phases_dir, text)
+    if path.is_file():
+        return path
+    if is_path:
+        raise PhaseError(f"init_from={text}: checkpoint {path} not found")
+    raise PhaseError(f"init_from={text}: {path} not found. Run the '{text}' phase first: `python train.py "
+                     f"phase={text}` with the same data/model/paths overrides (or pass init_from=PATH to a .ckpt)")
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: str, head: Any,
+               num_classes: int) -> None:
+    """The model, the head and the class count of ``checkpoint`` must be this run's; else name both sides.
+
+    The image size may differ (e.g. the 448 px phase starts from a 224 px one).
+    """
+    meta = checkpoint["carnet"]
+    for label, theirs, mine in (("model", meta.get("model_name"), model_name),
+                                ("head", _plain(meta.get("head")), _plain(head))):
+        if theirs != mine:
+            raise PhaseError(f"init_from={path} does not fit this run: the checkpoint's {label} is {theirs}, this "
+                             f"run's {label} is {mine}")
+    theirs_n = len(meta.get("class_names", []))
+    if theirs_n != num_classes:
+        raise PhaseError(f"init_from={path} does not fit this run: the checkpoint has {theirs_n} classes, this run "
+                         f"has {num_classes} (data.class_names)")
+
+
+def read_init_from(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
+    """Resolve, read and check ``cfg.init_from`` before anything is built: (path, checkpoint), or None.
+
+    None also for a resumed run (``resume=``): it takes its weights from its own checkpoint.
+    """
+    if not cfg.get("init_from") or cfg.get("resume"):
+        return None
+    path = resolve_init_from(cfg.init_from, cfg.paths.phases)
+    try:
+        checkpoint = read_checkpoint(path)
+    except CheckpointError as err:
+        raise PhaseError(f"init_from={cfg.init_from}: {err}") from err
+    check_fits(checkpoint, path, cfg.model.name, cfg.head, len(cfg.data.class_names))
+    return path, checkpoint
+
+
+def load_init_weights(module: CarClassifier, path: str | os.PathLike,
+                      checkpoint: dict[str, Any] | None = None) -> None:
+    """Load a carnet checkpoint's network weights into ``module`` (after :func:`check_fits`).
+
+    Only weights move: optimizer, scheduler and epoch start fresh (that is what makes it a new phase).
+    """
+    if checkpoint is None:
+        try:
+            checkpoint = read_checkpoint(path)
+        except CheckpointError as err:
+            raise PhaseError(f"init_from: {err}") from err
+    mine = module.inference_meta()
+    check_fits(checkpoint, path, mine["model_name"], mine["head"], len(mine["class_names"]))
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    module.net.load_state_dict(state)
+
+
+def publish_checkpoint(best: str | os.PathLike, phases_dir: str | os.PathLike, phase: str) -> Path:
+    """Copy a run's best checkpoint to ``<phases_dir>/<phase>.ckpt`` atomically (temp file + rename)."""
+    target = phase_checkpoint(phases_dir, phase)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(best, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def setup_phase(cfg: DictConfig, module: CarClassifier,
+                init: tuple[Path, dict[str, Any]] | None) -> tuple[list[pl.Callback], dict[str, Any]]:
+    """Before training: load the weights of ``init`` (:func:`read_init_from`), build the unfreezing callback.
+
+    Returns (callbacks, summary fields). No ``unfreeze``: no callback, the whole model trains.
+    """
+    init_from = cfg.get("init_from")
+    if init is not None:
+        load_init_weights(module, *init)
+        init_from = str(init[0])
+    callbacks: list[pl.Callback] = []
+    unfreeze = cfg.get("unfreeze")
+    if unfreeze is not None:
+        schedule = OmegaConf.to_container(unfreeze, resolve=True) if OmegaConf.is_config(unfreeze) else unfreeze
+        callbacks.append(ProgressiveUnfreezing(schedule, train_bn=bool(cfg.get("train_bn", False))))
+    return callbacks, {"phase": cfg.get("phase"), "init_from": init_from}
+
+
+def finish_phase(cfg: DictConfig, trainer: pl.Trainer, artifacts: RunArtifacts,
+                 callbacks: list[pl.Callback]) -> dict[str, Any]:
+    """After training: record the final unfrozen fraction and hand the best checkpoint on to the next phase."""
+    summary = artifacts.summary
+    unfreezing = [c for c in callbacks if isinstance(c, ProgressiveUnfreezing)]
+    summary["unfrozen_fraction"] = 1.0 if not unfreezing else (
+        unfreezing[0].fraction if unfreezing[0].fraction is not None else fraction_at(unfreezing[0].schedule, 0))
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("phase") and summary.get("status") == "completed" and not trainer.interrupted and best:
+        summary["phase_checkpoint"] = str(publish_checkpoint(best, cfg.paths.phases, cfg.phase))
+    write_json(artifacts.run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def join_phases(runs: list[tuple[str, str | os.PathLike]]) -> tuple[pd.DataFrame, list[tuple[float, str]]]:
+    """Metrics of consecutive phase runs on one epoch axis, and the (position, label) of each phase's start."""
+    frames, boundaries, offset = [], [], 0
+    for phase, run_dir in runs:
+        metrics = read_metrics(run_dir)
+        boundaries.append((offset - 0.5, phase))
+        if len(metrics):
+            metrics = metrics.assign(phase=phase, phase_epoch=metrics["epoch"], epoch=metrics["epoch"] + offset)
+            frames.append(metrics)
+            offset = int(metrics["epoch"].max()) + 1
+    joined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["epoch"])
+    return joined, boundaries
+
+
+def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, str | os.PathLike]],
+                          title: str = "") -> Path:
+    """``<phases_dir>/curves.png`` (all phases, boundaries marked) and ``pipeline.json`` (run dirs, results)."""
+    phases_dir = Path(phases_dir)
+    phases_dir.mkdir(parents=True, exist_ok=True)
+    joined, boundaries = join_phases(runs)
+    if len(joined):
+        plot_curves(joined, phases_dir / "curves.png", title=title or "pipeline", boundaries=boundaries)
+    results = []
+    for phase, run_dir in runs:
+        summary_path = Path(run_dir) / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        results.append({"phase": phase, "run_dir": str(run_dir), "status": summary.get("status"),
+                        "best_val_acc": summary.get("best_val_acc"), "best_epoch": summary.get("best_epoch"),
+                        "image_size": summary.get("image_size"), "trainable_params": summary.get("trainable_params")})
+    write_json(phases_dir / PIPELINE_FILE, {"phases": results})
+    return phases_dir / "curves.png"
