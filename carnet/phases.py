@@ -141,6 +141,8 @@ def finish_phase(cfg: DictConfig, trainer: pl.Trainer, artifacts: RunArtifacts,
     summary["unfrozen_fraction"] = 1.0 if not unfreezing else (
         unfreezing[0].fraction if unfreezing[0].fraction is not None else fraction_at(unfreezing[0].schedule, 0))
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not trainer.is_global_zero:  # DDP: one process hands off and writes files
+        return summary
     if cfg.get("phase") and summary.get("status") == "completed" and not trainer.interrupted and best:
         summary["phase_checkpoint"] = str(publish_checkpoint(best, cfg.paths.phases, cfg.phase))
     write_json(artifacts.run_dir / SUMMARY_FILE, summary)
