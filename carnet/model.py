@@ -122,6 +122,7 @@ class CarClassifier(pl.LightningModule):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         channels_last: bool = False,
+        compile: bool = False,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         backbone_lr_mult: float = 0.1,
@@ -132,14 +133,17 @@ class CarClassifier(pl.LightningModule):
         self.save_hyperparameters({
             "model_name": model_name, "class_names": list(class_names), "head": head, "image_size": image_size,
             "pretrained": pretrained, "weights": weights, "drop_rate": drop_rate,
-            "drop_path_rate": drop_path_rate, "channels_last": channels_last, "optimizer": optimizer,
-            "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult, "label_smoothing": label_smoothing,
+            "drop_path_rate": drop_path_rate, "channels_last": channels_last, "compile": compile,
+            "optimizer": optimizer, "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult,
+            "label_smoothing": label_smoothing,
         })
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if drop_path_rate or drop_rate else {}
         backbone = create_backbone(model_name, pretrained=pretrained, weights=weights, **kwargs)
         self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and load_checkpoint unchanged
+            self.net.compile()
         self.train_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
 
