@@ -55,7 +55,7 @@ def test_reduced_decode_matches_full_decode_after_the_same_resize(photo: Path) -
     assert a.shape == b.shape == (224, 224, 3)
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
     assert diff.mean() < 3.0, f"mean abs difference {diff.mean():.2f} of 255"  # DCT scaling ~ a box filter
-    assert np.percentile(diff, 99) < 30
+    assert np.percentile(diff, 99) < 40
     # the same holds through normalisation into the tensor the model sees
     tensor = build_eval_transform(224, MEAN, STD, crop_pct=0.942)
     ta, tb = tensor(image=reduced)["image"], tensor(image=full)["image"]
