@@ -106,8 +106,10 @@ def stage_split(module: CarDataModule, batch_size: int, limit: int) -> dict[str,
 
 
 def baseline_stage_split(folder: datasets.ImageFolder, limit: int) -> dict[str, float]:
-    """ms per image of the baseline's PIL loading and transforms.v2, one after another in this process."""
+    """ms per image of the baseline's PIL loading and transforms.v2, one after another, one thread (as above)."""
     n = min(limit, len(folder))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     images = [folder.loader(folder.samples[i][0]) for i in range(n)]
     for img in images:
@@ -116,6 +118,7 @@ def baseline_stage_split(folder: datasets.ImageFolder, limit: int) -> dict[str, 
     for img in images:
         folder.transform(img)
     t2 = time.perf_counter()
+    torch.set_num_threads(threads)
     return {"decode": (t1 - t0) / n * 1e3, "augment": (t2 - t1) / n * 1e3}
 
 

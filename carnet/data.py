@@ -51,7 +51,7 @@ def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.nda
             scale = min_side / min(w, h)
             if scale < 1:
                 img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # RGB JPEGs: no extra copy
 
 
 def decode_min_side(transform: A.Compose) -> int | None:
