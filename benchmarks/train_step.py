@@ -4,12 +4,14 @@
                                     [--batch-size 16] [--steps 10] [--repeats 3] [--threads 1]
 
 carnet's side is what ``python train.py`` builds: :func:`carnet.train.build_module` and
-:func:`carnet.train.build_trainer` from conf/ (AdamW with head/backbone groups, plateau scheduler, label
-smoothing, logging, checkpointing, the Rich progress bar, run artifacts), with validation off. The plain loop
+:func:`carnet.train.build_trainer` from conf/ (AdamW with head/backbone groups, label
+smoothing, logging, checkpointing, the Rich progress bar, run artifacts), with validation and the LR scheduler
+off (the default plateau scheduler needs val/loss; schedulers cost the same in both loops). The plain loop
 runs the same ``CarNet``, optimizer groups and loss by hand. Both read the same in-memory batches
-(``--images`` real photos from ``--data`` or carnet.demo, decoded and transformed once), so the loader is out of
-the picture (benchmarks/loader.py measures that). Each contender trains one ``--steps``-batch epoch per round
-after a warm-up round; rounds interleave and the median is reported, because this machine's cores are shared.
+(training views of real photos from ``--data`` or carnet.demo, decoded and transformed once, in memory), so the
+loader is out of the picture (benchmarks/loader.py measures that). The two loops alternate step by step inside
+one fit (see :class:`Interleave`), because this machine's cores are shared and load comes and goes; the first
+epoch is a warm-up, and the median over the other ``--repeats`` epochs of the per-epoch ratio is reported.
 A small model is the harsher test: per-step overhead weighs more next to a cheap step. Goal: >= 0.95.
 """
 
@@ -43,24 +45,31 @@ from carnet.train import build_module, build_trainer  # noqa: E402
 
 
 class Interleave(pl.Callback):
-    """Runs a plain-loop epoch before each Lightning epoch and times both (Lightning: first batch start to last
-    batch end, so epoch-end work is apart). One long fit keeps both optimizers' state warm alike."""
+    """Alternates the two loops step by step inside one fit, so load spikes on the shared cores hit both alike.
 
-    def __init__(self, plain_epoch: Callable[[], float]) -> None:
-        self.plain_epoch = plain_epoch
-        self.plain: list[float] = []
-        self.lightning: list[float] = []
-        self.start = self.last = 0.0
+    At each Lightning batch start it runs one plain step (timed). A Lightning step is the time from the end of
+    that plain step to the next batch start: the whole loop iteration (fetch, training_step, backward, optimizer,
+    logging, callbacks, progress bar). The last interval of an epoch (it holds epoch-end work) is left out.
+    """
+
+    def __init__(self, plain_step: Callable[[], None]) -> None:
+        self.plain_step = plain_step
+        self.plain: list[list[float]] = []
+        self.lightning: list[list[float]] = []
+        self.mark: float | None = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.plain.append(self.plain_epoch())
-        self.start = time.perf_counter()
+        self.plain.append([])
+        self.lightning.append([])
+        self.mark = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        self.last = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.lightning.append(self.last - self.start)
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        now = time.perf_counter()
+        if self.mark is not None:
+            self.lightning[-1].append(now - self.mark)
+        self.plain_step()
+        self.plain[-1].append(time.perf_counter() - now)
+        self.mark = time.perf_counter()
 
 
 def config(model: str, image_size: int, batch_size: int, run_dir: Path) -> DictConfig:
@@ -88,23 +97,29 @@ def batches(data: Path, cfg: DictConfig, n_images: int, batch_size: int) -> Data
     return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False, drop_last=True)
 
 
-def plain_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                label_smoothing: float) -> float:
-    """One epoch of the textbook loop (running loss/accuracy kept as tensors, read once); its batch seconds."""
-    net.train()
-    loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
-    start = time.perf_counter()
-    for images, labels in loader:
+def plain_loop(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+               label_smoothing: float) -> Callable[[], None]:
+    """One step of the textbook loop per call (running loss/accuracy kept as tensors, as a plain loop would)."""
+    batches = iter(loader)
+    totals = {"loss": torch.zeros(()), "correct": torch.zeros((), dtype=torch.long)}
+
+    def step() -> None:
+        nonlocal batches
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, labels = next(batches)
+        net.train()
         logits = net(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach()
-        correct += (logits.argmax(1) == labels).sum()
-    seconds = time.perf_counter() - start
-    _ = (loss_sum.item(), correct.item())
-    return seconds
+        totals["loss"] += loss.detach()
+        totals["correct"] += (logits.argmax(1) == labels).sum()
+
+    return step
 
 
 def bench_model(model: str, data: Path, image_size: int, batch_size: int, steps: int, repeats: int,
@@ -120,17 +135,18 @@ def bench_model(model: str, data: Path, image_size: int, batch_size: int, steps:
     torch.manual_seed(0)
     module = build_module(cfg)
 
-    interleave = Interleave(lambda: plain_epoch(net, optimizer, loader, cfg.label_smoothing))
+    interleave = Interleave(plain_loop(net, optimizer, loader, cfg.label_smoothing))
     cfg.trainer.max_epochs = repeats + 1  # the first epoch of each is a warm-up (allocator, first-touch memory)
     trainer = build_trainer(cfg, tmp / model, [interleave, RunArtifacts(tmp / model, {"model": model})])
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
-    fit_s = time.perf_counter() - start - sum(interleave.plain)
-    plain_rates = [n_images / s for s in interleave.plain[1:]]
-    lightning_rates = [n_images / s for s in interleave.lightning[1:]]
-    ratios = [lr / pr for lr, pr in zip(lightning_rates, plain_rates, strict=True)]
+    fit_s = time.perf_counter() - start - sum(map(sum, interleave.plain))
+    plain = [statistics.mean(e) for e in interleave.plain[1:]]
+    lightning = [statistics.mean(e) for e in interleave.lightning[1:]]
+    ratios = [p / q for p, q in zip(plain, lightning, strict=True)]
     return {
-        "model": model, "plain": statistics.median(plain_rates), "lightning": statistics.median(lightning_rates),
+        "model": model, "plain": batch_size / statistics.median(plain),
+        "lightning": batch_size / statistics.median(lightning),
         "ratio": statistics.median(ratios), "range": (min(ratios), max(ratios)),
         "fit_rate": n_images * (repeats + 1) / fit_s,
     }
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             r = results[-1]
             print(f"{model}: plain {r['plain']:.1f}, lightning {r['lightning']:.1f} images/s", flush=True)
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {a.image_size} px, batch {a.batch_size}, "
-          f"{a.steps} steps/epoch, AdamW, fp32; images/s (median of {a.repeats} interleaved epochs)")
+          f"{a.steps} steps/epoch, AdamW, fp32; images/s (median over {a.repeats} epochs, loops alternating by step)")
     print(f"{'model':<24} {'plain':>8} {'carnet':>8} {'ratio':>6} {'(range)':>11} {'whole fit()':>12}")
     for r in results:
         lo, hi = r["range"]
