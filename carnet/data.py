@@ -61,10 +61,10 @@ def decode_min_side(transform: A.Compose) -> int | None:
       thrown away by the resize.
     - ``RandomResizedCrop(size S, scale (s_min, _), ratio (3/4, 4/3))`` first: ``ceil(S / sqrt(s_min))``. The
       smallest crop covers s_min of the frame; on a 4:3 frame with shorter side m (area 4/3 m^2) its shorter side
-      is m * sqrt(s_min) for every ratio in [3/4, 4/3] (a square crop: sqrt(s_min * 4/3) m, a 3:4 one: sqrt(s_min)
-      m), so m >= S / sqrt(s_min) means no crop is ever upsampled. At 224 px with light's s_min = 0.5 that is
-      317 px (heavy's 0.35: 379 px); at 448 px, 634 px: a 640x480 photo is then decoded at full size, but
-      larger photos and the eval view at reduced scale (B6's 238 px eval side: 1/2 scale of 640x480).
+      is at least m * sqrt(s_min) for every ratio in [3/4, 4/3] (exactly that at 3:4 and 4:3, a square crop's is
+      sqrt(4/3) times more), so m >= S / sqrt(s_min) means no crop is ever upsampled. At 224 px with light's
+      s_min = 0.5 that is 317 px (heavy's 0.35: 379 px); at 448 px, 634 px: a 640x480 photo is then decoded at
+      full size, but larger photos and the eval view at reduced scale (B6's 238 px eval side: 1/2 of 640x480).
     - Anything else first: None (full decoding), since we cannot tell what the pipeline needs.
     """
     first = transform.transforms[0] if len(transform.transforms) else None
