@@ -7,6 +7,7 @@ Layout (sf-dl-car-classification): ``root/train/<k>/*.jpg`` with k the class ind
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from carnet.cache import ImageCache
 from carnet.transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,29 @@ def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.nda
             scale = min_side / min(w, h)
             if scale < 1:
                 img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # RGB JPEGs: no extra copy
+
+
+def decode_min_side(transform: A.Compose) -> int | None:
+    """The smallest shorter side an image may be decoded at without costing ``transform`` any detail.
+
+    - Evaluation view (``SmallestMaxSize`` first): its ``max_size`` (image_size / crop_pct); anything larger is
+      thrown away by the resize.
+    - ``RandomResizedCrop(size S, scale (s_min, _), ratio (3/4, 4/3))`` first: ``ceil(S / sqrt(s_min))``. The
+      smallest crop covers s_min of the frame; on a 4:3 frame with shorter side m (area 4/3 m^2) its shorter side
+      is at least m * sqrt(s_min) for every ratio in [3/4, 4/3] (exactly that at 3:4 and 4:3, a square crop's is
+      sqrt(4/3) times more), so m >= S / sqrt(s_min) means no crop is ever upsampled. At 224 px with light's
+      s_min = 0.5 that is 317 px (heavy's 0.35: 379 px); at 448 px, 634 px: a 640x480 photo is then decoded at
+      full size, but larger photos and the eval view at reduced scale (B6's 238 px eval side: 1/2 of 640x480).
+    - Anything else first: None (full decoding), since we cannot tell what the pipeline needs.
+    """
+    first = transform.transforms[0] if len(transform.transforms) else None
+    if isinstance(first, A.SmallestMaxSize) and first.max_size is not None:
+        size = first.max_size
+        return int(max(size) if isinstance(size, Sequence) else size)
+    if isinstance(first, A.RandomResizedCrop):
+        return math.ceil(max(first.size) / math.sqrt(min(first.scale)))
+    return None
 
 
 def _undecodable(path: Path) -> str | None:
@@ -165,22 +189,31 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> n
 
 
 class ImageDataset(Dataset):
-    """(image tensor, label) pairs from files; label -1 for unlabelled (test) images."""
+    """(image tensor, label) pairs from files; label -1 for unlabelled (test) images.
+
+    Images are decoded at reduced JPEG scale down to ``min_side`` (see :func:`decode_min_side`); with a ``cache``
+    they come decoded and shrunk to ``min_side`` from it instead.
+    """
 
     def __init__(self, root: Path, paths: Sequence[str], labels: Sequence[int] | None, transform: A.Compose,
-                 min_side: int | None = None) -> None:
+                 min_side: int | None = None, cache: ImageCache | None = None) -> None:
         self.root = Path(root)
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
         self.min_side = min_side
+        self.cache = cache if cache is not None and cache.enabled else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def load(self, index: int) -> np.ndarray:
+        """The decoded uint8 HxWx3 image of row ``index``, before the transform."""
+        path = self.root / self.paths[index]
+        return decode_image(path, self.min_side) if self.cache is None else self.cache.get(path, self.min_side)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = decode_image(self.root / self.paths[index], self.min_side)
-        return self.transform(image=image)["image"], self.labels[index]
+        return self.transform(image=self.load(index))["image"], self.labels[index]
 
 
 def _seed_worker_augmentations(worker_id: int) -> None:
@@ -196,8 +229,9 @@ def _seed_worker_augmentations(worker_id: int) -> None:
 
 
 def default_num_workers() -> int:
-    """A loader worker per CPU core, at most 8 (beyond that JPEG decoding rarely is the bottleneck)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """A loader worker per CPU core this process may use (cgroup/affinity aware), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores or 1))
 
 
 class CarDataModule(pl.LightningDataModule):
@@ -224,6 +258,8 @@ class CarDataModule(pl.LightningDataModule):
         fold: int | None = None,
         dedup: bool = False,
         dedup_threshold: int = 6,
+        cache: str = "none",
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -249,6 +285,7 @@ class CarDataModule(pl.LightningDataModule):
         self.dedup, self.dedup_threshold = dedup, int(dedup_threshold)
         self.source_stats: dict[str, Any] = {}
         self.dedup_dropped: pd.DataFrame | None = None
+        self.cache = ImageCache(cache, cache_dir)  # data.cache=none|memory|disk, see carnet/cache.py
 
     @property
     def num_classes(self) -> int:
@@ -319,6 +356,13 @@ class CarDataModule(pl.LightningDataModule):
     def eval_transform(self) -> A.Compose:
         return build_eval_transform(self.image_size, self.mean, self.std, self.interpolation, self.crop_pct)
 
+    def _dataset(self, paths: Sequence[str], labels: Sequence[int] | None, transform: A.Compose) -> ImageDataset:
+        """Decode at the reduced scale the transform allows; pre-fill a memory cache before workers fork."""
+        min_side = decode_min_side(transform)
+        if self.cache.mode == "memory":
+            self.cache.warm([self.root / p for p in paths], min_side, workers=max(2, self.num_workers))
+        return ImageDataset(self.root, paths, labels, transform, min_side=min_side, cache=self.cache)
+
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
@@ -333,15 +377,15 @@ class CarDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rows = self._rows("train")
-        return self._loader(ImageDataset(self.root, rows.path, rows.label, self.train_transform()), shuffle=True)
+        return self._loader(self._dataset(rows.path, rows.label, self.train_transform()), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         rows = self._rows("val")
-        return self._loader(ImageDataset(self.root, rows.path, rows.label, self.eval_transform()), shuffle=False)
+        return self._loader(self._dataset(rows.path, rows.label, self.eval_transform()), shuffle=False)
 
     def test_frame(self) -> pd.DataFrame:
         return read_test(self.root)
 
     def predict_dataloader(self) -> DataLoader:
         frame = self.test_frame()
-        return self._loader(ImageDataset(self.root, frame.path, None, self.eval_transform()), shuffle=False)
+        return self._loader(self._dataset(frame.path, None, self.eval_transform()), shuffle=False)

@@ -122,6 +122,7 @@ class CarClassifier(pl.LightningModule):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         channels_last: bool = False,
+        compile: bool = False,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         backbone_lr_mult: float = 0.1,
@@ -132,14 +133,17 @@ class CarClassifier(pl.LightningModule):
         self.save_hyperparameters({
             "model_name": model_name, "class_names": list(class_names), "head": head, "image_size": image_size,
             "pretrained": pretrained, "weights": weights, "drop_rate": drop_rate,
-            "drop_path_rate": drop_path_rate, "channels_last": channels_last, "optimizer": optimizer,
-            "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult, "label_smoothing": label_smoothing,
+            "drop_path_rate": drop_path_rate, "channels_last": channels_last, "compile": compile,
+            "optimizer": optimizer, "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult,
+            "label_smoothing": label_smoothing,
         }, logger=False)  # carnet.loggers.LogConfig logs the whole run config instead
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if drop_path_rate or drop_rate else {}
         backbone = create_backbone(model_name, pretrained=pretrained, weights=weights, **kwargs)
         self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and load_checkpoint unchanged
+            self.net.compile()
         self.train_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
 
@@ -185,10 +189,13 @@ class CarClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits, labels = self._step(batch)
-        self.train_acc(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        # Lean on purpose (benchmarks/train_step.py): each self.log costs ~2-3 ms of Lightning bookkeeping per step
+        # on a CPU, and calling the metric (forward) computes a per-batch value nobody logs; `update` only
+        # accumulates. The learning rates are recorded per epoch by RunArtifacts (per step: LearningRateMonitor).
+        self.train_acc.update(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                 sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

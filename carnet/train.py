@@ -35,6 +35,22 @@ def resolve_precision(precision: Any, accelerator: str) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
+def resolve_benchmark(benchmark: Any, accelerator: str) -> bool:
+    """``null``: cudnn.benchmark (fastest conv algorithms for fixed input shapes) on for GPU runs only."""
+    if benchmark is not None:
+        return bool(benchmark)
+    return accelerator != "cpu" and torch.cuda.is_available()
+
+
+def resolve_compile(compile_: Any, accelerator: str) -> bool:
+    """``auto``: torch.compile for GPU runs only (on the CPU, compiling costs more than it saves in short runs)."""
+    if str(compile_).lower() == "auto":
+        return accelerator != "cpu" and torch.cuda.is_available()
+    if isinstance(compile_, bool) or compile_ is None:
+        return bool(compile_)
+    raise ValueError(f"model.compile={compile_!r}: expected true, false or auto")
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     """The Hydra run (or sweep job) directory; ``cfg.run_dir`` when called outside ``@hydra.main``."""
     if cfg.get("run_dir"):
@@ -61,6 +77,7 @@ def build_module(cfg: DictConfig) -> CarClassifier:
         drop_rate=cfg.model.drop_rate,
         drop_path_rate=cfg.model.drop_path_rate,
         channels_last=cfg.model.channels_last,
+        compile=resolve_compile(cfg.model.get("compile", False), str(cfg.trainer.get("accelerator", "auto"))),
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
         backbone_lr_mult=cfg.backbone_lr_mult,
@@ -95,8 +112,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"),
                                                  str(trainer_cfg.get("accelerator", "auto")))
-    if trainer_cfg.get("benchmark") is None:
-        trainer_cfg["benchmark"] = torch.cuda.is_available() and trainer_cfg.get("accelerator") != "cpu"
+    trainer_cfg["benchmark"] = resolve_benchmark(trainer_cfg.get("benchmark"), str(trainer_cfg.get("accelerator")))
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                        default_root_dir=str(run_dir))
 
