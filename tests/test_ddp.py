@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from tests.conftest import TINY, run_script
 
 from carnet.artifacts import read_summary
 from carnet.model import read_checkpoint
+from tests.conftest import TINY, run_script
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, compose_cfg
 
 from carnet.artifacts import RunArtifacts
 from carnet.model import CarClassifier
@@ -19,6 +18,7 @@ from carnet.train import (
     resolve_compile,
     resolve_precision,
 )
+from tests.conftest import CONF, compose_cfg
 
 HEAD = {"_target_": "carnet.model.LinearHead", "dropout": 0.0}
 FAST = ["model=test_efficientnet", "model.pretrained=false", "trainer.max_epochs=1", "data.image_size=64",

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import yaml
+
 from tests.conftest import compose_cfg
 
 

@@ -82,7 +82,7 @@ def test_checkpoint_carries_everything_inference_needs(tmp_path):
 def test_unreadable_checkpoints_are_named(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="bad.ckpt"):
+    with pytest.raises(CheckpointError, match=r"bad\.ckpt"):
         read_checkpoint(bad)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)

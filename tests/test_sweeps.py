@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import CONF, TINY, compose_cfg, run_script
 from hydra import compose, initialize_config_dir
 
 from carnet.artifacts import read_summary
 from carnet.report import write_report
+from tests.conftest import CONF, TINY, compose_cfg, run_script
 
 Sweep = Callable[..., tuple[Path, subprocess.CompletedProcess]]
 
