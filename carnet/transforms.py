@@ -39,7 +39,8 @@ def eval_transforms(
     """Resize the shorter side to image_size / crop_pct, then centre-crop image_size x image_size."""
     resize_to = max(image_size, round(image_size / crop_pct))
     return [
-        A.SmallestMaxSize(max_size=resize_to, interpolation=cv2_interpolation(interpolation)),
+        A.SmallestMaxSize(max_size=resize_to, interpolation=cv2_interpolation(interpolation),
+                          area_for_downscale="image"),  # antialiased shrinking, like PIL in timm
         A.CenterCrop(height=image_size, width=image_size),
     ]
 
