@@ -140,6 +140,9 @@ class CarClassifier(pl.LightningModule):
         self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        # Where this model was trained (run_dir, data_root), set by carnet.train: predict's split=val finds the
+        # run's split.csv through it even after the checkpoint was copied out of <run dir>/checkpoints/.
+        self.provenance: dict[str, str] = {}
         self.train_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
 
@@ -170,6 +173,7 @@ class CarClassifier(pl.LightningModule):
             "std": list(config["std"]),
             "interpolation": config["interpolation"],
             "crop_pct": float(config.get("crop_pct", 1.0)),
+            **self.provenance,
         }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
