@@ -6,6 +6,7 @@ compose API (as `python predict.py ...` composes it), and once as the real scrip
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -137,17 +138,17 @@ def test_bad_input_names_the_file_and_writes_no_submission(trained: Path, tiny_d
     broken = sorted((root / "test_upload").iterdir())[3]
     broken.write_bytes(b"\xff\xd8 this is not a JPEG")
     out = tmp_path / "sub" / "submission.csv"
-    with pytest.raises(DataError, match=broken.name):
+    with pytest.raises(DataError, match=re.escape(broken.name)):
         run_predict(f"ckpt={trained}", f"data.root={root}", f"out={out}")
     assert not out.exists() and not out.with_name("probs.csv").exists()
     assert not out.parent.exists() or not list(out.parent.iterdir())  # no temporary file left either
 
     (root / "sample-submission.csv").unlink()
-    with pytest.raises(DataError, match="sample-submission.csv"):
+    with pytest.raises(DataError, match=re.escape("sample-submission.csv")):
         run_predict(f"ckpt={trained}", f"data.root={root}", f"out={out}")
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.ckpt"):
+    with pytest.raises(CheckpointError, match=re.escape("garbage.ckpt")):
         run_predict(f"ckpt={garbage}", f"data.root={tiny_data}", f"out={out}")
     assert not out.exists()
 
