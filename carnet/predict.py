@@ -41,6 +41,8 @@ from carnet.tta import IDENTITY, TTA, build_views, pick_views, view_logits
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
+if not console.is_terminal:  # logs and pipes: room for the report table instead of rich's 80 columns
+    console.width = 120
 
 SUBMISSION_COLUMNS = ["Id", "Category"]
 

@@ -101,8 +101,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
-    datamodule.setup("fit")
     module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
+    datamodule.setup("fit")
     datamodule.write_split(run_dir / SPLIT_FILE)
     counts = datamodule.split.split.value_counts()
     artifacts = RunArtifacts(run_dir, {

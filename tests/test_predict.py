@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, run_script
 from hydra import compose, initialize_config_dir
 
 from carnet.data import DataError, decode_image
@@ -24,6 +23,7 @@ from carnet.model import CheckpointError, load_checkpoint, read_checkpoint
 from carnet.predict import PredictError, predict
 from carnet.transforms import build_eval_transform
 from carnet.tta import IDENTITY, TTA, View, build_views, merge_probs, tta_predict
+from tests.conftest import REPO, TINY, run_script
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAST = ["data.num_workers=0", "data.batch_size=4"]
