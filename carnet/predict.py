@@ -538,6 +538,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         tta, report = evaluate_val(models, val, tta, auto, runner, report_dir)
         result.update(val=report, tta=tta)
         if cfg.split == "val":
+            if (cfg.get("pseudo_label") or {}).get("threshold") is not None:
+                console.print("pseudo_label.threshold is ignored with split=val (pseudo-labels come from test images)")
             result["seconds"] = time.time() - started
             return result
 
