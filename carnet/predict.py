@@ -9,6 +9,7 @@ the thin ``@hydra.main`` wrapper around :func:`predict`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -173,8 +174,6 @@ def _run_data_root(run_dir: Path, model: Model) -> Path | None:
         return Path(model.meta["data_root"])
     summary = run_dir / SUMMARY_FILE
     if summary.is_file():
-        import json
-
         root = json.loads(summary.read_text()).get("data_root")
         return Path(root) if root else None
     return None
