@@ -144,6 +144,9 @@ class CarClassifier(pl.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and load_checkpoint unchanged
             self.net.compile()
+        # Where this model was trained (run_dir, data_root), set by carnet.train: predict's split=val finds the
+        # run's split.csv through it even after the checkpoint was copied out of <run dir>/checkpoints/.
+        self.provenance: dict[str, str] = {}
         self.train_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
 
@@ -174,6 +177,7 @@ class CarClassifier(pl.LightningModule):
             "std": list(config["std"]),
             "interpolation": config["interpolation"],
             "crop_pct": float(config.get("crop_pct", 1.0)),
+            **self.provenance,
         }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg)
     phase_callbacks, phase_fields = setup_phase(cfg, module, init)  # init_from weights, unfreezing callback
     datamodule = build_datamodule(cfg, module)
+    module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
     datamodule.setup("fit")
     if is_rank_zero:
         datamodule.write_split(run_dir / SPLIT_FILE)
