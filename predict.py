@@ -1,4 +1,4 @@
-"""Predict with one or more checkpoints: `python predict.py ckpt=PATH [tta=true] [split=val]` (conf/predict.yaml)."""
+"""Predict with one or more checkpoints: `python predict.py ckpt=PATH [tta=true] [split=val|oof]` (conf/predict.yaml)."""
 
 import re
 import sys
@@ -24,13 +24,16 @@ def quote_tta_option(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the validation accuracy with split=val (what a sweep over TTA settings would maximise)."""
+    """Returns the validation (split=val) or out-of-fold (split=oof) accuracy: what a TTA sweep would maximise."""
     try:
         result = predict(cfg)
     except (DataError, CheckpointError, PredictError, TTAError) as err:  # bad input: the message says it all
         print(f"predict.py: error: {err}", file=sys.stderr)
         sys.exit(1)
-    return result["val"]["accuracy"] if "val" in result else None
+    for report in ("oof", "val"):
+        if report in result:
+            return result[report]["accuracy"]
+    return None
 
 
 if __name__ == "__main__":

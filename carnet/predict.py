@@ -1,4 +1,5 @@
-"""Checkpoints -> Kaggle submission (``split=test``) or an honest validation report (``split=val``).
+"""Checkpoints -> Kaggle submission (``split=test``), an honest validation report (``split=val``) or the
+out-of-fold report of a k-fold sweep (``split=oof``).
 
 Every checkpoint brings its own image size, normalisation and class names (``checkpoint["carnet"]``), so models
 of different architectures and sizes can be ensembled: each gets its own loader, and the ensemble averages
@@ -36,6 +37,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
 from carnet.data import DataError, ImageDataset, default_num_workers, read_test
+from carnet.folds import oof_frame
 from carnet.model import CarNet, CheckpointError, load_checkpoint
 from carnet.transforms import build_eval_transform
 from carnet.tta import IDENTITY, TTA, build_views, pick_views, view_logits
@@ -153,7 +155,7 @@ def test_images(root: str | os.PathLike) -> Images:
     return Images(Path(root), list(frame.path), list(frame.Id), [-1] * len(frame), "test")
 
 
-def find_run_dir(model: Model, run_dir: str | os.PathLike | None = None) -> Path:
+def find_run_dir(model: Model, run_dir: str | os.PathLike | None = None, split: str = "val") -> Path:
     """The training run of a checkpoint: given, the parent of ``checkpoints/``, or the one its metadata names."""
     candidates = [Path(run_dir)] if run_dir else []
     if model.path.parent.name == "checkpoints":
@@ -164,7 +166,7 @@ def find_run_dir(model: Model, run_dir: str | os.PathLike | None = None) -> Path
         if (candidate / SPLIT_FILE).is_file():
             return candidate
     tried = ", ".join(str(c / SPLIT_FILE) for c in candidates) or "none (the checkpoint does not name its run)"
-    raise PredictError(f"split=val: cannot find the training run of checkpoint {model.path} (tried {tried}); "
+    raise PredictError(f"split={split}: cannot find the training run of checkpoint {model.path} (tried {tried}); "
                        f"pass run_dir=PATH, the run directory that holds {SPLIT_FILE}")
 
 
@@ -182,12 +184,7 @@ def _run_data_root(run_dir: Path, model: Model) -> Path | None:
 def val_images(models: Sequence[Model], root: str | os.PathLike | None,
                run_dirs: Sequence[str | os.PathLike | None]) -> Images:
     """Images in the validation split of every checkpoint's run (the intersection: no model trained on them)."""
-    run_dirs = list(run_dirs) or [None]
-    if len(run_dirs) == 1:
-        run_dirs = run_dirs * len(models)
-    if len(run_dirs) != len(models):
-        raise PredictError(f"run_dir has {len(run_dirs)} entries for {len(models)} checkpoints; expected one "
-                           f"for all or one each")
+    run_dirs = _per_model(run_dirs, len(models))
     frames = []
     for model, given in zip(models, run_dirs, strict=True):
         run = find_run_dir(model, given)
@@ -206,12 +203,75 @@ def val_images(models: Sequence[Model], root: str | os.PathLike | None,
         root = _run_data_root(frames[0][0], models[0])
         if root is None:
             raise PredictError(f"split=val: the run {frames[0][0]} does not record its data root; pass data.root=")
-    root = Path(root)
+    return _split_images(Path(root), rows, frames[0][0] / SPLIT_FILE, "validation")
+
+
+def _per_model(run_dirs: Sequence[str | os.PathLike | None], count: int) -> list[str | os.PathLike | None]:
+    """``run_dir=``: nothing, one path for every checkpoint, or one each."""
+    run_dirs = list(run_dirs) or [None]
+    if len(run_dirs) == 1:
+        run_dirs = run_dirs * count
+    if len(run_dirs) != count:
+        raise PredictError(f"run_dir has {len(run_dirs)} entries for {count} checkpoints; expected one "
+                           f"for all or one each")
+    return run_dirs
+
+
+def _split_images(root: Path, rows: pd.DataFrame, listed_in: Path, what: str) -> Images:
+    """Labelled images of ``split.csv`` rows, after checking that they are all under ``root``."""
     missing = [p for p in rows.path if not (root / p).is_file()]
     if missing:
-        raise DataError(f"{len(missing)} validation image(s) of {frames[0][0] / SPLIT_FILE} are not under data "
-                        f"root {root}, first: {root / missing[0]}; pass data.root= the run's dataset")
-    return Images(root, list(rows.path), list(rows.path), [int(x) for x in rows.label], "validation")
+        raise DataError(f"{len(missing)} {what} image(s) of {listed_in} are not under data root {root}, first: "
+                        f"{root / missing[0]}; pass data.root= the run's dataset")
+    return Images(root, list(rows.path), list(rows.path), [int(x) for x in rows.label], what)
+
+
+@dataclass
+class FoldPart:
+    """One fold of a k-fold sweep: the checkpoint of the run that validated on it, and that fold's images."""
+
+    fold: int
+    model: Model
+    run_dir: Path
+    images: Images
+
+
+def oof_images(models: Sequence[Model], root: str | os.PathLike | None,
+               run_dirs: Sequence[str | os.PathLike | None]) -> tuple[list[FoldPart], int, int]:
+    """(each checkpoint with its own fold's images in fold order, num_folds, images in the folds in all).
+
+    :func:`carnet.folds.oof_frame` checks that the runs share one fold assignment and that no fold is claimed
+    twice; a checkpoint whose run did not train on a fold is an error naming it.
+    """
+    runs: list[Path] = []
+    folds: list[int] = []
+    for model, given in zip(models, _per_model(run_dirs, len(models)), strict=True):
+        run = find_run_dir(model, given, "oof")
+        summary = json.loads((run / SUMMARY_FILE).read_text()) if (run / SUMMARY_FILE).is_file() else {}
+        columns = pd.read_csv(run / SPLIT_FILE, nrows=0).columns
+        if summary.get("fold") is None or "fold" not in columns:
+            why = (f"{run / SUMMARY_FILE} has no 'fold'" if "fold" in columns
+                   else f"{run / SPLIT_FILE} has no 'fold' column")
+            raise PredictError(f"split=oof: checkpoint {model.path} is not from a k-fold run ({why}); pass the "
+                               f"best.ckpt of each run of `train.py -m data.num_folds=K data.fold=0,1,..`")
+        runs.append(run)
+        folds.append(int(summary["fold"]))
+    try:
+        frame = oof_frame(runs)
+    except DataError as err:
+        named = "; ".join(f"{m.path} -> run {r}" for m, r in zip(models, runs, strict=True))
+        raise PredictError(f"split=oof: {err} (checkpoints: {named})") from err
+    split = pd.read_csv(runs[0] / SPLIT_FILE)
+    total = int(split.get("source", pd.Series("train", index=split.index)).eq("train").sum())
+    num_folds = int(json.loads((runs[0] / SUMMARY_FILE).read_text())["num_folds"])
+    parts = []
+    for model, run, fold in zip(models, runs, folds, strict=True):
+        rows = frame[frame.fold == fold]
+        data_root = Path(root) if root is not None else _run_data_root(run, model)
+        if data_root is None:
+            raise PredictError(f"split=oof: the run {run} does not record its data root; pass data.root=")
+        parts.append(FoldPart(fold, model, run, _split_images(data_root, rows, run / SPLIT_FILE, "out-of-fold")))
+    return sorted(parts, key=lambda p: p.fold), num_folds, total
 
 
 # ---------------------------------------------------------------------------------------------- inference
@@ -512,6 +572,85 @@ def evaluate_val(models: Sequence[Model], images: Images, tta: TTA, auto: bool, 
                     "probs": final}
 
 
+def evaluate_oof(parts: Sequence[FoldPart], tta: TTA, auto: bool, runner: Runner, report_dir: Path,
+                 num_folds: int, total: int) -> tuple[TTA, dict[str, Any]]:
+    """Out-of-fold report: every fold predicted by the one checkpoint that never trained on it, plain and TTA.
+
+    Per-fold and overall accuracy table, ``oof_predictions.csv``, ``oof_report.csv``, ``confusion_oof.png``;
+    ``auto`` picks the TTA views on the pooled out-of-fold predictions.
+    """
+    run = _with_plain(tta)
+    with _progress() as progress:
+        per_fold = [runner.view_probs(p.model, p.images, run, progress) for p in parts]
+    plain_at = next(i for i, v in enumerate(run.forward_views) if v.is_identity)
+    fold_labels = [torch.tensor(p.images.labels) for p in parts]
+    labels = torch.cat(fold_labels)
+    chosen = tta
+    if auto:
+        pooled = torch.cat([probs[_positions(run, tta)] for probs in per_fold], 1)
+        chosen, acc = pick_views(pooled, labels, tta)
+        console.print(f"tta=auto picked {_describe(chosen)} (out-of-fold acc {acc:.4f}, picked on these same "
+                      f"images: optimistic)")
+    has_tta = len(chosen.forward_views) > 1 or not chosen.views[0].is_identity
+    chosen_index = _positions(run, chosen)
+    plain = [probs[plain_at] for probs in per_fold]
+    merged = [chosen.combine(probs[chosen_index]) for probs in per_fold]
+
+    missing = sorted(set(range(num_folds)) - {p.fold for p in parts})
+    coverage = f"{len(labels)}/{total} training images"
+    table = Table(title=f"out-of-fold accuracy: {len(parts)}/{num_folds} folds, {coverage}")
+    for col, justify in (("fold", "right"), ("checkpoint", "left"), ("images", "right"), ("plain", "right"),
+                         ("plain nll", "right")):
+        table.add_column(col, justify=justify)
+    if has_tta:
+        table.add_column(f"TTA {_describe(chosen)}", justify="right")
+        table.add_column("TTA nll", justify="right")
+    rows: list[dict[str, Any]] = []
+
+    def add(fold: str, checkpoint: str, y: torch.Tensor, p: torch.Tensor, t: torch.Tensor, end: bool) -> None:
+        row = {"fold": fold, "checkpoint": checkpoint, "images": len(y)}
+        row["plain_accuracy"], row["plain_nll"] = _scores(p, y)
+        cells = [str(len(y)), f"{row['plain_accuracy']:.4f}", f"{row['plain_nll']:.4f}"]
+        if has_tta:
+            row["tta_accuracy"], row["tta_nll"] = _scores(t, y)
+            cells += [f"{row['tta_accuracy']:.4f}", f"{row['tta_nll']:.4f}"]
+        rows.append(row)
+        table.add_row(fold, checkpoint, *cells, end_section=end)
+
+    for i, (part, y) in enumerate(zip(parts, fold_labels, strict=True)):
+        add(str(part.fold), part.model.label, y, plain[i], merged[i], i == len(parts) - 1)
+    plain_all, final = torch.cat(plain), torch.cat(merged)
+    add("all", "out-of-fold" + (" (partial)" if missing else ""), labels, plain_all, final, False)
+    console.print(table)
+    if missing:
+        console.print(f"partial coverage: fold(s) {missing} of {num_folds} have no checkpoint; the out-of-fold "
+                      f"accuracy covers {coverage}")
+
+    class_names = parts[0].model.class_names
+    matrix = multiclass_confusion_matrix(final.argmax(-1), labels, num_classes=len(class_names)).numpy()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    acc = _scores(final, labels)[0]
+    png = report_dir / "confusion_oof.png"
+    plot_confusion(matrix, class_names, png, f"out-of-fold: {len(parts)}/{num_folds} folds, "
+                                             f"{_describe(chosen) if has_tta else 'plain'}, acc {acc:.4f}")
+    pairs = confused_pairs(matrix, class_names)
+    if pairs:
+        console.print("most confused (true -> predicted: count): "
+                      + "; ".join(f"{t} -> {p}: {n}" for t, p, n in pairs))
+    frame = pd.DataFrame(final.numpy(), columns=class_names)
+    frame.insert(0, "path", [path for p in parts for path in p.images.paths])
+    frame.insert(1, "label", labels.numpy())
+    frame.insert(2, "fold", [p.fold for p in parts for _ in p.images.paths])
+    frame.insert(3, "prediction", final.argmax(-1).numpy())
+    csv = write_csv_atomic(frame, report_dir / "oof_predictions.csv")
+    write_csv_atomic(pd.DataFrame(rows), report_dir / "oof_report.csv")
+    console.print(f"out-of-fold predictions: {csv}; confusion matrix: {png}; table: {report_dir / 'oof_report.csv'}")
+    return chosen, {"rows": rows, "accuracy": acc, "plain_accuracy": rows[-1]["plain_accuracy"],
+                    "tta_accuracy": rows[-1].get("tta_accuracy"), "folds": [p.fold for p in parts],
+                    "missing_folds": missing, "num_images": len(labels), "num_train_images": total,
+                    "confusion": matrix, "pairs": pairs, "tta": chosen, "probs": final, "predictions": frame}
+
+
 def predict_probs(models: Sequence[Model], images: Images, tta: TTA, runner: Runner) -> torch.Tensor:
     """Ensemble of the models' TTA-merged probabilities on ``images``: (images, classes)."""
     with _progress() as progress:
@@ -522,8 +661,9 @@ def predict_probs(models: Sequence[Model], images: Images, tta: TTA, runner: Run
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run predict as configured (conf/predict.yaml); return what it wrote and measured."""
     started = time.time()
-    if cfg.split not in ("test", "val"):
-        raise PredictError(f"split={cfg.split}: expected test (submission) or val (validation report)")
+    if cfg.split not in ("test", "val", "oof"):
+        raise PredictError(f"split={cfg.split}: expected test (submission), val (validation report) or oof "
+                           f"(out-of-fold report of k-fold runs)")
     models = load_models(_as_list(cfg.ckpt), _as_list(cfg.get("weights")) or None)
     tta, auto = build_tta(cfg.get("tta"))
     runner = Runner(device=cfg.device, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
@@ -531,6 +671,14 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     report_dir = Path(cfg.report_dir) if cfg.get("report_dir") else out.parent
     result: dict[str, Any] = {"models": [str(m.path) for m in models]}
+
+    if cfg.split == "oof":  # each image scored by its own fold's checkpoint: no ensemble, so no weights
+        if _as_list(cfg.get("weights")) or (cfg.get("pseudo_label") or {}).get("threshold") is not None:
+            console.print("weights and pseudo_label are ignored with split=oof (one checkpoint per fold)")
+        parts, num_folds, total = oof_images(models, cfg.data.root, _as_list(cfg.get("run_dir")))
+        tta, report = evaluate_oof(parts, tta, auto, runner, report_dir, num_folds, total)
+        result.update(oof=report, tta=tta, seconds=time.time() - started)
+        return result
 
     if cfg.split == "val" or auto:
         val = val_images(models, cfg.data.root, _as_list(cfg.get("run_dir")))
