@@ -1,4 +1,4 @@
-"""Predict with one or more checkpoints: `python predict.py ckpt=PATH [tta=true] [split=val|oof]` (conf/predict.yaml)."""
+"""Predict with checkpoints: `python predict.py ckpt=PATH [tta=true] [split=val|oof]` (conf/predict.yaml)."""
 
 import re
 import sys
