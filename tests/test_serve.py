@@ -1,20 +1,26 @@
-"""The web service: every endpoint and every bad input through Flask's test client, then real HTTP via gunicorn."""
+"""The web service: endpoints and bad input via Flask's test client, real HTTP via gunicorn, the page in Chromium."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import io
 import json
 import os
+import select
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -361,3 +367,144 @@ def test_gunicorn_serves_correct_predictions(tiny_checkpoint: Path, workers: int
     finally:
         log = stop_server(proc)
     assert log.count("Booting worker") == workers, log
+
+
+# ---- the page in a real browser ----------------------------------------------------------------------------
+# Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON messages ending
+# in NUL on file descriptors 3 and 4), so the test needs no selenium, driver binary or websocket library.
+# Environment overrides, for a screenshot worth showing: CARNET_BROWSER_CKPT (checkpoint to serve),
+# CARNET_BROWSER_IMAGE (photo to upload), CARNET_SCREENSHOT (where to keep the PNG, e.g.
+# docs/serve_screenshot.png).
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--remote-debugging-pipe", "about:blank"]
+
+
+class DevTools:
+    """A minimal DevTools-protocol client over Chromium's pipe (commands in, responses and events out)."""
+
+    def __init__(self, binary: str, profile: Path) -> None:
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def wire_fds() -> None:  # Chromium reads commands on fd 3 and writes replies on fd 4
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
+
+        self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}"], preexec_fn=wire_fds,
+                                     pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer = b""
+        self._next_id = 0
+        self.events: list[dict[str, Any]] = []
+        self.session: str | None = None
+
+    def _read_message(self, deadline: float) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._from_chrome], [], [], remaining)[0]:
+                raise TimeoutError("no answer from Chromium")
+            chunk = os.read(self._from_chrome, 1 << 20)
+            if not chunk:
+                raise ConnectionError("Chromium closed the DevTools pipe")
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def send(self, method: str, timeout: float = 30, **params: Any) -> dict[str, Any]:
+        self._next_id += 1
+        command = {"id": self._next_id, "method": method, "params": params}
+        if self.session and not method.startswith(("Target.", "Browser.")):
+            command["sessionId"] = self.session
+        os.write(self._to_chrome, json.dumps(command).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self._read_message(deadline)
+            if message.get("id") == self._next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(f"{expression} still false after {timeout} s")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # Chromium may close the pipe before it answers
+            self.send("Browser.close", timeout=10)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+@pytest.mark.slow
+def test_upload_page_classifies_a_photo_in_chromium(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    binary = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    if binary is None:
+        pytest.skip("no Chromium: install it (Debian: apt-get install chromium) to run the browser test")
+    ckpt = Path(os.environ.get("CARNET_BROWSER_CKPT", tiny_checkpoint))
+    image = Path(os.environ["CARNET_BROWSER_IMAGE"]) if os.environ.get("CARNET_BROWSER_IMAGE") else None
+    if image is None:
+        image = tmp_path / "car.jpg"
+        image.write_bytes(photo(21, size=(320, 240)))
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server([sys.executable, "-m", "carnet.serve", "--ckpt", str(ckpt), "--host", "127.0.0.1",
+                           "--port", str(port)])
+    browser = None
+    try:
+        wait_healthy(url, server)
+        status, expected = post(url + "/predict", image.read_bytes(), "image/jpeg")
+        assert status == 200, expected
+        browser = DevTools(binary, Path(tempfile.mkdtemp(dir=tmp_path, prefix="chromium-profile-")))
+        target = browser.send("Target.createTarget", url="about:blank")["targetId"]
+        browser.session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        browser.send("Emulation.setDeviceMetricsOverride", width=760, height=640, deviceScaleFactor=1, mobile=False)
+        browser.send("Page.navigate", url=url + "/")
+        browser.wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
+        assert browser.evaluate("document.title").startswith("carnet")
+
+        root = browser.send("DOM.getDocument")["root"]["nodeId"]
+        file_input = browser.send("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        browser.send("DOM.setFileInputFiles", files=[str(image.resolve())], nodeId=file_input)
+        browser.evaluate("document.getElementById('file').dispatchEvent(new Event('change')); "
+                         "document.getElementById('submit').click(); true")
+        browser.wait_for("document.querySelectorAll('#result tr.prediction').length > 0 "
+                         "|| document.getElementById('status').className === 'error'")
+        assert browser.evaluate("document.getElementById('status').className") != "error", \
+            browser.evaluate("document.getElementById('status').textContent")
+        rows = browser.evaluate("[...document.querySelectorAll('#result tr.prediction')]"
+                                ".map(r => [...r.cells].map(c => c.textContent))")
+        assert [r[0] for r in rows] == [k["class_name"] for k in expected["top_k"]]
+        assert rows[0][2] == f"{100 * expected['probability']:.1f} %"
+        assert browser.evaluate("document.getElementById('preview').naturalWidth") > 0  # the photo is shown
+
+        png = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
+        assert png.startswith(b"\x89PNG")
+        (tmp_path / "serve_screenshot.png").write_bytes(png)
+        if os.environ.get("CARNET_SCREENSHOT"):
+            Path(os.environ["CARNET_SCREENSHOT"]).write_bytes(png)
+    finally:
+        if browser is not None:
+            browser.close()
+        stop_server(server)
