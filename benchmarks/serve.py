@@ -3,8 +3,9 @@
     python benchmarks/serve.py --ckpt best.ckpt --image car.jpg [--requests 2000] [--clients 8] [--workers 2]
 
 For each backend it starts the service on a free 127.0.0.1 port, waits for /health, then
-  1. sends 200 requests from one client: the unloaded latency, compared with the raw model forward
-     (batch 1, same image, same thread count, in this process) -- goal: p50 ratio <= 1.3 for torch;
+  1. sends 200 requests from one client: the unloaded latency and the server's CPU per request, compared
+     with the raw model forward (batch 1, same image, same thread count, in this process, timed just before
+     and after) -- goal: p50 ratio <= 1.3 for torch;
   2. sends --requests requests from --clients concurrent clients (a bounded count, and a --max-seconds cap):
      requests/s, p50/p99 latency, errors, and the server's RSS (master + workers) before and after.
 The ONNX file is exported from the checkpoint into a temporary folder unless --onnx gives one. Each request
@@ -55,27 +56,39 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def raw_forward_ms(ckpt: Path, image: bytes, threads: int, runs: int) -> float:
-    """p50 of ``net(x)`` at batch 1 on the preprocessed image, with the workers' thread count."""
-    import torch
+class RawForward:
+    """``net(x)`` at batch 1 on the preprocessed image, in this process, with the workers' thread count.
 
-    from carnet.model import load_checkpoint
-    from carnet.serve import decode_upload
-    from carnet.transforms import build_eval_transform
+    It is timed right before and right after each backend's one-client phase, so that both see the same load
+    from whatever else runs on the machine. CPU time is reported too: on a shared machine wall-clock latencies
+    swing with other people's load, while the CPU a request costs does not.
+    """
 
-    torch.set_num_threads(threads)
-    net, meta = load_checkpoint(ckpt)
-    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                     meta["crop_pct"])
-    x = transform(image=decode_upload(image))["image"][None]
-    times = []
-    with torch.inference_mode():
-        for i in range(runs + 10):
-            started = time.perf_counter()
-            net(x)
-            if i >= 10:  # warm-up first
-                times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    def __init__(self, ckpt: Path, image: bytes, threads: int) -> None:
+        import torch
+
+        from carnet.model import load_checkpoint
+        from carnet.serve import decode_upload
+        from carnet.transforms import build_eval_transform
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.net, meta = load_checkpoint(ckpt)
+        transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
+                                         meta["crop_pct"])
+        self.x = transform(image=decode_upload(image))["image"][None].contiguous()
+
+    def time(self, runs: int) -> tuple[list[float], list[float]]:
+        """(wall ms, CPU ms) of ``runs`` forwards after 5 warm-up ones."""
+        wall, cpu = [], []
+        with self.torch.inference_mode():
+            for i in range(runs + 5):
+                started, cpu_started = time.perf_counter(), time.process_time()
+                self.net(self.x)
+                if i >= 5:
+                    wall.append((time.perf_counter() - started) * 1000)
+                    cpu.append((time.process_time() - cpu_started) * 1000)
+        return wall, cpu
 
 
 def free_port() -> int:
@@ -102,6 +115,21 @@ def tree_memory_mb(pid: int) -> tuple[float, float]:
         except (FileNotFoundError, ProcessLookupError, PermissionError, StopIteration):
             continue
     return totals[0] / 1024, totals[1] / 1024
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by a process and its descendants (from /proc/<pid>/stat)."""
+    total, stack, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while stack:
+        p = stack.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
 
 
 def start_server(server: str, ckpt: Path, backend: str, workers: int, threads: int, port: int) -> subprocess.Popen:
@@ -193,7 +221,8 @@ def drive(port: int, image: bytes, total: int, clients: int, max_seconds: float,
             "p99": percentile(latencies, 99)}
 
 
-def bench_backend(args: argparse.Namespace, backend: str, model_path: Path, image: bytes) -> dict:
+def bench_backend(args: argparse.Namespace, backend: str, model_path: Path, image: bytes,
+                  forward: RawForward) -> dict:
     from rich.progress import Progress
 
     port = free_port()
@@ -204,7 +233,13 @@ def bench_backend(args: argparse.Namespace, backend: str, model_path: Path, imag
         boot = time.monotonic() - started
         drive(port, image, 10 * args.workers, args.workers, 120)  # warm-up: every worker has served
         rss_before = tree_memory_mb(proc.pid)
+        wall_before, cpu_before = forward.time(args.forward_runs)
+        cpu_started = tree_cpu_seconds(proc.pid)
         single = drive(port, image, args.single_requests, 1, args.max_seconds)
+        single["cpu_ms"] = (tree_cpu_seconds(proc.pid) - cpu_started) * 1000 / max(1, single["requests"])
+        wall_after, cpu_after = forward.time(args.forward_runs)
+        single["forward_ms"] = statistics.median(wall_before + wall_after)
+        single["forward_cpu_ms"] = statistics.median(cpu_before + cpu_after)
         with Progress(transient=True) as bar:
             task = bar.add_task(f"{backend}: {args.requests} requests, {args.clients} clients", total=args.requests)
             loaded = drive(port, image, args.requests, args.clients, args.max_seconds,
@@ -229,6 +264,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (the dev server has one process)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per worker "
                         "(default: CPU cores / workers)")
+    parser.add_argument("--forward-runs", type=int, default=100,
+                        help="raw forwards timed before and after each one-client phase")
     parser.add_argument("--max-seconds", type=float, default=600, help="cap on each phase's duration")
     args = parser.parse_args()
     if args.server == "dev":
@@ -236,10 +273,9 @@ def main() -> None:
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     image = args.image.read_bytes() if args.image else synthetic_jpeg()
 
-    forward = raw_forward_ms(args.ckpt, image, args.threads, runs=200)
+    forward = RawForward(args.ckpt, image, args.threads)
     print(f"server: {args.server}, {args.workers} worker(s) x {args.threads} thread(s); {args.clients} clients; "
-          f"image {args.image or 'synthetic 640x480'} ({len(image) / 1024:.0f} KB); "
-          f"raw torch forward at batch 1: p50 {forward:.2f} ms")
+          f"image {args.image or 'synthetic 640x480'} ({len(image) / 1024:.0f} KB)")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
@@ -251,25 +287,33 @@ def main() -> None:
 
                     path = Path(tmp) / "model.onnx"
                     export_onnx(args.ckpt, path)
-            results.append(bench_backend(args, backend, path, image))
+            results.append(bench_backend(args, backend, path, image, forward))
 
     print(f"\n{'backend':8} {'model':28} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>9} "
-          f"{'1-client p50':>13} {'p50/forward':>12} {'RSS MB before->after':>21} {'PSS MB before->after':>21}")
+          f"{'RSS MB before->after':>21} {'PSS MB before->after':>21}")
     for r in results:
-        s, c = r["single"], r["loaded"]
+        c = r["loaded"]
         print(f"{r['backend']:8} {r['model']:28} {c['rps']:7.1f} {c['p50']:8.2f} {c['p99']:8.2f} "
-              f"{c['errors']:>4}/{c['requests']:<4} {s['p50']:13.2f} {s['p50'] / forward:12.2f} "
-              f"{r['rss_before'][0]:11.0f} -> {r['rss_after'][0]:<6.0f} {r['rss_before'][1]:11.0f} -> "
-              f"{r['rss_after'][1]:<6.0f}")
-        for phase in (s, c):
+              f"{c['errors']:>4}/{c['requests']:<4} {r['rss_before'][0]:11.0f} -> {r['rss_after'][0]:<6.0f} "
+              f"{r['rss_before'][1]:11.0f} -> {r['rss_after'][1]:<6.0f}")
+    print(f"\none client ({args.single_requests} requests) vs the raw torch forward at batch 1 timed around it:")
+    print(f"{'backend':8} {'p50 ms':>8} {'forward p50':>12} {'ratio':>6}   {'CPU ms/request':>14} {'forward CPU':>12} "
+          f"{'ratio':>6}")
+    for r in results:
+        s = r["single"]
+        print(f"{r['backend']:8} {s['p50']:8.2f} {s['forward_ms']:12.2f} {s['p50'] / s['forward_ms']:6.2f}   "
+              f"{s['cpu_ms']:14.2f} {s['forward_cpu_ms']:12.2f} {s['cpu_ms'] / s['forward_cpu_ms']:6.2f}")
+    for r in results:
+        for phase in (r["single"], r["loaded"]):
             if phase["first_error"]:
                 print(f"  first error ({r['backend']}): {phase['first_error']}")
     by = {r["backend"]: r for r in results}
     if "torch" in by:
-        ratio = by["torch"]["single"]["p50"] / forward
+        s = by["torch"]["single"]
+        ratio = s["p50"] / s["forward_ms"]
         print(f"\ntorch: 1-client p50 / raw forward p50 = {ratio:.2f} (goal <= 1.3: "
               f"{'met' if ratio <= 1.3 else 'NOT met'}); under {args.clients} clients p50 / forward = "
-              f"{by['torch']['loaded']['p50'] / forward:.2f} "
+              f"{by['torch']['loaded']['p50'] / s['forward_ms']:.2f} "
               f"(includes queueing: {args.clients} clients share {args.workers} worker(s))")
     if "torch" in by and "onnx" in by:
         print(f"onnx / torch throughput: {by['onnx']['loaded']['rps'] / by['torch']['loaded']['rps']:.2f}x")

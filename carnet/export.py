@@ -6,9 +6,10 @@
 
 The ONNX graph maps ``images`` (N, 3, H, W float32, normalised; N is dynamic) to ``logits`` (N, C). Everything
 needed to feed it (image size, mean, std, interpolation, crop_pct, class names, model name) is stored in the
-file's ``metadata_props`` under ``carnet`` as JSON: the same dict as a checkpoint's ``checkpoint["carnet"]``,
-so :func:`read_onnx_meta` + :func:`carnet.transforms.build_eval_transform` rebuild the exact eval view.
-After writing, the export runs the file with onnxruntime and checks its probabilities against torch's.
+file's ``metadata_props`` under ``carnet`` as JSON: the same dict as a checkpoint's ``checkpoint["carnet"]``
+(and each field again under its own key), so :func:`read_onnx_meta` and
+:func:`carnet.transforms.build_eval_transform` rebuild the exact eval view. After writing, the export runs the
+file with onnxruntime and checks its probabilities against torch's.
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DE
                           opset_version=opset, do_constant_folding=True, dynamo=False)
         model = onnx.load(str(tmp))
         onnx.checker.check_model(model)
-        entry = model.metadata_props.add()
-        entry.key, entry.value = META_KEY, json.dumps(meta)
+        # One JSON entry with everything (what carnet reads), plus one entry per preprocessing field for tools
+        # that only look for, say, "mean" (each value JSON-encoded).
+        for key, value in {META_KEY: meta, **{k: meta[k] for k in REQUIRED_META}}.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
         model.producer_name = "carnet"
         model.doc_string = f"carnet {meta['model_name']}: {INPUT_NAME} (N,3,{size},{size}) -> {OUTPUT_NAME} (N,C)"
         onnx.save(model, str(tmp))

@@ -168,6 +168,7 @@ class Classifier:
         self.meta = self.backend.meta
         self.tta = tta
         m = self.meta
+        self._transform_lock = threading.Lock()
         self.transform = build_eval_transform(m["image_size"], m["mean"], m["std"], m["interpolation"],
                                               m["crop_pct"])
 
@@ -180,7 +181,10 @@ class Classifier:
         return list(self.meta["class_names"])
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        return self.transform(image=image)["image"].numpy()[None]
+        # albumentations keeps per-call state on its transform objects; the dev server is threaded, and the
+        # lock costs nothing next to the forward pass.
+        with self._transform_lock:
+            return self.transform(image=image)["image"].numpy()[None]
 
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
         """Class probabilities (float64, length C) of one RGB uint8 image."""
@@ -336,7 +340,7 @@ INDEX_HTML = """<!doctype html>
  body{font-family:system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem;color:#222}
  h1{font-size:1.4rem} form{display:flex;gap:.5rem;align-items:center;flex-wrap:wrap}
  #preview{max-width:100%;max-height:18rem;margin-top:1rem;display:none;border-radius:4px}
- table{border-collapse:collapse;width:100%;margin-top:1rem} td{padding:.3rem .4rem;vertical-align:middle}
+ table{border-collapse:collapse;margin-top:1rem} td{padding:.3rem .6rem;vertical-align:middle} td:last-child{text-align:right}
  .bar{background:#3b7dd8;height:.9rem;border-radius:2px} .track{background:#e6e9ef;width:14rem;border-radius:2px}
  #status{margin-top:1rem;color:#555} .error{color:#b00020 !important} #model{color:#777;font-size:.85rem}
 </style></head>

@@ -55,7 +55,7 @@ def test_onnx_metadata_is_the_checkpoints(onnx_file: Path, tiny_checkpoint: Path
     props = {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
     stored = json.loads(props["carnet"])
     for key in ("image_size", "mean", "std", "interpolation", "crop_pct", "class_names", "model_name"):
-        assert stored[key] == meta[key]
+        assert stored[key] == meta[key] == json.loads(props[key])
 
 
 def test_onnx_matches_torch_on_images_with_dynamic_batch(onnx_file: Path, tiny_checkpoint: Path) -> None:
