@@ -340,7 +340,8 @@ INDEX_HTML = """<!doctype html>
  body{font-family:system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem;color:#222}
  h1{font-size:1.4rem} form{display:flex;gap:.5rem;align-items:center;flex-wrap:wrap}
  #preview{max-width:100%;max-height:18rem;margin-top:1rem;display:none;border-radius:4px}
- table{border-collapse:collapse;margin-top:1rem} td{padding:.3rem .6rem;vertical-align:middle} td:last-child{text-align:right}
+ table{border-collapse:collapse;margin-top:1rem} td{padding:.3rem .6rem;vertical-align:middle}
+ td:last-child{text-align:right}
  .bar{background:#3b7dd8;height:.9rem;border-radius:2px} .track{background:#e6e9ef;width:14rem;border-radius:2px}
  #status{margin-top:1rem;color:#555} .error{color:#b00020 !important} #model{color:#777;font-size:.85rem}
 </style></head>
