@@ -72,3 +72,38 @@ def train_run(tiny_data: Path, tmp_path: Path) -> Callable[..., tuple[Path, subp
         return run_dir, proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real carnet checkpoint in seconds: test_efficientnet at 64 px after a 2-step Lightning fit.
+
+    Two steps leave the backbone's pooled features almost the same for every picture, so the head is then
+    redrawn and centred on the features of varied pictures: predictions spread over the classes, and a test
+    comparing two code paths (server vs in-process, ONNX vs torch) notices a preprocessing mismatch instead of
+    two flat outputs agreeing by accident.
+    """
+    import pytorch_lightning as pl
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from carnet.model import CarClassifier
+
+    pl.seed_everything(0, verbose=False)
+    module = CarClassifier("test_efficientnet", [f"car {k}" for k in range(10)],
+                           head={"_target_": "carnet.model.LinearHead", "dropout": 0.0}, image_size=64,
+                           optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2})
+    images = F.interpolate(torch.randn(32, 3, 4, 4), size=64, mode="bilinear")  # smooth colour fields
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(TensorDataset(images, torch.arange(32) % 10), batch_size=8))
+    module.eval()
+    with torch.no_grad():
+        features = module.backbone(images)
+        linear = module.head[-1]
+        linear.weight.copy_(torch.randn_like(linear.weight) / (features.std(0).norm() + 1e-8) * 3)
+        linear.bias.copy_(-linear.weight @ features.mean(0))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path

@@ -1,0 +1,164 @@
+"""Export a checkpoint for serving without PyTorch: ONNX (onnxruntime) and optionally TorchScript.
+
+::
+
+    python -m carnet.export --ckpt best.ckpt --out model.onnx [--torchscript model.pt]
+
+The ONNX graph maps ``images`` (N, 3, H, W float32, normalised; N is dynamic) to ``logits`` (N, C). Everything
+needed to feed it (image size, mean, std, interpolation, crop_pct, class names, model name) is stored in the
+file's ``metadata_props`` under ``carnet`` as JSON: the same dict as a checkpoint's ``checkpoint["carnet"]``
+(and each field again under its own key), so :func:`read_onnx_meta` and
+:func:`carnet.transforms.build_eval_transform` rebuild the exact eval view. After writing, the export runs the
+file with onnxruntime and checks its probabilities against torch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from carnet.model import CHECKPOINT_KEY, load_checkpoint
+
+META_KEY = CHECKPOINT_KEY  # metadata_props key holding the inference metadata as JSON
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+DEFAULT_OPSET = 17
+REQUIRED_META = ("model_name", "class_names", "image_size", "mean", "std", "interpolation", "crop_pct")
+
+
+class ExportError(ValueError):
+    """An export or an exported file is not usable; the message names the file and what is wrong."""
+
+
+def _atomic_target(out: Path) -> Path:
+    """A temporary path beside ``out``: written fully, then renamed, so a failed export leaves no half file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                check: bool = True, atol: float = 1e-4) -> dict[str, Any]:
+    """Write ``out`` (.onnx) from a carnet checkpoint; return the metadata (plus ``max_abs_diff`` if checked).
+
+    With ``check``, a file whose probabilities differ from torch's by more than ``atol`` is not written.
+    """
+    import onnx
+
+    out = Path(out)
+    net, meta = load_checkpoint(ckpt)
+    size = int(meta["image_size"])
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tmp = _atomic_target(out)
+    try:
+        # dynamo=False: the TorchScript-based exporter handles timm models without onnxscript and is stable
+        # across torch versions; the batch axis stays dynamic so one file serves any batch size.
+        torch.onnx.export(net, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+        model = onnx.load(str(tmp))
+        onnx.checker.check_model(model)
+        # One JSON entry with everything (what carnet reads), plus one entry per preprocessing field for tools
+        # that only look for, say, "mean" (each value JSON-encoded).
+        for key, value in {META_KEY: meta, **{k: meta[k] for k in REQUIRED_META}}.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        model.producer_name = "carnet"
+        model.doc_string = f"carnet {meta['model_name']}: {INPUT_NAME} (N,3,{size},{size}) -> {OUTPUT_NAME} (N,C)"
+        onnx.save(model, str(tmp))
+        result = dict(meta)
+        if check:
+            result["max_abs_diff"] = diff = compare_onnx(net, tmp, example)
+            if diff > atol:
+                raise ExportError(f"{out}: onnxruntime probabilities differ from torch's by {diff:.2e} "
+                                  f"(> {atol:g}); not written")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return result
+
+
+def compare_onnx(net: torch.nn.Module, onnx_path: str | os.PathLike, batch: torch.Tensor) -> float:
+    """Largest absolute difference between torch's and onnxruntime's softmax probabilities on ``batch``."""
+    import onnxruntime as ort
+
+    with torch.inference_mode():
+        expected = torch.softmax(net(batch).double(), dim=1).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {INPUT_NAME: batch.numpy()})[0].astype(np.float64)
+    got = np.exp(logits - logits.max(axis=1, keepdims=True))
+    got /= got.sum(axis=1, keepdims=True)
+    return float(np.abs(got - expected).max())
+
+
+def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The inference metadata stored by :func:`export_onnx` in an ONNX file (no weights are read twice)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: ONNX file not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise ExportError(f"{path} cannot be read as ONNX ({type(err).__name__}: {err})") from err
+    props = {p.key: p.value for p in model.metadata_props}
+    if META_KEY not in props:
+        raise ExportError(f"{path} has no '{META_KEY}' metadata: export it with `python -m carnet.export`")
+    meta = json.loads(props[META_KEY])
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ExportError(f"{path}: '{META_KEY}' metadata lacks {missing}")
+    return meta
+
+
+def export_torchscript(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """Write a traced TorchScript module; the metadata JSON rides along as the extra file ``carnet.json``.
+
+    Read it back with ``files = {"carnet.json": ""}; torch.jit.load(out, _extra_files=files)``.
+    """
+    out = Path(out)
+    net, meta = load_checkpoint(ckpt)
+    size = int(meta["image_size"])
+    tmp = _atomic_target(out)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            traced = torch.jit.trace(net, torch.zeros(1, 3, size, size))
+        torch.jit.save(traced, str(tmp), _extra_files={"carnet.json": json.dumps(meta)})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m carnet.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True, help="carnet checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="ONNX file to write")
+    parser.add_argument("--torchscript", default=None, metavar="PATH", help="also write a TorchScript file")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch comparison")
+    args = parser.parse_args(argv)
+    try:
+        result = export_onnx(args.ckpt, args.out, opset=args.opset, check=not args.no_check)
+        if args.torchscript:
+            export_torchscript(args.ckpt, args.torchscript)
+    except (ValueError, OSError) as err:
+        parser.exit(2, f"error: {err}\n")
+    line = f"wrote {args.out} ({result['model_name']}, {len(result['class_names'])} classes, {result['image_size']} px)"
+    if "max_abs_diff" in result:
+        line += f"; onnxruntime vs torch max |dp| = {result['max_abs_diff']:.2e}"
+    print(line)
+    if args.torchscript:
+        print(f"wrote {args.torchscript} (TorchScript, metadata in extra file carnet.json)")
+
+
+if __name__ == "__main__":
+    main()

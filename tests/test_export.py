@@ -1,0 +1,135 @@
+"""ONNX / TorchScript export: metadata, dynamic batch, agreement with torch, and serving the ONNX file."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from carnet.export import ExportError, export_onnx, read_onnx_meta
+from carnet.model import CheckpointError, load_checkpoint
+from carnet.serve import create_app
+from carnet.transforms import build_eval_transform
+
+
+def picture(seed: int, size: tuple[int, int] = (110, 70)) -> bytes:
+    """A JPEG in memory with smooth random colours and a block, different for every seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    pixels = np.stack([np.cos(x * rng.uniform(2, 9) - y * rng.uniform(2, 9) + rng.uniform(0, 6))
+                       for _ in range(3)], -1)
+    pixels = ((pixels + 1) * 127.5).astype(np.uint8)
+    pixels[h // 4: h // 2, w // 3: w // 2] = rng.integers(0, 256, 3)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    result = export_onnx(tiny_checkpoint, out)
+    assert result["max_abs_diff"] < 1e-4
+    return out
+
+
+def eval_batch(ckpt: Path, images: list[bytes]) -> torch.Tensor:
+    _, meta = load_checkpoint(ckpt)
+    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
+                                     meta["crop_pct"])
+    return torch.stack([transform(image=np.asarray(Image.open(io.BytesIO(b)).convert("RGB")))["image"]
+                        for b in images])
+
+
+def test_onnx_metadata_is_the_checkpoints(onnx_file: Path, tiny_checkpoint: Path) -> None:
+    _, meta = load_checkpoint(tiny_checkpoint)
+    assert read_onnx_meta(onnx_file) == meta
+    props = {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
+    stored = json.loads(props["carnet"])
+    for key in ("image_size", "mean", "std", "interpolation", "crop_pct", "class_names", "model_name"):
+        assert stored[key] == meta[key] == json.loads(props[key])
+
+
+def test_onnx_matches_torch_on_images_with_dynamic_batch(onnx_file: Path, tiny_checkpoint: Path) -> None:
+    net, _ = load_checkpoint(tiny_checkpoint)
+    batch = eval_batch(tiny_checkpoint, [picture(s) for s in range(5)])
+    with torch.no_grad():
+        expected = torch.softmax(net(batch).double(), 1).numpy()
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "images" and session.get_outputs()[0].name == "logits"
+    for chunk in (slice(0, 1), slice(0, 5), slice(1, 4)):  # batch sizes 1, 5 and 3 from one file
+        logits = torch.from_numpy(session.run(None, {"images": batch[chunk].numpy()})[0]).double()
+        np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), expected[chunk], atol=1e-4, rtol=0)
+
+
+def test_served_onnx_equals_served_torch(onnx_file: Path, tiny_checkpoint: Path) -> None:
+    torch_client = create_app(tiny_checkpoint, top_k=10).test_client()
+    onnx_client = create_app(onnx_file, backend="onnx", top_k=10).test_client()
+    health = onnx_client.get("/health").get_json()
+    assert health["backend"] == "onnx" and health["model"] == "test_efficientnet" and health["num_classes"] == 10
+    for seed in range(3):
+        data = picture(seed)
+        a = torch_client.post("/predict", data=data, content_type="image/jpeg").get_json()
+        b = onnx_client.post("/predict", data=data, content_type="image/jpeg").get_json()
+        assert b["class_id"] == a["class_id"]
+        pa = {k["class_id"]: k["probability"] for k in a["top_k"]}
+        pb = {k["class_id"]: k["probability"] for k in b["top_k"]}
+        assert [pb[k] for k in range(10)] == pytest.approx([pa[k] for k in range(10)], abs=1e-4)
+    assert onnx_client.post("/predict", data=b"nope", content_type="image/jpeg").status_code == 400
+
+
+def test_onnx_without_carnet_metadata_is_refused(onnx_file: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(onnx_file))
+    del model.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    with pytest.raises(ExportError, match=r"bare\.onnx has no 'carnet' metadata"):
+        read_onnx_meta(bare)
+    with pytest.raises(ExportError, match=r"bare\.onnx"):
+        create_app(bare, backend="onnx")
+
+
+def test_failed_export_writes_nothing(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.ckpt"
+    torch.save({"state_dict": {}}, bogus)
+    out = tmp_path / "out" / "model.onnx"
+    with pytest.raises(CheckpointError, match=r"bogus\.ckpt is not a carnet checkpoint"):
+        export_onnx(bogus, out)
+    assert not out.exists()
+
+
+def test_export_cli_writes_onnx_and_torchscript(tiny_checkpoint: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    from carnet.export import main
+
+    out, ts = tmp_path / "m.onnx", tmp_path / "m.pt"
+    main(["--ckpt", str(tiny_checkpoint), "--out", str(out), "--torchscript", str(ts)])  # python -m carnet.export
+    stdout = capsys.readouterr().out
+    assert "onnxruntime vs torch max |dp|" in stdout and f"wrote {ts}" in stdout
+    assert read_onnx_meta(out)["model_name"] == "test_efficientnet"
+    files = {"carnet.json": ""}
+    scripted = torch.jit.load(str(ts), map_location="cpu", _extra_files=files)
+    assert json.loads(files["carnet.json"])["class_names"] == [f"car {k}" for k in range(10)]
+    net, _ = load_checkpoint(tiny_checkpoint)
+    batch = eval_batch(tiny_checkpoint, [picture(7), picture(8)])
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(batch), net(batch), atol=1e-5, rtol=1e-5)
+    assert not list(tmp_path.glob(".*.tmp"))  # temp files renamed or removed
+
+
+
+def test_export_cli_names_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from carnet.export import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x.onnx")])
+    assert exit_info.value.code == 2 and "nope.ckpt not found" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

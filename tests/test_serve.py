@@ -1,0 +1,510 @@
+"""The web service: endpoints and bad input via Flask's test client, real HTTP via gunicorn, the page in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flask import Flask
+from PIL import Image
+
+from carnet.model import load_checkpoint
+from carnet.serve import DEFAULT_MAX_CONTENT_LENGTH, ModelLoadError, create_app
+from carnet.transforms import build_eval_transform
+
+REPO = Path(__file__).resolve().parents[1]
+RESPONSE_KEYS = ["class_id", "class_name", "probability", "top_k", "model", "ms"]
+
+
+def photo(seed: int, size: tuple[int, int] = (120, 90), fmt: str = "JPEG") -> bytes:
+    """A non-square test picture (smooth colours + a block) encoded in memory: varied enough to move the model."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    channels = [np.sin(x * rng.uniform(2, 9) + y * rng.uniform(2, 9) + rng.uniform(0, 6)) for _ in range(3)]
+    pixels = ((np.stack(channels, -1) + 1) * 127.5).astype(np.uint8)
+    x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+    pixels[y0:y0 + h // 3, x0:x0 + w // 3] = rng.integers(0, 256, 3)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt, quality=90)
+    return buf.getvalue()
+
+
+def in_process_probs(ckpt: Path, data: bytes) -> np.ndarray:
+    """The reference: load_checkpoint + the training eval transform on the decoded image, no service code."""
+    net, meta = load_checkpoint(ckpt)
+    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
+                                     meta["crop_pct"])
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    with torch.no_grad():
+        return torch.softmax(net(transform(image=image)["image"][None]).double(), 1)[0].numpy()
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG of a few hundred bytes whose header claims width x height pixels (10 G by default)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    rows = zlib.compress(b"\0" * (width + 1) * 4)  # only a few rows: the decoder must never get that far
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def app(tiny_checkpoint: Path) -> Flask:
+    return create_app(tiny_checkpoint, top_k=3)
+
+
+@pytest.fixture
+def client(app: Flask):
+    return app.test_client()
+
+
+def assert_error(response, status: int, *words: str) -> str:
+    """A JSON error with this status whose message mentions every word (case-insensitive)."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    message = response.get_json()["error"]
+    for word in words:
+        assert word.lower() in message.lower(), message
+    return message
+
+
+# ---- endpoints ---------------------------------------------------------------------------------------------
+
+
+def test_index_page_is_self_contained(client) -> None:
+    response = client.get("/")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    page = response.get_data(as_text=True)
+    assert '<input id="file" name="file" type="file"' in page and 'fetch("predict"' in page
+    # offline: no external scripts, styles, fonts or images
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+
+
+def test_health_reports_model_and_classes(client, tiny_checkpoint: Path) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    body = response.get_json()
+    _, meta = load_checkpoint(tiny_checkpoint)
+    assert body["status"] == "ok" and body["model"] == meta["model_name"] == "test_efficientnet"
+    assert body["num_classes"] == len(meta["class_names"]) == 10 and body["backend"] == "torch"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_predict_multipart_matches_in_process_eval(client, tiny_checkpoint: Path, seed: int) -> None:
+    data = photo(seed)
+    response = client.post("/predict", data={"file": (io.BytesIO(data), "car.jpg")})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert list(body) == RESPONSE_KEYS
+    expected = in_process_probs(tiny_checkpoint, data)
+    order = np.argsort(-expected)[:3]
+    assert body["class_id"] == int(order[0])
+    assert body["class_name"] == f"car {order[0]}"
+    assert body["probability"] == pytest.approx(expected[order[0]], abs=1e-5)
+    assert [k["class_id"] for k in body["top_k"]] == order.tolist()
+    assert [k["probability"] for k in body["top_k"]] == pytest.approx(expected[order].tolist(), abs=1e-5)
+    assert body["model"] == "test_efficientnet" and body["ms"] > 0
+
+
+def test_predictions_depend_on_the_image(client) -> None:
+    """Guards the tests above: the fixture model must not give every picture the same answer."""
+    answers = {client.post("/predict", data=photo(s), content_type="image/jpeg").get_json()["class_id"]
+               for s in range(1, 9)}
+    assert len(answers) >= 2
+
+
+@pytest.mark.parametrize("fmt,content_type", [("JPEG", "image/jpeg"), ("PNG", "image/png"),
+                                              ("JPEG", "application/octet-stream")])
+def test_predict_raw_body_equals_multipart(client, fmt: str, content_type: str) -> None:
+    data = photo(4, fmt=fmt)
+    raw = client.post("/predict", data=data, content_type=content_type).get_json()
+    multipart = client.post("/predict", data={"file": (io.BytesIO(data), "x")}).get_json()
+    assert raw["top_k"] == multipart["top_k"]
+
+
+def test_top_k_is_configurable(tiny_checkpoint: Path) -> None:
+    app = create_app(tiny_checkpoint, top_k=20)  # more than the classes: all of them, most likely first
+    probs = [k["probability"] for k in app.test_client().post("/predict", data=photo(5),
+                                                               content_type="image/jpeg").get_json()["top_k"]]
+    assert len(probs) == 10 and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0)
+
+
+def test_tta_averages_image_and_mirror(tiny_checkpoint: Path) -> None:
+    data = photo(6)
+    body = create_app(tiny_checkpoint, tta=True, top_k=10).test_client().post(
+        "/predict", data=data, content_type="image/jpeg").get_json()
+    net, meta = load_checkpoint(tiny_checkpoint)
+    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
+                                     meta["crop_pct"])
+    x = transform(image=np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))["image"][None]
+    with torch.no_grad():
+        expected = (torch.softmax(net(x).double(), 1) + torch.softmax(net(x.flip(3)).double(), 1))[0] / 2
+    got = {k["class_id"]: k["probability"] for k in body["top_k"]}
+    assert [got[k] for k in range(10)] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_not_an_image(client) -> None:
+    text = b"hello, this is a text file and not a photo of a car\n" * 10
+    assert_error(client.post("/predict", data={"file": (io.BytesIO(text), "car.jpg")}), 400, "not an image")
+    assert_error(client.post("/predict", data=text, content_type="image/jpeg"), 400, "not an image")
+
+
+def test_empty_body(client) -> None:
+    assert_error(client.post("/predict"), 400, "empty")
+    assert_error(client.post("/predict", data=b"", content_type="image/jpeg"), 400, "empty")
+    assert_error(client.post("/predict", data={"file": (io.BytesIO(b""), "car.jpg")}), 400, "empty")
+
+
+def test_truncated_jpeg(client) -> None:
+    data = photo(7, size=(320, 240))
+    assert_error(client.post("/predict", data=data[: len(data) // 2], content_type="image/jpeg"), 400, "truncated")
+
+
+def test_decompression_bomb(client) -> None:
+    bomb = bomb_png()
+    assert len(bomb) < 2000
+    message = assert_error(client.post("/predict", data={"file": (io.BytesIO(bomb), "bomb.png")}), 400,
+                           "decompression bomb")
+    assert "10000000000 pixels" in message
+
+
+def test_image_over_the_pixel_limit(tiny_checkpoint: Path) -> None:
+    """A real, fully decodable picture is refused too when it has more pixels than the configured limit."""
+    client = create_app(tiny_checkpoint, max_image_pixels=100 * 80).test_client()
+    assert_error(client.post("/predict", data=photo(8, size=(101, 80)), content_type="image/jpeg"), 400,
+                 "decompression bomb", "101x80")
+    assert client.post("/predict", data=photo(8, size=(100, 80)), content_type="image/jpeg").status_code == 200
+
+
+def test_missing_file_field_and_wrong_content_type(client) -> None:
+    assert_error(client.post("/predict", data={"image": (io.BytesIO(photo(1)), "car.jpg")}), 400, "'file'",
+                 "image")
+    assert_error(client.post("/predict", data=photo(1), content_type="text/plain"), 400, "text/plain")
+
+
+def test_body_over_max_content_length(client) -> None:
+    too_big = b"\xff" * (DEFAULT_MAX_CONTENT_LENGTH + 1)
+    assert_error(client.post("/predict", data=too_big, content_type="image/jpeg"), 413, "10.0 MB")
+    assert_error(client.post("/predict", data={"file": (io.BytesIO(too_big), "big.jpg")}), 413, "too large")
+
+
+def test_wrong_method(client) -> None:
+    assert_error(client.get("/predict"), 405, "GET", "POST")
+    assert_error(client.post("/"), 405, "POST")
+    assert_error(client.delete("/health"), 405, "DELETE")
+    assert_error(client.get("/nope"), 404, "not found")
+
+
+def test_uploads_are_not_written_to_disk(client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Werkzeug spools multipart files over 500 KB to a temporary file; the service must keep them in memory."""
+    import tempfile
+
+    from werkzeug import formparser
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload was about to be written to a temporary file")
+
+    for name in ("SpooledTemporaryFile", "TemporaryFile", "NamedTemporaryFile", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, no_disk)
+        if hasattr(formparser, name):
+            monkeypatch.setattr(formparser, name, no_disk)
+    big = photo(9, size=(1600, 1200), fmt="PNG")
+    assert len(big) > 1024 * 500
+    assert client.post("/predict", data={"file": (io.BytesIO(big), "big.png")}).status_code == 200
+
+
+def test_model_failure_is_500_and_service_recovers(app: Flask, client) -> None:
+    net = app.extensions["carnet"].get().backend.net
+
+    def fail(module, inputs):
+        raise RuntimeError("simulated out of memory")
+
+    hook = net.register_forward_pre_hook(fail)
+    try:
+        assert_error(client.post("/predict", data=photo(1), content_type="image/jpeg"), 500, "simulated out of memory")
+    finally:
+        hook.remove()
+    assert client.post("/predict", data=photo(1), content_type="image/jpeg").status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+# ---- the factory -------------------------------------------------------------------------------------------
+
+
+def test_factory_errors_name_the_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"missing\.ckpt: file not found"):
+        create_app(tmp_path / "missing.ckpt")
+    with pytest.raises(ModelLoadError, match=r"carnet\.export"):
+        create_app(tiny_checkpoint, backend="onnx")
+    with pytest.raises(ValueError, match="backend='tf'"):
+        create_app(tiny_checkpoint, backend="tf")
+
+
+def test_lazy_app_loads_on_first_health_check_once(tiny_checkpoint: Path) -> None:
+    app = create_app(tiny_checkpoint, lazy=True)
+    holder = app.extensions["carnet"]
+    assert not holder.loaded
+    client = app.test_client()
+    assert client.get("/health").status_code == 200 and holder.loaded
+    model = holder.get()
+    client.post("/predict", data=photo(1), content_type="image/jpeg")
+    assert holder.get() is model  # never reloaded per request
+
+
+def test_lazy_app_with_broken_checkpoint_reports_503(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    client = create_app(broken, lazy=True).test_client()
+    assert_error(client.get("/health"), 503, "broken.ckpt")
+    assert_error(client.post("/predict", data=photo(1), content_type="image/jpeg"), 500, "broken.ckpt")
+
+
+# ---- real HTTP ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                return json.load(response)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    raise AssertionError(f"{url} not healthy after {timeout} s")
+
+
+def start_server(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.stdout.read()
+
+
+def post(url: str, data: bytes, content_type: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "carnet-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_gunicorn_serves_correct_predictions(tiny_checkpoint: Path, workers: int) -> None:
+    """The production command of the README on a free loopback port, over real HTTP."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server([sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+                         "--timeout", "120",
+                         f"carnet.serve:create_app(ckpt={str(tiny_checkpoint)!r}, num_threads=1)"])
+    try:
+        health = wait_healthy(url, proc)
+        assert health["model"] == "test_efficientnet" and health["num_classes"] == 10
+        data = photo(11)
+        expected = in_process_probs(tiny_checkpoint, data)
+        status, body = post(url + "/predict", *multipart("file", "car.jpg", data))
+        assert status == 200, body
+        assert body["class_id"] == int(np.argmax(expected))
+        assert body["probability"] == pytest.approx(expected.max(), abs=1e-5)
+        status, body = post(url + "/predict", data[:200], "image/jpeg")
+        assert status == 400 and "truncated" in body["error"]
+        pids = set()
+        for _ in range(4 * workers):  # answered by the workers, each with its own model
+            with urllib.request.urlopen(url + "/health", timeout=10) as response:
+                pids.add(json.load(response)["pid"])
+        assert proc.pid not in pids  # the model lives in the workers, not in the gunicorn master
+    finally:
+        log = stop_server(proc)
+    assert log.count("Booting worker") == workers, log
+
+
+# ---- the page in a real browser ----------------------------------------------------------------------------
+# Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON messages ending
+# in NUL on file descriptors 3 and 4), so the test needs no selenium, driver binary or websocket library.
+# Environment overrides, for a screenshot worth showing: CARNET_BROWSER_CKPT (checkpoint to serve),
+# CARNET_BROWSER_IMAGE (photo to upload), CARNET_SCREENSHOT (where to keep the PNG, e.g.
+# docs/serve_screenshot.png).
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--remote-debugging-pipe", "about:blank"]
+
+
+class DevTools:
+    """A minimal DevTools-protocol client over Chromium's pipe (commands in, responses and events out)."""
+
+    def __init__(self, binary: str, profile: Path) -> None:
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def wire_fds() -> None:  # Chromium reads commands on fd 3 and writes replies on fd 4
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
+
+        self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}"], preexec_fn=wire_fds,
+                                     pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer = b""
+        self._next_id = 0
+        self.events: list[dict[str, Any]] = []
+        self.session: str | None = None
+
+    def _read_message(self, deadline: float) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._from_chrome], [], [], remaining)[0]:
+                raise TimeoutError("no answer from Chromium")
+            chunk = os.read(self._from_chrome, 1 << 20)
+            if not chunk:
+                raise ConnectionError("Chromium closed the DevTools pipe")
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def send(self, method: str, timeout: float = 30, **params: Any) -> dict[str, Any]:
+        self._next_id += 1
+        command = {"id": self._next_id, "method": method, "params": params}
+        if self.session and not method.startswith(("Target.", "Browser.")):
+            command["sessionId"] = self.session
+        os.write(self._to_chrome, json.dumps(command).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self._read_message(deadline)
+            if message.get("id") == self._next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(f"{expression} still false after {timeout} s")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # Chromium may close the pipe before it answers
+            self.send("Browser.close", timeout=10)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+@pytest.mark.slow
+def test_upload_page_classifies_a_photo_in_chromium(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    binary = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    if binary is None:
+        pytest.skip("no Chromium: install it (Debian: apt-get install chromium) to run the browser test")
+    ckpt = Path(os.environ.get("CARNET_BROWSER_CKPT", tiny_checkpoint))
+    image = Path(os.environ["CARNET_BROWSER_IMAGE"]) if os.environ.get("CARNET_BROWSER_IMAGE") else None
+    if image is None:
+        image = tmp_path / "car.jpg"
+        image.write_bytes(photo(21, size=(320, 240)))
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server([sys.executable, "-m", "carnet.serve", "--ckpt", str(ckpt), "--host", "127.0.0.1",
+                           "--port", str(port)])
+    browser = None
+    try:
+        wait_healthy(url, server)
+        status, expected = post(url + "/predict", image.read_bytes(), "image/jpeg")
+        assert status == 200, expected
+        browser = DevTools(binary, Path(tempfile.mkdtemp(dir=tmp_path, prefix="chromium-profile-")))
+        target = browser.send("Target.createTarget", url="about:blank")["targetId"]
+        browser.session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        browser.send("Emulation.setDeviceMetricsOverride", width=760, height=640, deviceScaleFactor=1, mobile=False)
+        browser.send("Page.navigate", url=url + "/")
+        browser.wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
+        assert browser.evaluate("document.title").startswith("carnet")
+
+        root = browser.send("DOM.getDocument")["root"]["nodeId"]
+        file_input = browser.send("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        browser.send("DOM.setFileInputFiles", files=[str(image.resolve())], nodeId=file_input)
+        browser.evaluate("document.getElementById('file').dispatchEvent(new Event('change')); "
+                         "document.getElementById('submit').click(); true")
+        browser.wait_for("document.querySelectorAll('#result tr.prediction').length > 0 "
+                         "|| document.getElementById('status').className === 'error'")
+        assert browser.evaluate("document.getElementById('status').className") != "error", \
+            browser.evaluate("document.getElementById('status').textContent")
+        rows = browser.evaluate("[...document.querySelectorAll('#result tr.prediction')]"
+                                ".map(r => [...r.cells].map(c => c.textContent))")
+        assert [r[0] for r in rows] == [k["class_name"] for k in expected["top_k"]]
+        assert rows[0][2] == f"{100 * expected['probability']:.1f} %"
+        assert browser.evaluate("document.getElementById('preview').naturalWidth") > 0  # the photo is shown
+
+        png = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
+        assert png.startswith(b"\x89PNG")
+        (tmp_path / "serve_screenshot.png").write_bytes(png)
+        if os.environ.get("CARNET_SCREENSHOT"):
+            Path(os.environ["CARNET_SCREENSHOT"]).write_bytes(png)
+    finally:
+        if browser is not None:
+            browser.close()
+        stop_server(server)
