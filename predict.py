@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from carnet.data import DataError
-from carnet.model import CheckpointError
+from carnet.net import CheckpointError
 from carnet.predict import PredictError, predict
 from carnet.tta import TTAError
 

@@ -39,7 +39,7 @@ CLASS_NAMES = [f"class {k}" for k in range(10)]
 
 def make_checkpoint(path: Path, model: str, image_size: int) -> dict:
     """A carnet checkpoint of ``model`` with random weights (what read_checkpoint/load_checkpoint need)."""
-    module = CarClassifier(model, CLASS_NAMES, {"_target_": "carnet.model.LinearHead"}, image_size=image_size)
+    module = CarClassifier(model, CLASS_NAMES, {"_target_": "carnet.net.LinearHead"}, image_size=image_size)
     meta = module.inference_meta()
     torch.save({"state_dict": module.state_dict(), "carnet": meta}, path)
     return meta
@@ -73,7 +73,7 @@ def preload(meta: dict, root: Path) -> torch.Tensor:
 
 def raw_forward(ckpt: Path, images: torch.Tensor, batch_size: int, channels_last: bool) -> tuple[float, float]:
     """(wall, CPU) seconds of the bare batched forward + softmax over pre-transformed images."""
-    from carnet.model import load_checkpoint
+    from carnet.net import load_checkpoint
 
     net, _ = load_checkpoint(ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"

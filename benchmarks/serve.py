@@ -67,7 +67,7 @@ class RawForward:
     def __init__(self, ckpt: Path, image: bytes, threads: int) -> None:
         import torch
 
-        from carnet.model import load_checkpoint
+        from carnet.net import load_checkpoint
         from carnet.serve import decode_upload
         from carnet.transforms import build_eval_transform
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from carnet.model import CHECKPOINT_KEY, load_checkpoint
+from carnet.net import CHECKPOINT_KEY, load_checkpoint
 
 META_KEY = CHECKPOINT_KEY  # metadata_props key holding the inference metadata as JSON
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

@@ -38,7 +38,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
 from carnet.data import DataError, ImageDataset, default_num_workers, read_test
 from carnet.folds import oof_frame
-from carnet.model import CarNet, CheckpointError, load_checkpoint
+from carnet.net import CarNet, CheckpointError, load_checkpoint
 from carnet.transforms import build_eval_transform
 from carnet.tta import IDENTITY, TTA, build_views, pick_views, view_logits
 

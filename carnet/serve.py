@@ -118,7 +118,7 @@ class TorchBackend:
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None) -> None:
         import torch
 
-        from carnet.model import load_checkpoint
+        from carnet.net import load_checkpoint
 
         if num_threads:
             torch.set_num_threads(num_threads)

@@ -92,7 +92,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     pl.seed_everything(0, verbose=False)
     module = CarClassifier("test_efficientnet", [f"car {k}" for k in range(10)],
-                           head={"_target_": "carnet.model.LinearHead", "dropout": 0.0}, image_size=64,
+                           head={"_target_": "carnet.net.LinearHead", "dropout": 0.0}, image_size=64,
                            optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2})
     images = F.interpolate(torch.randn(32, 3, 4, 4), size=64, mode="bilinear")  # smooth colour fields
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -96,7 +96,7 @@ def test_normalisation_comes_from_the_model(tiny_data):
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     assert datamodule.mean == tuple(module.data_config["mean"])
-    lite = CarClassifier("tf_efficientnet_lite0", list("abc"), {"_target_": "carnet.model.LinearHead"})
+    lite = CarClassifier("tf_efficientnet_lite0", list("abc"), {"_target_": "carnet.net.LinearHead"})
     assert tuple(lite.data_config["mean"]) == (0.5, 0.5, 0.5)  # timm's config for this model, not ImageNet's
 
 

@@ -20,7 +20,7 @@ from carnet.train import (
 )
 from tests.conftest import CONF, compose_cfg
 
-HEAD = {"_target_": "carnet.model.LinearHead", "dropout": 0.0}
+HEAD = {"_target_": "carnet.net.LinearHead", "dropout": 0.0}
 FAST = ["model=test_efficientnet", "model.pretrained=false", "trainer.max_epochs=1", "data.image_size=64",
         "data.num_workers=0", "trainer.enable_progress_bar=false"]
 

@@ -113,7 +113,7 @@ def test_schedule() -> None:
 def test_schedule_steps_set_requires_grad_and_batchnorm_modes() -> None:
     """Each epoch's state depends on the epoch only: unfreezing puts BatchNorm back in train mode, and going
     back to an earlier epoch (as a resume does) gives that epoch's frozen set again."""
-    module = CarClassifier("test_efficientnet", class_names=list("abc"), head={"_target_": "carnet.model.LinearHead"})
+    module = CarClassifier("test_efficientnet", class_names=list("abc"), head={"_target_": "carnet.net.LinearHead"})
     module.train()
     norms = [m for m in module.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     head = sum(p.numel() for p in module.head.parameters())
