@@ -97,13 +97,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def hflip_tta(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
-    """Test-time augmentation: softmax averaged over the image and its horizontal mirror (one batch of 2N).
-
-    Kept tiny and separate on purpose: it is the one place to switch to ``carnet.tta`` when that module lands.
+    """Test-time augmentation: the image and its horizontal mirror in one batch of 2N, merged like predict.py's
+    ``tta=true`` (:func:`carnet.tta.merge_probs`, mean). Views are applied to the numpy batch so the ONNX backend
+    gets them too.
     """
+    import torch
+
+    from carnet.tta import merge_probs
+
     n = len(batch)
     probs = softmax(run(np.concatenate([batch, batch[..., ::-1]])))
-    return (probs[:n] + probs[n:]) / 2
+    return merge_probs(torch.from_numpy(probs).view(2, n, -1)).numpy()
 
 
 # --------------------------------------------------------------------------------------------------------------
