@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-# Synthetic cars in the Kaggle layout, then a from-scratch CPU training of timm's tiny test_efficientnet.
+# Synthetic cars in the Kaggle layout, then a from-scratch CPU training of timm's tiny test_efficientnet
+# (recipe: conf/experiment/demo.yaml). DEMO_ARGS adds Hydra overrides, e.g. DEMO_ARGS=trainer.max_epochs=5.
 demo: install
 	test -f $(DEMO_DATA)/sample-submission.csv || $(PY) -m carnet.demo $(DEMO_DATA)
-	$(PY) train.py data.root=$(DEMO_DATA) model=test_efficientnet trainer=cpu hydra.run.dir=$(DEMO_RUN) \
-		$(DEMO_ARGS)
+	$(PY) train.py experiment=demo data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUN) $(DEMO_ARGS)
 
 # The competition data via the official kaggle client (needs ~/.kaggle/kaggle.json; says how when missing).
 # Idempotent: an unpacked $(DATA) is left alone. The credentials check runs before installing the client.
