@@ -466,6 +466,19 @@ def confused_pairs(matrix: np.ndarray, class_names: Sequence[str], top: int = 5)
 # ------------------------------------------------------------------------------------------------- driver
 
 
+def confusion_report(probs: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], png: Path,
+                     title: str) -> tuple[np.ndarray, list[tuple[str, str, int]]]:
+    """Confusion-matrix PNG (creating its folder) and the most confused class pairs on the console."""
+    matrix = multiclass_confusion_matrix(probs.argmax(-1), labels, num_classes=len(class_names)).numpy()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot_confusion(matrix, class_names, png, title)
+    pairs = confused_pairs(matrix, class_names)
+    if pairs:
+        console.print("most confused (true -> predicted: count): "
+                      + "; ".join(f"{t} -> {p}: {n}" for t, p, n in pairs))
+    return matrix, pairs
+
+
 def build_tta(cfg: DictConfig | dict[str, Any] | bool | None) -> tuple[TTA, bool]:
     """(TTA recipe, auto) from the ``tta`` config group; false/None -> plain prediction."""
     if cfg in (None, False) or (hasattr(cfg, "get") and not cfg.get("enabled", True)):
@@ -551,16 +564,10 @@ def evaluate_val(models: Sequence[Model], images: Images, tta: TTA, auto: bool, 
     console.print(table)
 
     class_names = models[0].class_names
-    matrix = multiclass_confusion_matrix(final.argmax(-1), labels, num_classes=len(class_names)).numpy()
-    report_dir.mkdir(parents=True, exist_ok=True)
     png = report_dir / "confusion_val.png"
     acc = _scores(final, labels)[0]
-    plot_confusion(matrix, class_names, png, f"validation: {len(models)} model(s), {_describe(chosen)}, "
-                                             f"acc {acc:.4f}")
-    pairs = confused_pairs(matrix, class_names)
-    if pairs:
-        console.print("most confused (true -> predicted: count): "
-                      + "; ".join(f"{t} -> {p}: {n}" for t, p, n in pairs))
+    matrix, pairs = confusion_report(final, labels, class_names, png,
+                                     f"validation: {len(models)} model(s), {_describe(chosen)}, acc {acc:.4f}")
     frame = pd.DataFrame(final.numpy(), columns=class_names)
     frame.insert(0, "path", images.paths)
     frame.insert(1, "label", images.labels)
@@ -627,16 +634,10 @@ def evaluate_oof(parts: Sequence[FoldPart], tta: TTA, auto: bool, runner: Runner
                       f"accuracy covers {coverage}")
 
     class_names = parts[0].model.class_names
-    matrix = multiclass_confusion_matrix(final.argmax(-1), labels, num_classes=len(class_names)).numpy()
-    report_dir.mkdir(parents=True, exist_ok=True)
     acc = _scores(final, labels)[0]
     png = report_dir / "confusion_oof.png"
-    plot_confusion(matrix, class_names, png, f"out-of-fold: {len(parts)}/{num_folds} folds, "
-                                             f"{_describe(chosen) if has_tta else 'plain'}, acc {acc:.4f}")
-    pairs = confused_pairs(matrix, class_names)
-    if pairs:
-        console.print("most confused (true -> predicted: count): "
-                      + "; ".join(f"{t} -> {p}: {n}" for t, p, n in pairs))
+    matrix, pairs = confusion_report(final, labels, class_names, png, f"out-of-fold: {len(parts)}/{num_folds} folds, "
+                     f"{_describe(chosen) if has_tta else 'plain'}, acc {acc:.4f}")
     frame = pd.DataFrame(final.numpy(), columns=class_names)
     frame.insert(0, "path", [path for p in parts for path in p.images.paths])
     frame.insert(1, "label", labels.numpy())
