@@ -129,7 +129,8 @@ def setup_phase(cfg: DictConfig, module: CarClassifier,
     unfreeze = cfg.get("unfreeze")
     if unfreeze is not None:
         schedule = OmegaConf.to_container(unfreeze, resolve=True) if OmegaConf.is_config(unfreeze) else unfreeze
-        callbacks.append(ProgressiveUnfreezing(schedule, train_bn=bool(cfg.get("train_bn", False))))
+        callbacks.append(ProgressiveUnfreezing(schedule, train_bn=bool(cfg.get("train_bn", False)),
+                                               freeze_bn_stats=bool(cfg.get("freeze_bn_stats", False))))
     return callbacks, {"phase": cfg.get("phase"), "init_from": init_from}
 
 

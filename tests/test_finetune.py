@@ -125,3 +125,16 @@ def test_schedule_steps_set_requires_grad_and_batchnorm_modes() -> None:
         states.append((trainable, [m.training for m in norms]))
     assert states[0] == states[1] == states[3] == (head, [False] * len(norms))
     assert states[2] == (sum(p.numel() for p in module.parameters()), [True] * len(norms))
+
+
+def test_freeze_bn_stats_keeps_every_running_statistic(tiny_data: Path, tmp_path: Path) -> None:
+    """freeze_bn_stats=true: unfrozen blocks train (BatchNorm scale/shift included) but no statistic moves."""
+    _, start, end, _ = run_fraction(tiny_data, tmp_path / "run", "test_efficientnet", 0.5, False,
+                                    "freeze_bn_stats=true")
+    stats = [k for k in start if k.startswith("net.backbone.") and re.search(r"running_(mean|var)$", k)]
+    assert stats and all(torch.equal(start[k], end[k]) for k in stats)
+    last_bn = "net.backbone.bn2.weight"  # in the last (unfrozen) block: it trains
+    assert not torch.equal(start[last_bn], end[last_bn])
+    # The same run without the option re-estimates the unfrozen blocks' statistics.
+    _, start, end, _ = run_fraction(tiny_data, tmp_path / "run2", "test_efficientnet", 0.5, False)
+    assert not torch.equal(start["net.backbone.bn2.running_mean"], end["net.backbone.bn2.running_mean"])
