@@ -135,6 +135,7 @@ def test_freeze_bn_stats_keeps_every_running_statistic(tiny_data: Path, tmp_path
     assert stats and all(torch.equal(start[k], end[k]) for k in stats)
     last_bn = "net.backbone.bn2.weight"  # in the last (unfrozen) block: it trains
     assert not torch.equal(start[last_bn], end[last_bn])
-    # The same run without the option re-estimates the unfrozen blocks' statistics.
-    _, start, end, _ = run_fraction(tiny_data, tmp_path / "run2", "test_efficientnet", 0.5, False)
+    # The same run with freeze_bn_stats=false re-estimates the unfrozen blocks' statistics.
+    _, start, end, _ = run_fraction(tiny_data, tmp_path / "run2", "test_efficientnet", 0.5, False,
+                                    "freeze_bn_stats=false")
     assert not torch.equal(start["net.backbone.bn2.running_mean"], end["net.backbone.bn2.running_mean"])
