@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,30 @@ METRICS_FILE, CURVES_FILE, SUMMARY_FILE, SPLIT_FILE = "metrics.csv", "curves.png
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "lr_backbone", "seconds"]
 
 
-def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file + rename): a reader never sees half a summary."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write text via a temporary file in the same folder + rename: a reader never sees half a file, and a
+    failed write leaves the previous file (if any) as it was."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write JSON atomically: a reader never sees half a summary."""
+    return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a frame as CSV (no index) atomically."""
+    return write_text_atomic(path, frame.to_csv(index=False))
 
 
 def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:

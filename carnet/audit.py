@@ -30,6 +30,7 @@ import pandas as pd
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from carnet.artifacts import write_csv_atomic, write_text_atomic
 from carnet.data import IMAGE_EXTENSIONS, DataError
 from carnet.sources import read_sources
 
@@ -263,12 +264,6 @@ def _plot_classes(counts: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out: str | os.PathLike | None = None,
           class_names: Sequence[str] = (), threshold: int = DEFAULT_THRESHOLD, workers: int | None = None,
           progress: bool = True, examples: int = 30) -> dict[str, Any]:
@@ -286,9 +281,7 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
     pairs = find_pairs(images, threshold)
 
     pairs_path, md_path, png_path = out / "audit_pairs.csv", out / "audit.md", out / "audit_classes.png"
-    tmp = pairs_path.with_suffix(".csv.tmp")
-    pairs.to_csv(tmp, index=False)
-    os.replace(tmp, pairs_path)
+    write_csv_atomic(pairs, pairs_path)
 
     labelled = images[images.label.notna()]
     counts = pd.crosstab(labelled.label.astype(int), labelled.group) if len(labelled) else pd.DataFrame()
@@ -357,7 +350,7 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
         md.append("\n" + _table(stats.rename(columns={"50%": "median"}).reset_index(names="side")))
     md.append(f"\n## Unreadable files ({len(unreadable)})\n")
     md.append(_table(unreadable.head(examples * 3)))
-    _atomic_write(md_path, "".join(md))
+    write_text_atomic(md_path, "".join(md))
     return {"images": images, "pairs": pairs, "layout": layout,
             "paths": {"audit_md": md_path, "pairs_csv": pairs_path, "classes_png": png_path}}
 

@@ -35,7 +35,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
+from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE, write_csv_atomic
 from carnet.data import DataError, ImageDataset, default_num_workers, read_test
 from carnet.folds import oof_frame
 from carnet.net import CarNet, CheckpointError, load_checkpoint
@@ -359,21 +359,6 @@ def ensemble(probs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-
-
-def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a CSV via a temporary file in the same folder + rename: never a half-written file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            frame.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_submission(ids: Sequence[str], probs: torch.Tensor, class_names: Sequence[str],

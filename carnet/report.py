@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
 
-from carnet.artifacts import SUMMARY_FILE, read_metrics, read_summary
+from carnet.artifacts import SUMMARY_FILE, read_metrics, read_summary, write_text_atomic
 
 REPORT_MD, REPORT_PNG = "report.md", "report.png"
 # Overrides that name where a run lives, not what it tried: never a column.
@@ -207,9 +207,7 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
     print_table(frame, title, console)
     if note:
         (console or Console()).print(note)
-    tmp = out_dir / (REPORT_MD + ".tmp")
-    tmp.write_text(to_markdown(frame, title, note))
-    os.replace(tmp, out_dir / REPORT_MD)
+    write_text_atomic(out_dir / REPORT_MD, to_markdown(frame, title, note))
     plot_runs(runs, out_dir / REPORT_PNG, title=title)
     return frame
 
