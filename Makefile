@@ -24,22 +24,22 @@ $(STAMP): pyproject.toml
 # Synthetic cars in the Kaggle layout, then a from-scratch CPU training of timm's tiny test_efficientnet
 # (recipe: conf/experiment/demo.yaml). DEMO_ARGS adds Hydra overrides, e.g. DEMO_ARGS=trainer.max_epochs=5.
 demo: install
-	test -f $(DEMO_DATA)/sample-submission.csv || $(PY) -m carnet.demo $(DEMO_DATA)
+	test -f $(DEMO_DATA)/sample-submission.csv || $(VENV)/bin/carnet-demo $(DEMO_DATA)
 	$(PY) train.py experiment=demo data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUN) $(DEMO_ARGS)
 
 # The competition data via the official kaggle client (needs ~/.kaggle/kaggle.json; says how when missing).
 # Idempotent: an unpacked $(DATA) is left alone. The credentials check runs before installing the client.
 data: install
-	$(PY) -m carnet.download --root $(DATA) --check
+	$(VENV)/bin/carnet-download --root $(DATA) --check
 	test -f $(VENV)/.installed-data || { $(PY) -m pip install -q -e '.[data]' && touch $(VENV)/.installed-data; }
-	$(PY) -m carnet.download --root $(DATA)
+	$(VENV)/bin/carnet-download --root $(DATA)
 
-# Progressive unfreezing: phases head -> unfreeze_half -> unfreeze_3q -> unfreeze_all -> finetune_448 (carnet/pipeline.py).
+# Progressive unfreezing: phases head -> unfreeze_half -> unfreeze_3q -> unfreeze_all -> finetune_448 (carnet/training/pipeline.py).
 # DATA=dir MODEL=name (conf/model) ARGS='more Hydra overrides, or PHASE:key=value for one phase'.
 MODEL ?=
 ARGS ?=
 pipeline: install
-	$(PY) -m carnet.pipeline data.root=$(DATA) $(if $(MODEL),model=$(MODEL)) $(ARGS)
+	$(VENV)/bin/carnet-pipeline data.root=$(DATA) $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
 test: install
 	$(PY) -m pytest -m "not slow" -q

@@ -31,11 +31,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from carnet.net import CarNet, build_head, create_backbone  # noqa: E402
+from carnet.models.heads import build_head  # noqa: E402
+from carnet.models.network import CarNet, create_backbone  # noqa: E402
 
 NUM_CLASSES = 10
 DEVICE = "cuda"  # a module constant so the step code can be smoke-tested on a CPU
-HEAD = {"_target_": "carnet.net.LinearHead", "dropout": 0.5}
+HEAD = {"_target_": "carnet.models.heads.LinearHead", "dropout": 0.5}
 
 
 @dataclass

@@ -3,7 +3,7 @@
     python benchmarks/loader.py [--data DIR] [--sizes 224 448] [--workers N] [--batch-size 32] [--repeats 3]
 
 DIR is a dataset in the Kaggle layout (``train/<k>/*.jpg``); without it a synthetic one is written to a temporary
-folder by ``carnet.demo`` (640x480 JPEGs, like the competition's photos). Both loaders read exactly the same
+folder by ``carnet.tools.demo`` (640x480 JPEGs, like the competition's photos). Both loaders read exactly the same
 files with the same workers and batch size and run the same augmentation (``augment=light``: random resized
 crop of 50-100 % of the frame, mirror, brightness/contrast), so the ratio measures the pipelines alone. The
 ceiling is a loader that only decodes the same JPEGs at full size. Every figure is images/s of one epoch after a
@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate  # noqa: E402
 from torchvision import datasets  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from carnet.data import CarDataModule, decode_image, default_num_workers  # noqa: E402
+from carnet.data.datamodule import CarDataModule, default_num_workers  # noqa: E402
+from carnet.data.decode import decode_image  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = a.data
         if root is None:
-            from carnet.demo import make_dataset
+            from carnet.tools.demo import make_dataset
 
             root = make_dataset(Path(tmp) / "demo", per_class=a.per_class, test=1, seed=0)
         sizes = {Image.open(p).size for p in list((root / "train").rglob("*.jpg"))[:50]}

@@ -3,12 +3,12 @@
     python benchmarks/predict.py [--data DIR] [--model tf_efficientnet_lite0] [--image-size 224] [--batch-size 32]
 
 Prints, from one run (interleaved repeats, medians):
-  * plain predict images/s (``carnet.predict.predict``: checkpoint load, decoding in loader workers, forward,
+  * plain predict images/s (``carnet.inference.predict.predict``: checkpoint load, decoding in loader workers, forward,
     files written) over the raw batched forward pass of the same model and batch size on the same images,
     already decoded and transformed in memory (goal >= 0.85);
   * TTA with n views over n x plain predict time (goal <= 1.1).
 
-Without ``--data`` a synthetic dataset is written with ``carnet.demo``. The model gets random weights (speed
+Without ``--data`` a synthetic dataset is written with ``carnet.tools.demo``. The model gets random weights (speed
 does not depend on them), so nothing is downloaded.
 """
 
@@ -29,17 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from omegaconf import OmegaConf
 
-from carnet.data import decode_image, read_test
-from carnet.model import CarClassifier
-from carnet.predict import predict
-from carnet.transforms import build_eval_transform
+from carnet.data.decode import decode_image
+from carnet.data.layout import read_test
+from carnet.data.transforms import build_eval_transform
+from carnet.inference.predict import predict
+from carnet.training.module import CarClassifier
 
 CLASS_NAMES = [f"class {k}" for k in range(10)]
 
 
 def make_checkpoint(path: Path, model: str, image_size: int) -> dict:
     """A carnet checkpoint of ``model`` with random weights (what read_checkpoint/load_checkpoint need)."""
-    module = CarClassifier(model, CLASS_NAMES, {"_target_": "carnet.net.LinearHead"}, image_size=image_size)
+    module = CarClassifier(model, CLASS_NAMES, {"_target_": "carnet.models.heads.LinearHead"}, image_size=image_size)
     meta = module.inference_meta()
     torch.save({"state_dict": module.state_dict(), "carnet": meta}, path)
     return meta
@@ -73,7 +74,7 @@ def preload(meta: dict, root: Path) -> torch.Tensor:
 
 def raw_forward(ckpt: Path, images: torch.Tensor, batch_size: int, channels_last: bool) -> tuple[float, float]:
     """(wall, CPU) seconds of the bare batched forward + softmax over pre-transformed images."""
-    from carnet.net import load_checkpoint
+    from carnet.models.checkpoint import load_checkpoint
 
     net, _ = load_checkpoint(ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,7 +109,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="carnet_bench_predict_"))
     root = args.data
     if root is None:
-        from carnet.demo import make_dataset
+        from carnet.tools.demo import make_dataset
 
         root = make_dataset(work / "demo", per_class=1, test=args.test, seed=0)
     ckpt = work / "model.ckpt"

@@ -67,9 +67,9 @@ class RawForward:
     def __init__(self, ckpt: Path, image: bytes, threads: int) -> None:
         import torch
 
-        from carnet.net import load_checkpoint
-        from carnet.serve import decode_upload
-        from carnet.transforms import build_eval_transform
+        from carnet.data.transforms import build_eval_transform
+        from carnet.models.checkpoint import load_checkpoint
+        from carnet.serving.app import decode_upload
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -135,11 +135,11 @@ def tree_cpu_seconds(pid: int) -> float:
 def start_server(server: str, ckpt: Path, backend: str, workers: int, threads: int, port: int) -> subprocess.Popen:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
     if server == "gunicorn":
-        factory = f"carnet.serve:create_app(ckpt={str(ckpt)!r}, backend={backend!r}, num_threads={threads})"
+        factory = f"carnet.serving.app:create_app(ckpt={str(ckpt)!r}, backend={backend!r}, num_threads={threads})"
         args = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"{HOST}:{port}", "--timeout", "120",
                 "--log-level", "warning", factory]
     else:
-        args = [sys.executable, "-m", "carnet.serve", "--ckpt", str(ckpt), "--backend", backend, "--host", HOST,
+        args = [sys.executable, "-m", "carnet.serving.app", "--ckpt", str(ckpt), "--backend", backend, "--host", HOST,
                 "--port", str(port), "--threads", str(threads)]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -283,7 +283,7 @@ def main() -> None:
             if backend == "onnx":
                 path = args.onnx
                 if path is None:
-                    from carnet.export import export_onnx
+                    from carnet.inference.export import export_onnx
 
                     path = Path(tmp) / "model.onnx"
                     export_onnx(args.ckpt, path)

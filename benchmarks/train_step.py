@@ -3,12 +3,12 @@
     python benchmarks/train_step.py [--models test_efficientnet tf_efficientnet_lite0] [--image-size 128]
                                     [--batch-size 16] [--steps 10] [--repeats 3] [--threads 1]
 
-carnet's side is what ``python train.py`` builds: :func:`carnet.train.build_module` and
-:func:`carnet.train.build_trainer` from conf/ (AdamW with head/backbone groups, label
+carnet's side is what ``python train.py`` builds: :func:`carnet.training.train.build_module` and
+:func:`carnet.training.train.build_trainer` from conf/ (AdamW with head/backbone groups, label
 smoothing, logging, checkpointing, the Rich progress bar, run artifacts), with validation and the LR scheduler
 off (the default plateau scheduler needs val/loss; schedulers cost the same in both loops). The plain loop
 runs the same ``CarNet``, optimizer groups and loss by hand. Both read the same in-memory batches
-(training views of real photos from ``--data`` or carnet.demo, decoded and transformed once, in memory), so the
+(training views of real photos from ``--data`` or carnet.tools.demo, decoded and transformed once, in memory), so the
 loader is out of the picture (benchmarks/loader.py measures that). The two loops alternate step by step inside
 one fit (see :class:`Interleave`), because this machine's cores are shared and load comes and goes; the first
 epoch is a warm-up, and the median over the other ``--repeats`` epochs of the per-epoch ratio is reported.
@@ -40,8 +40,8 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from carnet.artifacts import RunArtifacts  # noqa: E402
-from carnet.train import build_module, build_trainer  # noqa: E402
+from carnet.training.builders import build_module, build_trainer  # noqa: E402
+from carnet.training.run_dir import RunArtifacts  # noqa: E402
 
 
 class Interleave(pl.Callback):
@@ -83,8 +83,8 @@ def config(model: str, image_size: int, batch_size: int, run_dir: Path) -> DictC
 
 def batches(data: Path, cfg: DictConfig, n_images: int, batch_size: int) -> DataLoader:
     """``n_images`` training views of real images, decoded and augmented once, served from memory."""
-    from carnet.data import CarDataModule
-    from carnet.train import build_datamodule
+    from carnet.data.datamodule import CarDataModule
+    from carnet.training.builders import build_datamodule
 
     module = build_module(cfg)
     dm: CarDataModule = build_datamodule(cfg, module)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data
         if data is None:
-            from carnet.demo import make_dataset
+            from carnet.tools.demo import make_dataset
 
             data = make_dataset(Path(tmp) / "demo", per_class=max(4, a.batch_size // 5), test=1, seed=0)
         results = []

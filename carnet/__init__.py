@@ -7,6 +7,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 __version__ = "0.1.0"
 
-from carnet.resolvers import register as _register_resolvers  # conf/ uses ${carnet.*:...}
+from carnet.config import register as _register_resolvers  # conf/ uses ${carnet.*:...}
 
 _register_resolvers()

@@ -34,7 +34,7 @@ TINY = [
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 10-class synthetic dataset in the Kaggle layout: 4 train images per class, 6 test images."""
-    from carnet.demo import make_dataset
+    from carnet.tools.demo import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("data") / "cars", per_class=4, test=6, seed=0)
 
@@ -88,11 +88,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from carnet.model import CarClassifier
+    from carnet.training.module import CarClassifier
 
     pl.seed_everything(0, verbose=False)
     module = CarClassifier("test_efficientnet", [f"car {k}" for k in range(10)],
-                           head={"_target_": "carnet.net.LinearHead", "dropout": 0.0}, image_size=64,
+                           head={"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0}, image_size=64,
                            optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2})
     images = F.interpolate(torch.randn(32, 3, 4, 4), size=64, mode="bilinear")  # smooth colour fields
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from carnet.audit import main as audit_main
-from carnet.data import CarDataModule
-from carnet.demo import CLASS_NAMES, render
+from carnet.data.datamodule import CarDataModule
+from carnet.tools.audit import main as audit_main
+from carnet.tools.demo import CLASS_NAMES, render
 
 
 def _shrink(src: Path, dst: Path, factor: float = 0.5, quality: int = 70) -> None:

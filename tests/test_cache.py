@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carnet.cache import CacheError, ImageCache, decode_resized
-from carnet.data import CarDataModule, decode_image
+from carnet.data.cache import CacheError, ImageCache, decode_resized
+from carnet.data.datamodule import CarDataModule
+from carnet.data.decode import decode_image
 
 
 @pytest.fixture

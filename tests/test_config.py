@@ -7,8 +7,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from carnet.model import CarClassifier
-from carnet.train import build_datamodule, build_module, build_trainer, resolve_precision
+from carnet.training.builders import build_datamodule, build_module, build_trainer, resolve_precision
+from carnet.training.module import CarClassifier
 from tests.conftest import CONF, TINY, compose_cfg
 
 
@@ -96,7 +96,7 @@ def test_normalisation_comes_from_the_model(tiny_data):
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     assert datamodule.mean == tuple(module.data_config["mean"])
-    lite = CarClassifier("tf_efficientnet_lite0", list("abc"), {"_target_": "carnet.net.LinearHead"})
+    lite = CarClassifier("tf_efficientnet_lite0", list("abc"), {"_target_": "carnet.models.heads.LinearHead"})
     assert tuple(lite.data_config["mean"]) == (0.5, 0.5, 0.5)  # timm's config for this model, not ImageNet's
 
 

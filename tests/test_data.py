@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from carnet.data import CarDataModule, DataError, read_test, scan_train, stratified_split
+from carnet.data.datamodule import CarDataModule
+from carnet.data.layout import DataError, read_test, scan_train
+from carnet.data.splits import stratified_split
 
 NAMES = [f"class {k}" for k in range(10)]
 
@@ -38,7 +40,7 @@ def test_test_images_follow_sample_submission_order(data):
 
 
 def test_missing_root_says_how_to_get_data(tmp_path):
-    with pytest.raises(DataError, match=r"nowhere.*does not exist.*make data.*carnet.demo"):
+    with pytest.raises(DataError, match=r"nowhere.*does not exist.*make data.*carnet.tools.demo"):
         scan_train(tmp_path / "nowhere", 10)
 
 
@@ -136,8 +138,8 @@ def test_loader_workers_draw_different_augmentations(tiny_data):
     """Forked workers must not replay one albumentations stream (the same image gets different views)."""
     from torch.utils.data import DataLoader
 
-    from carnet.data import ImageDataset, _seed_worker_augmentations
-    from carnet.transforms import build_train_transform
+    from carnet.data.datamodule import ImageDataset, _seed_worker_augmentations
+    from carnet.data.transforms import build_train_transform
 
     flip_and_crop = [{"_target_": "albumentations.RandomResizedCrop", "size": [32, 32], "scale": [0.2, 1.0]}]
     transform = build_train_transform(flip_and_crop, 32, (0.5,) * 3, (0.5,) * 3)

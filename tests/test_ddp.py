@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from carnet.artifacts import read_summary
-from carnet.model import read_checkpoint
+from carnet.models.checkpoint import read_checkpoint
 from tests.conftest import TINY, run_script
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carnet.data import CarDataModule, decode_image, decode_min_side
-from carnet.transforms import build_eval_transform, build_train_transform, eval_transforms
+from carnet.data.datamodule import CarDataModule
+from carnet.data.decode import decode_image, decode_min_side
+from carnet.data.transforms import build_eval_transform, build_train_transform, eval_transforms
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LIGHT_224 = [{"_target_": "albumentations.RandomResizedCrop", "size": [224, 224], "scale": [0.5, 1.0],

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from carnet import demo
-from carnet.demo import CLASS_NAMES, main, make_dataset
+from carnet.tools import demo
+from carnet.tools.demo import CLASS_NAMES, main, make_dataset
 
 PER_CLASS, TEST = 3, 5
 

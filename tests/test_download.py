@@ -1,4 +1,4 @@
-"""`make data` (python -m carnet.download): fails fast without credentials; unpacks nested zips; idempotent."""
+"""`make data` (carnet-download): fails fast without credentials; unpacks nested zips; idempotent."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from carnet.data import read_test, scan_train
-from carnet.download import credentials, layout_complete, main, unpack
+from carnet.data.layout import read_test, scan_train
+from carnet.tools.download import credentials, layout_complete, main, unpack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def test_without_credentials_fails_fast_with_instructions(tmp_path: Path) -> Non
     home = tmp_path / "home"
     home.mkdir()
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "carnet.download", "--root", str(tmp_path / "data")], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "carnet.tools.download", "--root", str(tmp_path / "data")], cwd=REPO,
                           env=_clean_env(home), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert time.monotonic() - started < 20  # no network attempt, no client import: interpreter start only

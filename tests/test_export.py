@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from carnet.export import ExportError, export_onnx, read_onnx_meta
-from carnet.model import CheckpointError, load_checkpoint
-from carnet.serve import create_app
-from carnet.transforms import build_eval_transform
+from carnet.data.transforms import build_eval_transform
+from carnet.inference.export import ExportError, export_onnx, read_onnx_meta
+from carnet.models.checkpoint import CheckpointError, load_checkpoint
+from carnet.serving.app import create_app
 
 
 def picture(seed: int, size: tuple[int, int] = (110, 70)) -> bytes:
@@ -108,10 +108,10 @@ def test_failed_export_writes_nothing(tmp_path: Path) -> None:
 
 def test_export_cli_writes_onnx_and_torchscript(tiny_checkpoint: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
-    from carnet.export import main
+    from carnet.inference.export import main
 
     out, ts = tmp_path / "m.onnx", tmp_path / "m.pt"
-    main(["--ckpt", str(tiny_checkpoint), "--out", str(out), "--torchscript", str(ts)])  # python -m carnet.export
+    main(["--ckpt", str(tiny_checkpoint), "--out", str(out), "--torchscript", str(ts)])  # carnet-export
     stdout = capsys.readouterr().out
     assert "onnxruntime vs torch max |dp|" in stdout and f"wrote {ts}" in stdout
     assert read_onnx_meta(out)["model_name"] == "test_efficientnet"
@@ -127,7 +127,7 @@ def test_export_cli_writes_onnx_and_torchscript(tiny_checkpoint: Path, tmp_path:
 
 
 def test_export_cli_names_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from carnet.export import main
+    from carnet.inference.export import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x.onnx")])

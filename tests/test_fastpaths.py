@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carnet.artifacts import RunArtifacts
-from carnet.model import CarClassifier
-from carnet.train import (
+from carnet.training.builders import (
     build_datamodule,
     build_module,
     build_trainer,
@@ -18,9 +16,11 @@ from carnet.train import (
     resolve_compile,
     resolve_precision,
 )
+from carnet.training.module import CarClassifier
+from carnet.training.run_dir import RunArtifacts
 from tests.conftest import CONF, compose_cfg
 
-HEAD = {"_target_": "carnet.net.LinearHead", "dropout": 0.0}
+HEAD = {"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0}
 FAST = ["model=test_efficientnet", "model.pretrained=false", "trainer.max_epochs=1", "data.image_size=64",
         "data.num_workers=0", "trainer.enable_progress_bar=false"]
 

@@ -1,7 +1,7 @@
 """The unfreezing callback: which tensors train, which stay bit-identical, what BatchNorm does (carnet/finetune.py).
 
-Runs are real (in-process) ``carnet.train.train`` runs on tiny data; expectations are computed here from the
-parameter names, independently of carnet.finetune's use of timm's group_matcher.
+Runs are real (in-process) ``carnet.training.train.train`` runs on tiny data; expectations are computed here from the
+parameter names, independently of carnet.training.finetune's use of timm's group_matcher.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from carnet.finetune import ProgressiveUnfreezing, fraction_at, parse_schedule
-from carnet.model import CarClassifier
-from carnet.train import build_module, train
+from carnet.training.builders import build_module
+from carnet.training.finetune import ProgressiveUnfreezing, fraction_at, parse_schedule
+from carnet.training.module import CarClassifier
+from carnet.training.train import train
 from tests.conftest import TINY, compose_cfg
 
 # One batch per epoch: every assertion below needs one optimizer step, and the CPU is shared.
@@ -113,7 +114,8 @@ def test_schedule() -> None:
 def test_schedule_steps_set_requires_grad_and_batchnorm_modes() -> None:
     """Each epoch's state depends on the epoch only: unfreezing puts BatchNorm back in train mode, and going
     back to an earlier epoch (as a resume does) gives that epoch's frozen set again."""
-    module = CarClassifier("test_efficientnet", class_names=list("abc"), head={"_target_": "carnet.net.LinearHead"})
+    module = CarClassifier("test_efficientnet", class_names=list("abc"),
+                           head={"_target_": "carnet.models.heads.LinearHead"})
     module.train()
     norms = [m for m in module.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     head = sum(p.numel() for p in module.head.parameters())

@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 
 from carnet.artifacts import SPLIT_FILE, write_json
-from carnet.data import CarDataModule, DataError
-from carnet.demo import CLASS_NAMES
-from carnet.folds import assign_split, oof_frame, stratified_folds
+from carnet.data.datamodule import CarDataModule
+from carnet.data.layout import DataError
+from carnet.data.splits import assign_split, stratified_folds
+from carnet.inference.oof import oof_frame
+from carnet.tools.demo import CLASS_NAMES
 from tests.conftest import TINY, run_script
 
 

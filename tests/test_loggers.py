@@ -30,7 +30,7 @@ def test_every_logger_writes_its_files_with_hyperparameters(train_run: Callable,
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())["optimizer"]["lr"] == 0.0123
     # MLflow: a local file store inside the run directory, params and metrics in it
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as carnet.loggers.mlflow does in the run
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as carnet.training.loggers.mlflow does in the run
     client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
     experiment = client.get_experiment_by_name("carnet")
     (run,) = client.search_runs([experiment.experiment_id])

@@ -7,18 +7,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from carnet.model import (
-    CarClassifier,
-    CheckpointError,
-    WeightsError,
-    create_backbone,
-    load_checkpoint,
-    read_checkpoint,
-)
+from carnet.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from carnet.models.network import WeightsError, create_backbone
+from carnet.training.module import CarClassifier
 
 HEADS = {
-    "linear": {"_target_": "carnet.net.LinearHead", "dropout": 0.1},
-    "mlp": {"_target_": "carnet.net.MLPHead", "hidden_dim": 32, "dropout": 0.2},
+    "linear": {"_target_": "carnet.models.heads.LinearHead", "dropout": 0.1},
+    "mlp": {"_target_": "carnet.models.heads.MLPHead", "hidden_dim": 32, "dropout": 0.2},
 }
 NAMES = [f"car {k}" for k in range(10)]
 
@@ -71,7 +66,7 @@ def test_checkpoint_carries_everything_inference_needs(tmp_path):
     trainer.save_checkpoint(path)
     net, meta = load_checkpoint(path)
     assert meta["class_names"] == NAMES and meta["image_size"] == 72
-    assert meta["model_name"] == "test_efficientnet" and meta["head"]["_target_"] == "carnet.net.MLPHead"
+    assert meta["model_name"] == "test_efficientnet" and meta["head"]["_target_"] == "carnet.models.heads.MLPHead"
     assert meta["mean"] == list(module.data_config["mean"]) and meta["interpolation"] == "bicubic"
     module.eval()
     images = torch.randn(3, 3, 72, 72)

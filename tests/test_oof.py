@@ -19,10 +19,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
-from carnet.data import decode_image
-from carnet.model import load_checkpoint
-from carnet.predict import PredictError, predict
-from carnet.transforms import build_eval_transform
+from carnet.data.decode import decode_image
+from carnet.data.transforms import build_eval_transform
+from carnet.inference.predict import PredictError, predict
+from carnet.models.checkpoint import load_checkpoint
 from tests.conftest import REPO
 
 FAST = ["data.num_workers=0", "data.batch_size=8", "data.draft=false"]

@@ -12,8 +12,9 @@ import pytorch_lightning as pl
 import torch
 
 from carnet.artifacts import read_summary
-from carnet.phases import PhaseError, join_phases, read_init_from, write_pipeline_report
-from carnet.train import build_module, train
+from carnet.training.builders import build_module
+from carnet.training.phases import PhaseError, join_phases, read_init_from, write_pipeline_report
+from carnet.training.train import train
 from tests.conftest import TINY, compose_cfg, run_script
 
 # One batch per epoch: every assertion below needs one optimizer step, and the CPU is shared.
@@ -142,7 +143,8 @@ def test_pipeline_curves_join_phases_on_one_axis(two_phases: dict[str, Path], tm
 @pytest.mark.slow
 def test_pipeline_command_runs_phases_in_order(tiny_data: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "carnet.pipeline", "--phases", "head,unfreeze_half", f"data.root={tiny_data}", *FAST,
+        [sys.executable, "-m", "carnet.training.pipeline", "--phases", "head,unfreeze_half", f"data.root={tiny_data}",
+         *FAST,
          f"paths.output_dir={tmp_path}", "unfreeze_half:data.image_size=48"],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""carnet.report on hand-made run directories: ranking, differing overrides, unfinished runs, files written."""
+"""carnet.tools.report on hand-made run directories: ranking, differing overrides, unfinished runs, files written."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from carnet.artifacts import EPOCH_COLUMNS, write_json
-from carnet.report import differing_keys, find_runs, main, parse_overrides, write_report
+from carnet.tools.report import differing_keys, find_runs, main, parse_overrides, write_report
 
 
 def make_run(path: Path, status: str, accs: list[float], overrides: list[str]) -> Path:

@@ -28,9 +28,9 @@ import torch
 from flask import Flask
 from PIL import Image
 
-from carnet.model import load_checkpoint
-from carnet.serve import DEFAULT_MAX_CONTENT_LENGTH, ModelLoadError, create_app
-from carnet.transforms import build_eval_transform
+from carnet.data.transforms import build_eval_transform
+from carnet.models.checkpoint import load_checkpoint
+from carnet.serving.app import DEFAULT_MAX_CONTENT_LENGTH, ModelLoadError, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 RESPONSE_KEYS = ["class_id", "class_name", "probability", "top_k", "model", "ms"]
@@ -260,7 +260,7 @@ def test_model_failure_is_500_and_service_recovers(app: Flask, client) -> None:
 def test_factory_errors_name_the_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"missing\.ckpt: file not found"):
         create_app(tmp_path / "missing.ckpt")
-    with pytest.raises(ModelLoadError, match=r"carnet\.export"):
+    with pytest.raises(ModelLoadError, match=r"carnet-export"):
         create_app(tiny_checkpoint, backend="onnx")
     with pytest.raises(ValueError, match="backend='tf'"):
         create_app(tiny_checkpoint, backend="tf")
@@ -347,7 +347,7 @@ def test_gunicorn_serves_correct_predictions(tiny_checkpoint: Path, workers: int
     url = f"http://127.0.0.1:{port}"
     proc = start_server([sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}",
                          "--timeout", "120",
-                         f"carnet.serve:create_app(ckpt={str(tiny_checkpoint)!r}, num_threads=1)"])
+                         f"carnet.serving.app:create_app(ckpt={str(tiny_checkpoint)!r}, num_threads=1)"])
     try:
         health = wait_healthy(url, proc)
         assert health["model"] == "test_efficientnet" and health["num_classes"] == 10
@@ -469,7 +469,7 @@ def test_upload_page_classifies_a_photo_in_chromium(tiny_checkpoint: Path, tmp_p
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server([sys.executable, "-m", "carnet.serve", "--ckpt", str(ckpt), "--host", "127.0.0.1",
+    server = start_server([sys.executable, "-m", "carnet.serving.app", "--ckpt", str(ckpt), "--host", "127.0.0.1",
                            "--port", str(port)])
     browser = None
     try:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from carnet.data import CarDataModule, DataError
-from carnet.demo import CLASS_NAMES, render
-from carnet.sources import load_source, read_sources
+from carnet.data.datamodule import CarDataModule
+from carnet.data.layout import DataError
+from carnet.data.sources import load_source, read_sources
+from carnet.tools.demo import CLASS_NAMES, render
 
 
 def _photo(path: Path, cls: int, key: int) -> Path:

@@ -12,7 +12,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from carnet.artifacts import read_summary
-from carnet.report import write_report
+from carnet.tools.report import write_report
 from tests.conftest import CONF, TINY, compose_cfg, run_script
 
 Sweep = Callable[..., tuple[Path, subprocess.CompletedProcess]]

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from carnet.artifacts import EPOCH_COLUMNS
-from carnet.model import load_checkpoint
+from carnet.models.checkpoint import load_checkpoint
 
 
 def test_one_epoch_run_leaves_every_artifact(train_run):

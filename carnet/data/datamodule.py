@@ -1,17 +1,12 @@
-"""The Kaggle car dataset on disk: scanning and checking the layout, the stratified split, the DataModule.
-
-Layout (sf-dl-car-classification): ``root/train/<k>/*.jpg`` with k the class index, ``root/train.csv``
-(``Id,Category``, optional), ``root/test_upload/*.jpg`` and ``root/sample-submission.csv`` (``Id,Category``).
+"""The LightningDataModule: the split, albumentations pipelines and loaders over a Kaggle-layout folder.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,172 +15,17 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from carnet.cache import ImageCache
-from carnet.transforms import build_eval_transform, build_train_transform
+from carnet.data.cache import ImageCache
+from carnet.data.decode import decode_image, decode_min_side, find_undecodable
+from carnet.data.dedup import drop_val_near_duplicates
+from carnet.data.layout import DataError, read_test, scan_train
+from carnet.data.sources import read_sources
+from carnet.data.splits import assign_split
+from carnet.data.transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-GET_DATA_HINT = (
-    "Get the real data with `make data` (Kaggle competition sf-dl-car-classification, unzipped to data/), "
-    "or write a synthetic dataset in the same layout with `python -m carnet.demo DIR`, then pass data.root=DIR."
-)
-
-
-class DataError(ValueError):
-    """The dataset on disk is not in the layout or state carnet expects; the message says what and where."""
-
-
-def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Decode an image file to an RGB uint8 HxWx3 array.
-
-    With ``min_side``, JPEGs are decoded at a reduced DCT scale (PIL ``draft``) as long as the shorter side stays
-    at least ``min_side``: 2-4x less decoding work for a 640x480 photo fed to a 224 px model.
-    """
-    with Image.open(path) as img:
-        if min_side and img.format == "JPEG":
-            w, h = img.size
-            scale = min_side / min(w, h)
-            if scale < 1:
-                img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # RGB JPEGs: no extra copy
-
-
-def decode_min_side(transform: A.Compose) -> int | None:
-    """The smallest shorter side an image may be decoded at without costing ``transform`` any detail.
-
-    - Evaluation view (``SmallestMaxSize`` first): its ``max_size`` (image_size / crop_pct); anything larger is
-      thrown away by the resize.
-    - ``RandomResizedCrop(size S, scale (s_min, _), ratio (3/4, 4/3))`` first: ``ceil(S / sqrt(s_min))``. The
-      smallest crop covers s_min of the frame; on a 4:3 frame with shorter side m (area 4/3 m^2) its shorter side
-      is at least m * sqrt(s_min) for every ratio in [3/4, 4/3] (exactly that at 3:4 and 4:3, a square crop's is
-      sqrt(4/3) times more), so m >= S / sqrt(s_min) means no crop is ever upsampled. At 224 px with light's
-      s_min = 0.5 that is 317 px (heavy's 0.35: 379 px); at 448 px, 634 px: a 640x480 photo is then decoded at
-      full size, but larger photos and the eval view at reduced scale (B6's 238 px eval side: 1/2 of 640x480).
-    - Anything else first: None (full decoding), since we cannot tell what the pipeline needs.
-    """
-    first = transform.transforms[0] if len(transform.transforms) else None
-    if isinstance(first, A.SmallestMaxSize) and first.max_size is not None:
-        size = first.max_size
-        return int(max(size) if isinstance(size, Sequence) else size)
-    if isinstance(first, A.RandomResizedCrop):
-        return math.ceil(max(first.size) / math.sqrt(min(first.scale)))
-    return None
-
-
-def _undecodable(path: Path) -> str | None:
-    """None if the image decodes (at 1/8 scale: every byte is still read), else why not."""
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (1, 1))
-            img.load()
-        return None
-    except Exception as err:  # PIL raises many types for bad files; any of them means "left out"
-        return f"{type(err).__name__}: {err}"
-
-
-def find_undecodable(paths: Sequence[Path], workers: int = 8) -> dict[Path, str]:
-    """Decode every image once (threads: PIL releases the GIL while decoding); return the broken ones."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(_undecodable, paths))
-    return {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
-
-
-def scan_train(root: str | os.PathLike, num_classes: int) -> pd.DataFrame:
-    """List labelled images as a frame of ``path`` (relative to root) and ``label``, checking the layout.
-
-    ``train.csv`` is the source of labels when present (every row must have its file in ``train/<Category>/``);
-    otherwise the class folders are. Class folders must be named 0..num_classes-1 and must not be empty.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data root {root} does not exist (expected a folder with train/<k>/). {GET_DATA_HINT}")
-    train_dir = root / "train"
-    if not train_dir.is_dir():
-        raise DataError(f"{train_dir} does not exist: expected class folders train/0 .. "
-                        f"train/{num_classes - 1}. {GET_DATA_HINT}")
-    expected = {str(k) for k in range(num_classes)}
-    folders = {p.name for p in train_dir.iterdir() if p.is_dir()}
-    unknown = sorted(folders - expected)
-    if unknown:
-        raise DataError(f"{train_dir} has class folders {unknown} that are not class indices 0..{num_classes - 1} "
-                        f"(data.class_names lists {num_classes} classes)")
-    files = {k: sorted(p.name for p in (train_dir / str(k)).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-             for k in range(num_classes) if (train_dir / str(k)).is_dir()}
-    empty = [str(train_dir / str(k)) for k in range(num_classes) if not files.get(k)]
-    if empty:
-        raise DataError(f"no images in class folder(s) {', '.join(empty)}: every class needs at least one "
-                        f"image. {GET_DATA_HINT}")
-
-    csv_path = root / "train.csv"
-    if csv_path.exists():
-        table = _read_id_table(csv_path)
-        bad = table[(table.Category < 0) | (table.Category >= num_classes)]
-        if len(bad):
-            raise DataError(f"{csv_path}: Category {bad.Category.iloc[0]} (Id {bad.Id.iloc[0]}) is not a class "
-                            f"index 0..{num_classes - 1}")
-        frame = pd.DataFrame({"path": [f"train/{c}/{i}" for i, c in zip(table.Id, table.Category, strict=True)],
-                              "label": table.Category.to_numpy()})
-        missing = [p for p in frame.path if not (root / p).is_file()]
-        if missing:
-            raise DataError(f"{csv_path} lists {len(missing)} image(s) that are not on disk, first: "
-                            f"{root / missing[0]} (expected each row's file in train/<Category>/). {GET_DATA_HINT}")
-    else:
-        frame = pd.DataFrame([(f"train/{k}/{name}", k) for k, names in files.items() for name in names],
-                             columns=["path", "label"])
-    return frame.sort_values("path", kind="stable").reset_index(drop=True)
-
-
-def _read_id_table(path: Path) -> pd.DataFrame:
-    """Read an ``Id,Category`` CSV (train.csv, sample-submission.csv), naming the file if it is malformed."""
-    try:
-        table = pd.read_csv(path)
-    except Exception as err:
-        raise DataError(f"cannot read {path}: {err}") from err
-    if list(table.columns[:2]) != ["Id", "Category"]:
-        raise DataError(f"{path} has columns {list(table.columns)}; expected the header Id,Category")
-    if not pd.api.types.is_integer_dtype(table.Category):
-        raise DataError(f"{path}: column Category must hold integer class indices")
-    table["Id"] = table.Id.astype(str)
-    return table
-
-
-def read_test(root: str | os.PathLike) -> pd.DataFrame:
-    """Test images in the order of ``sample-submission.csv``: frame of ``Id`` and ``path`` (relative to root)."""
-    root = Path(root)
-    sample = root / "sample-submission.csv"
-    if not sample.is_file():
-        raise DataError(f"{sample} not found: it gives the Ids and order of the submission. {GET_DATA_HINT}")
-    table = _read_id_table(sample)
-    frame = pd.DataFrame({"Id": table.Id, "path": "test_upload/" + table.Id})
-    missing = [p for p in frame.path if not (root / p).is_file()]
-    if missing:
-        raise DataError(f"{sample} lists {len(missing)} image(s) missing from {root / 'test_upload'}, "
-                        f"first: {root / missing[0]}")
-    return frame
-
-
-def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows: ``val_fraction`` of each class, chosen by ``seed`` alone.
-
-    The same labels and seed give the same mask in every run and phase, so phases never validate on images
-    an earlier phase trained on.
-    """
-    if not 0 < val_fraction < 1:
-        raise DataError(f"data.val_fraction={val_fraction}: expected a fraction in (0, 1)")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    is_val = np.zeros(len(labels), dtype=bool)
-    for k in np.unique(labels):
-        rows = np.flatnonzero(labels == k)
-        n_val = round(len(rows) * val_fraction)
-        if len(rows) > 1:
-            n_val = min(max(n_val, 1), len(rows) - 1)  # every class in both splits when it can be
-        is_val[rng.permutation(rows)[:n_val]] = True
-    return is_val
 
 
 class ImageDataset(Dataset):
@@ -279,7 +119,7 @@ class CarDataModule(pl.LightningDataModule):
         self.crop_pct = float(cfg.get("crop_pct", 1.0))
         self.split: pd.DataFrame | None = None
         self.excluded: dict[str, str] = {}
-        # data.extra / k-fold / dedup (carnet.sources, carnet.folds, carnet.audit)
+        # data.extra / k-fold / dedup (carnet.data.sources, carnet.data.splits, carnet.tools.audit)
         self.extra = [extra] if isinstance(extra, str) else list(extra or [])
         self.num_folds, self.fold = num_folds, fold
         self.dedup, self.dedup_threshold = dedup, int(dedup_threshold)
@@ -299,8 +139,6 @@ class CarDataModule(pl.LightningDataModule):
         """
         if self.split is not None:
             return
-        from carnet.folds import assign_split
-        from carnet.sources import read_sources
 
         frame = scan_train(self.root, self.num_classes).assign(source="train")
         extra, stats = read_sources(self.extra, self.class_names)
@@ -321,8 +159,6 @@ class CarDataModule(pl.LightningDataModule):
         split, fold = assign_split(frame.label[own], self.seed, self.val_fraction, self.num_folds, self.fold)
         frame.loc[own, "split"], frame.loc[own, "fold"] = split, fold
         if self.dedup:
-            from carnet.audit import drop_val_near_duplicates
-
             frame, self.dedup_dropped = drop_val_near_duplicates(frame, self.root, self.dedup_threshold,
                                                                  max(2, self.num_workers))
             log.info("data.dedup: left out %d training image(s) that are near-duplicates of validation images",

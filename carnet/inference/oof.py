@@ -1,10 +1,4 @@
-"""Stratified k-fold splits (``data.num_folds``, ``data.fold``) and the out-of-fold frame of a set of fold runs.
-
-``python train.py -m data.fold=0,1,2,3,4`` trains one run per fold; fold k's validation set is fold k. The fold of
-every image depends only on the labels, ``num_folds`` and ``seed``, so all runs of a sweep agree on it and
-``split.csv`` (column ``fold``) records it. :func:`oof_frame` gathers the validation rows of such runs so that a
-predictor can score each image with the one model that never trained on it.
-"""
+"""X"""
 
 from __future__ import annotations
 
@@ -12,43 +6,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from carnet.artifacts import SPLIT_FILE, read_summary
-from carnet.data import DataError, stratified_split
-
-
-def stratified_folds(labels: Sequence[int], num_folds: int, seed: int) -> np.ndarray:
-    """Fold index (0..num_folds-1) of every row: each class spread evenly over the folds, fixed by ``seed``.
-
-    Hand-written (10 lines) rather than scikit-learn's StratifiedKFold to avoid a dependency: rows are shuffled
-    within each class, the classes laid end to end and dealt round-robin, so every fold gets each class's
-    count to within one and fold sizes differ by at most one.
-    """
-    if int(num_folds) < 2:
-        raise DataError(f"data.num_folds={num_folds}: expected at least 2 folds")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(np.flatnonzero(labels == k)) for k in np.unique(labels)]
-                           or [np.zeros(0, dtype=int)])
-    folds = np.empty(len(labels), dtype=int)
-    folds[order] = np.arange(len(order)) % int(num_folds)
-    return folds
-
-
-def assign_split(labels: Sequence[int], seed: int, val_fraction: float, num_folds: int | None = None,
-                 fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(split "train"/"val", fold index or -1) per row: fold ``fold`` of ``num_folds`` is val when ``fold`` is set,
-    else a stratified ``val_fraction`` (the foundation's split)."""
-    if fold is None:
-        is_val = stratified_split(labels, val_fraction, seed)
-        return np.where(is_val, "val", "train"), np.full(len(is_val), -1)
-    if num_folds is None or not 0 <= int(fold) < int(num_folds):
-        raise DataError(f"data.fold={fold}: expected a fold index 0..{(num_folds or 0) - 1} "
-                        f"(data.num_folds={num_folds})")
-    folds = stratified_folds(labels, int(num_folds), seed)
-    return np.where(folds == int(fold), "val", "train"), folds
+from carnet.data.layout import DataError
 
 
 def oof_frame(run_dirs: Sequence[str | os.PathLike], require_all: bool = False) -> pd.DataFrame:

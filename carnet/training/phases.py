@@ -16,14 +16,17 @@ import pandas as pd
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from carnet.artifacts import SUMMARY_FILE, RunArtifacts, plot_curves, read_metrics, write_json
-from carnet.finetune import ProgressiveUnfreezing, fraction_at
-from carnet.model import CarClassifier, CheckpointError, read_checkpoint
+from carnet.artifacts import SUMMARY_FILE, plot_curves, read_metrics, write_json
+from carnet.errors import CarnetError
+from carnet.models.checkpoint import CheckpointError, read_checkpoint
+from carnet.training.finetune import ProgressiveUnfreezing, fraction_at
+from carnet.training.module import CarClassifier
+from carnet.training.run_dir import RunArtifacts
 
 PIPELINE_FILE = "pipeline.json"
 
 
-class PhaseError(ValueError):
+class PhaseError(CarnetError):
     """A phase cannot start: its predecessor is missing or does not fit; the message says what to do."""
 
 

@@ -27,12 +27,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from carnet.data.decode import decode_image
+from carnet.errors import CarnetError
+
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
 
 
-class CacheError(ValueError):
+class CacheError(CarnetError):
     """A cache setting is invalid; the message names the key and the expected values."""
 
 
@@ -48,7 +51,6 @@ def decode_resized(path: str | os.PathLike, min_side: int | None) -> np.ndarray:
     Shrinking with INTER_AREA (a proper box filter) to exactly what the pipeline needs keeps cache entries small
     and makes every later augmentation cheaper, without losing any detail the pipeline would use.
     """
-    from carnet.data import decode_image  # here, not at the top: carnet.data imports this module
 
     image = decode_image(path, min_side)
     shorter = min(image.shape[:2])

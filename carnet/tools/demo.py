@@ -1,6 +1,6 @@
 """Synthetic stand-in for the Kaggle *sf-dl-car-classification* data set.
 
-``python -m carnet.demo OUT`` draws ten classes of side-view cars in the competition's layout
+``carnet-demo OUT`` draws ten classes of side-view cars in the competition's layout
 (``train/<k>/<id>.jpg``, ``train.csv``, ``test_upload/``, ``sample-submission.csv``), so the whole pipeline
 and ``make demo`` run offline in minutes instead of needing the real download. A class is defined by body
 shape, proportions and fittings (bumpers, mouldings, roof rack, ...); paint colour, background, position,
@@ -267,8 +267,8 @@ def make_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m carnet.demo OUT [--per-class N] [--test N] [--seed S] [--force]``."""
-    ap = argparse.ArgumentParser(prog="python -m carnet.demo", description=__doc__.splitlines()[0])
+    """CLI: ``carnet-demo OUT [--per-class N] [--test N] [--seed S] [--force]``."""
+    ap = argparse.ArgumentParser(prog="carnet-demo", description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="output directory (must be missing or empty unless --force)")
     ap.add_argument("--per-class", type=int, default=150, help="train images per class (default 150)")
     ap.add_argument("--test", type=int, default=100, help="test_upload images (default 100)")

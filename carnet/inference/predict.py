@@ -3,7 +3,7 @@ out-of-fold report of a k-fold sweep (``split=oof``).
 
 Every checkpoint brings its own image size, normalisation and class names (``checkpoint["carnet"]``), so models
 of different architectures and sizes can be ensembled: each gets its own loader, and the ensemble averages
-class probabilities. TTA views and their merge live in :mod:`carnet.tta`. ``predict.py`` at the top level is
+class probabilities. TTA views and their merge live in :mod:`carnet.inference.tta`. ``predict.py`` at the top level is
 the thin ``@hydra.main`` wrapper around :func:`predict`.
 """
 
@@ -13,7 +13,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,7 +25,10 @@ from typing import Any
 
 import matplotlib
 
+from carnet.errors import CarnetError
+
 matplotlib.use("Agg")  # files only
+import hydra
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -36,11 +41,15 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE, write_csv_atomic
-from carnet.data import DataError, ImageDataset, default_num_workers, read_test
-from carnet.folds import oof_frame
-from carnet.net import CarNet, CheckpointError, load_checkpoint
-from carnet.transforms import build_eval_transform
-from carnet.tta import IDENTITY, TTA, build_views, pick_views, view_logits
+from carnet.config import config_dir
+from carnet.data.datamodule import ImageDataset, default_num_workers
+from carnet.data.layout import DataError, read_test
+from carnet.data.transforms import build_eval_transform
+from carnet.errors import exit_on_error
+from carnet.inference.oof import oof_frame
+from carnet.inference.tta import IDENTITY, TTA, build_views, pick_views, view_logits
+from carnet.models.checkpoint import CheckpointError, load_checkpoint
+from carnet.models.network import CarNet
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -50,7 +59,7 @@ if not console.is_terminal:  # logs and pipes: room for the report table instead
 SUBMISSION_COLUMNS = ["Id", "Category"]
 
 
-class PredictError(ValueError):
+class PredictError(CarnetError):
     """predict cannot go on as configured; the message names the file, key or value at fault."""
 
 
@@ -240,7 +249,7 @@ def oof_images(models: Sequence[Model], root: str | os.PathLike | None,
                run_dirs: Sequence[str | os.PathLike | None]) -> tuple[list[FoldPart], int, int]:
     """(each checkpoint with its own fold's images in fold order, num_folds, images in the folds in all).
 
-    :func:`carnet.folds.oof_frame` checks that the runs share one fold assignment and that no fold is claimed
+    :func:`carnet.inference.oof.oof_frame` checks that the runs share one fold assignment and that no fold is claimed
     twice; a checkpoint whose run did not train on a fold is an error naming it.
     """
     runs: list[Path] = []
@@ -690,3 +699,34 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                                                Path(pseudo.dir) / name, [m.path for m in models])
     result["seconds"] = time.time() - started
     return result
+
+
+def quote_tta_option(argv: list[str]) -> list[str]:
+    """``tta=true`` / ``tta=false`` as the names of the tta group's options (conf/tta/true.yaml, false.yaml).
+
+    Hydra's override grammar reads a bare true/false as a boolean and refuses it for a config group, so the
+    value is quoted before Hydra parses the command line.
+    """
+    return [f"tta='{m[1].lower()}'" if (m := re.fullmatch(r"tta=(true|false)", a, re.IGNORECASE)) else a
+            for a in argv]
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
+def _main(cfg: DictConfig) -> float | None:
+    """Returns the validation (split=val) or out-of-fold (split=oof) accuracy: what a TTA sweep would maximise."""
+    with exit_on_error("predict"):
+        result = predict(cfg)
+    for report in ("oof", "val"):
+        if report in result:
+            return result[report]["accuracy"]
+    return None
+
+
+def main() -> None:
+    """``carnet-predict ckpt=PATH [tta=true] [split=val|oof]`` (conf/predict.yaml)."""
+    sys.argv = quote_tta_option(sys.argv)
+    _main()
+
+
+if __name__ == "__main__":
+    main()

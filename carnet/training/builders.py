@@ -1,11 +1,8 @@
-"""Training entry: config -> DataModule, LightningModule, callbacks -> Trainer -> a run directory.
-
-``train.py`` at the top level is a thin ``@hydra.main`` wrapper around :func:`train`.
+"""Builders: config -> LightningModule, DataModule and Trainer (with carnet's callbacks and loggers).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
-from pytorch_lightning.utilities import rank_zero_only
 
-from carnet.artifacts import SPLIT_FILE, RunArtifacts
-from carnet.data import CarDataModule
-from carnet.loggers import LogConfig
-from carnet.model import CarClassifier
-from carnet.phases import finish_phase, read_init_from, setup_phase
-
-log = logging.getLogger(__name__)
+from carnet.data.datamodule import CarDataModule
+from carnet.training.loggers import LogConfig
+from carnet.training.module import CarClassifier
 
 
 def resolve_precision(precision: Any, accelerator: str) -> str:
@@ -115,50 +107,3 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     trainer_cfg["benchmark"] = resolve_benchmark(trainer_cfg.get("benchmark"), str(trainer_cfg.get("accelerator")))
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                        default_root_dir=str(run_dir))
-
-
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``)."""
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
-    if is_rank_zero:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    pl.seed_everything(cfg.seed, workers=True)
-
-    init = read_init_from(cfg)  # fails fast on a missing or mismatching predecessor phase (conf/phase)
-    module = build_module(cfg)
-    phase_callbacks, phase_fields = setup_phase(cfg, module, init)  # init_from weights, unfreezing callback
-    datamodule = build_datamodule(cfg, module)
-    module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
-    datamodule.setup("fit")
-    if is_rank_zero:
-        datamodule.write_split(run_dir / SPLIT_FILE)
-    if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
-        from carnet.tune import tune
-
-        return tune(cfg, module, datamodule, run_dir)
-    counts = datamodule.split.split.value_counts()
-    artifacts = RunArtifacts(run_dir, {
-        "run_dir": str(run_dir),
-        "model": cfg.model.name,
-        "head": cfg.head.get("_target_", "").rsplit(".", 1)[-1],
-        "image_size": int(cfg.data.image_size),
-        "seed": int(cfg.seed),
-        "data_root": str(datamodule.root),
-        "num_train": int(counts.get("train", 0)),
-        "num_val": int(counts.get("val", 0)),
-        "num_excluded": len(datamodule.excluded),
-        **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
-        "overrides": overrides_of(cfg),
-        "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
-        **phase_fields,
-    })
-    trainer = build_trainer(cfg, run_dir, [*phase_callbacks, artifacts])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
-
-    summary = finish_phase(cfg, trainer, artifacts, phase_callbacks)
-    if summary.get("best_val_acc") is not None:
-        print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
-    return summary
-

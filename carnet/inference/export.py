@@ -2,13 +2,13 @@
 
 ::
 
-    python -m carnet.export --ckpt best.ckpt --out model.onnx [--torchscript model.pt]
+    carnet-export --ckpt best.ckpt --out model.onnx [--torchscript model.pt]
 
 The ONNX graph maps ``images`` (N, 3, H, W float32, normalised; N is dynamic) to ``logits`` (N, C). Everything
 needed to feed it (image size, mean, std, interpolation, crop_pct, class names, model name) is stored in the
 file's ``metadata_props`` under ``carnet`` as JSON: the same dict as a checkpoint's ``checkpoint["carnet"]``
 (and each field again under its own key), so :func:`read_onnx_meta` and
-:func:`carnet.transforms.build_eval_transform` rebuild the exact eval view. After writing, the export runs the
+:func:`carnet.data.transforms.build_eval_transform` rebuild the exact eval view. After writing, the export runs the
 file with onnxruntime and checks its probabilities against torch's.
 """
 
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from carnet.net import CHECKPOINT_KEY, load_checkpoint
+from carnet.errors import CarnetError
+from carnet.models.checkpoint import CHECKPOINT_KEY, load_checkpoint
 
 META_KEY = CHECKPOINT_KEY  # metadata_props key holding the inference metadata as JSON
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -32,7 +33,7 @@ DEFAULT_OPSET = 17
 REQUIRED_META = ("model_name", "class_names", "image_size", "mean", "std", "interpolation", "crop_pct")
 
 
-class ExportError(ValueError):
+class ExportError(CarnetError):
     """An export or an exported file is not usable; the message names the file and what is wrong."""
 
 
@@ -111,7 +112,7 @@ def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(f"{path} cannot be read as ONNX ({type(err).__name__}: {err})") from err
     props = {p.key: p.value for p in model.metadata_props}
     if META_KEY not in props:
-        raise ExportError(f"{path} has no '{META_KEY}' metadata: export it with `python -m carnet.export`")
+        raise ExportError(f"{path} has no '{META_KEY}' metadata: export it with `carnet-export`")
     meta = json.loads(props[META_KEY])
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
@@ -139,7 +140,7 @@ def export_torchscript(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m carnet.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="carnet-export", description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="carnet checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--torchscript", default=None, metavar="PATH", help="also write a TorchScript file")

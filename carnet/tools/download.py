@@ -1,6 +1,6 @@
 """``make data``: the competition's files with the official ``kaggle`` client, unzipped into ``data.root``'s layout.
 
-``python -m carnet.download [--root data]`` checks for Kaggle credentials *before* touching the network (no
+``carnet-download [--root data]`` checks for Kaggle credentials *before* touching the network (no
 credentials: a message saying where ``kaggle.json`` goes and how to accept the rules, exit code 2, in well under a
 second), downloads ``sf-dl-car-classification.zip`` with ``kaggle competitions download`` (which itself skips an
 up-to-date zip), and unpacks it, nested ``train.zip`` / ``test.zip`` included, into::
@@ -152,7 +152,7 @@ def download(root: Path, competition: str = COMPETITION) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m carnet.download", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="carnet-download", description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("data"), help="where to unpack (data.root; default data/)")
     ap.add_argument("--competition", default=COMPETITION)
     ap.add_argument("--check", action="store_true", help="only check: data already there, or credentials present")

@@ -1,4 +1,4 @@
-"""Compare runs: ``python -m carnet.report DIR`` (a sweep's folder, or any folder of run directories).
+"""Compare runs: ``carnet-report DIR`` (a sweep's folder, or any folder of run directories).
 
 Reads every ``summary.json`` + ``metrics.csv`` under DIR (carnet/artifacts.py's contract, never a logger's
 files), prints a table sorted by ``best_val_acc`` with the overrides that differ between runs, and writes
@@ -213,7 +213,7 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m carnet.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="carnet-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="a sweep folder (multirun/DATE/TIME) or any folder of run directories")
     parser.add_argument("--out", default=None, help="where report.md and report.png go (default: DIR)")
     args = parser.parse_args(argv)

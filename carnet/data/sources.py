@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from carnet.data import IMAGE_EXTENSIONS, DataError
+from carnet.data.layout import IMAGE_EXTENSIONS, DataError
 
 SOURCE_TYPES = ("csv", "folder")
 

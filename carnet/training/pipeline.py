@@ -1,6 +1,6 @@
 """The fine-tuning recipe in one command: each phase of conf/phase as its own ``train.py`` run, in order.
 
-    python -m carnet.pipeline [--phases head,unfreeze_half,...] [OVERRIDE ...] [PHASE:OVERRIDE ...]
+    carnet-pipeline [--phases head,unfreeze_half,...] [OVERRIDE ...] [PHASE:OVERRIDE ...]
 
 An ``OVERRIDE`` (Hydra syntax, e.g. ``data.root=DIR model=tf_efficientnet_lite0``) goes to every phase; one
 prefixed with a phase name goes to that phase only (``finetune_448:data.image_size=300``). Each phase starts
@@ -8,8 +8,8 @@ from the previous one's best weights through ``${paths.phases}/<phase>.ckpt`` (t
 as when the commands are typed one by one. Afterwards ``${paths.phases}/curves.png`` shows all phases on one
 epoch axis and ``${paths.phases}/pipeline.json`` lists their runs and results.
 
-Why subprocesses: every phase is then literally ``python train.py phase=NAME ...`` (fresh Hydra state, its own
-run directory, nothing carried over in memory that the hand-off through checkpoints would not carry).
+Why subprocesses: every phase is then literally ``carnet-train phase=NAME ...`` (fresh Hydra state, its own run
+directory, nothing carried over in memory that the hand-off through checkpoints would not carry).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from rich.console import Console
 
-from carnet.phases import PIPELINE_FILE, write_pipeline_report
+from carnet.config import config_dir
+from carnet.training.phases import PIPELINE_FILE, write_pipeline_report
 
-REPO = Path(__file__).resolve().parents[1]
 PHASES = ["head", "unfreeze_half", "unfreeze_3q", "unfreeze_all", "finetune_448"]
 
 
@@ -45,7 +45,7 @@ def split_overrides(args: list[str], phases: list[str]) -> tuple[list[str], dict
 
 def phases_dir_of(overrides: list[str]) -> Path:
     """``paths.phases`` as train.py will resolve it with these overrides."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[o for o in overrides if not o.lstrip("+~").startswith("hydra.")])
     return Path(cfg.paths.phases)
 
@@ -54,7 +54,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     """Run ``phases`` in order; return ``${paths.phases}``. A failing phase stops the pipeline (SystemExit)."""
     console = console or Console()
     phases = list(phases or PHASES)
-    available = sorted(p.stem for p in (REPO / "conf" / "phase").glob("*.yaml"))
+    available = sorted(p.stem for p in (config_dir() / "phase").glob("*.yaml"))
     unknown = [p for p in phases if p not in available]
     if unknown:
         raise SystemExit(f"--phases: unknown phase(s) {unknown}; conf/phase has {available}")
@@ -65,12 +65,12 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     runs: list[tuple[str, Path]] = []
     for i, phase in enumerate(phases, 1):
         run_dir = root / f"{i}-{phase}"
-        command = [sys.executable, str(REPO / "train.py"), f"phase={phase}", *common, *per_phase[phase],
+        command = [sys.executable, "-m", "carnet.training.train", f"phase={phase}", *common, *per_phase[phase],
                    f"hydra.run.dir={run_dir}"]
         console.rule(f"[bold]phase {i}/{len(phases)}: {phase}")
         console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
         runs.append((phase, run_dir))
-        code = subprocess.call(command, cwd=REPO, env=env)
+        code = subprocess.call(command, env=env)
         write_pipeline_report(phases_dir, runs, title=" → ".join(p for p, _ in runs))
         if code != 0:
             raise SystemExit(f"pipeline stopped: phase {phase} failed (exit {code}); its run directory is {run_dir}. "
@@ -81,9 +81,9 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m carnet.pipeline", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="carnet-pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="e.g. python -m carnet.pipeline data.root=data model=tf_efficientnet_lite0 "
+                                     epilog="e.g. carnet-pipeline data.root=data model=tf_efficientnet_lite0 "
                                             "finetune_448:data.image_size=300")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated phases to run in order (default: {','.join(PHASES)})")

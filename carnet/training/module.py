@@ -1,7 +1,6 @@
-"""The LightningModule: cross-entropy training of :class:`carnet.net.CarNet` with head and backbone rates.
+"""The LightningModule: cross-entropy training of :class:`carnet.models.network.CarNet` with head and backbone rates.
 
-The network, heads and checkpoint loading live in :mod:`carnet.net` (no Lightning import there); they are
-re-exported here for convenience.
+The network, heads and checkpoint format live in :mod:`carnet.models` (no Lightning import there).
 """
 
 from __future__ import annotations
@@ -18,19 +17,9 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from carnet.net import (  # noqa: F401  (re-exported)
-    CHECKPOINT_KEY,
-    CarNet,
-    CheckpointError,
-    LinearHead,
-    MLPHead,
-    WeightsError,
-    build_head,
-    create_backbone,
-    load_backbone_weights,
-    load_checkpoint,
-    read_checkpoint,
-)
+from carnet.models.checkpoint import CHECKPOINT_KEY
+from carnet.models.heads import build_head
+from carnet.models.network import CarNet, create_backbone
 
 
 def _plain(value: Any) -> Any:
@@ -66,7 +55,7 @@ class CarClassifier(pl.LightningModule):
             "drop_path_rate": drop_path_rate, "channels_last": channels_last, "compile": compile,
             "optimizer": optimizer, "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult,
             "label_smoothing": label_smoothing,
-        }, logger=False)  # carnet.loggers.LogConfig logs the whole run config instead
+        }, logger=False)  # carnet.training.loggers.LogConfig logs the whole run config instead
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if drop_path_rate or drop_rate else {}
         backbone = create_backbone(model_name, pretrained=pretrained, weights=weights, **kwargs)
         self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)))
@@ -74,7 +63,7 @@ class CarClassifier(pl.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and load_checkpoint unchanged
             self.net.compile()
-        # Where this model was trained (run_dir, data_root), set by carnet.train: predict's split=val finds the
+        # Where this model was trained (run_dir, data_root), set by carnet.training.train: predict's split=val finds the
         # run's split.csv through it even after the checkpoint was copied out of <run dir>/checkpoints/.
         self.provenance: dict[str, str] = {}
         self.train_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")

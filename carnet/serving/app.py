@@ -2,8 +2,8 @@
 
 ::
 
-    python -m carnet.serve --ckpt best.ckpt --host 127.0.0.1 --port 8000        # development server
-    gunicorn -w 2 -b 127.0.0.1:8000 'carnet.serve:create_app(ckpt="best.ckpt")'  # production
+    carnet-serve --ckpt best.ckpt --host 127.0.0.1 --port 8000        # development server
+    gunicorn -w 2 -b 127.0.0.1:8000 'carnet.serving.app:create_app(ckpt="best.ckpt")'  # production
 
 The model is loaded once per process, never per request, and only on the CPU: gunicorn (without
 ``--preload``) calls :func:`create_app` in each worker after the fork, so every worker loads its own copy and
@@ -11,7 +11,7 @@ the master never imports a model. Should a loaded model be forked anyway (``--pr
 the child loads a fresh copy (the holder remembers the process id), because thread pools do not survive a fork.
 
 Preprocessing is the training evaluation view: the image decoded like :func:`carnet.data.decode_image` (full
-decode, RGB) and fed through :func:`carnet.transforms.build_eval_transform` with the checkpoint's own
+decode, RGB) and fed through :func:`carnet.data.transforms.build_eval_transform` with the checkpoint's own
 size / normalisation / interpolation / crop. Uploads stay in memory; nothing is written to disk.
 """
 
@@ -33,7 +33,8 @@ from flask import Flask, Request, jsonify, request
 from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import HTTPException
 
-from carnet.transforms import build_eval_transform
+from carnet.data.transforms import build_eval_transform
+from carnet.errors import CarnetError
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,11 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 RAW_BODY_TYPES = ("image/", "application/octet-stream")
 
 
-class BadImage(ValueError):
+class BadImage(CarnetError):
     """The uploaded bytes are not a usable image; the message says why (answered as 400)."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(CarnetError):
     """The checkpoint / ONNX file cannot be served; the message names the file."""
 
 
@@ -98,12 +99,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def hflip_tta(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
     """Test-time augmentation: the image and its horizontal mirror in one batch of 2N, merged like predict.py's
-    ``tta=true`` (:func:`carnet.tta.merge_probs`, mean). Views are applied to the numpy batch so the ONNX backend
-    gets them too.
+    ``tta=true`` (:func:`carnet.inference.tta.merge_probs`, mean). Views are applied to the numpy batch so the
+    ONNX backend gets them too.
     """
     import torch
 
-    from carnet.tta import merge_probs
+    from carnet.inference.tta import merge_probs
 
     n = len(batch)
     probs = softmax(run(np.concatenate([batch, batch[..., ::-1]])))
@@ -115,14 +116,14 @@ def hflip_tta(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.
 
 
 class TorchBackend:
-    """A carnet checkpoint run with PyTorch on the CPU (:func:`carnet.model.load_checkpoint`)."""
+    """A carnet checkpoint run with PyTorch on the CPU (:func:`carnet.models.checkpoint.load_checkpoint`)."""
 
     name = "torch"
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None) -> None:
         import torch
 
-        from carnet.net import load_checkpoint
+        from carnet.models.checkpoint import load_checkpoint
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -135,14 +136,14 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """An ONNX file written by ``python -m carnet.export``, run with onnxruntime on the CPU."""
+    """An ONNX file written by ``carnet-export``, run with onnxruntime on the CPU."""
 
     name = "onnx"
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from carnet.export import read_onnx_meta
+        from carnet.inference.export import read_onnx_meta
 
         self.meta = read_onnx_meta(path)
         options = ort.SessionOptions()
@@ -167,7 +168,7 @@ class Classifier:
             raise ModelLoadError(f"ckpt={path} is an ONNX file: serve it with backend='onnx' (--backend onnx)")
         if backend == "onnx" and path.suffix != ".onnx":
             raise ModelLoadError(f"backend='onnx' needs a .onnx file, got {path}: write one with "
-                                 f"`python -m carnet.export --ckpt {path} --out model.onnx`")
+                                 f"`carnet-export --ckpt {path} --out model.onnx`")
         self.backend = TorchBackend(path, num_threads) if backend == "torch" else OnnxBackend(path, num_threads)
         self.meta = self.backend.meta
         self.tta = tta
@@ -394,8 +395,8 @@ $("form").addEventListener("submit", async (event) => {
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m carnet.serve``: the development server (use gunicorn in production)."""
-    parser = argparse.ArgumentParser(prog="python -m carnet.serve", description=__doc__.split("\n")[0])
+    """``carnet-serve``: the development server (use gunicorn in production)."""
+    parser = argparse.ArgumentParser(prog="carnet-serve", description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="carnet checkpoint (.ckpt), or .onnx with --backend onnx")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="torch or onnx (default: onnx for a .onnx file, else torch)")

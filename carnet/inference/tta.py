@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carnet.errors import CarnetError
+
 MERGES = ("mean", "gmean")
 CORNERS = ("center", "tl", "tr", "bl", "br")
 
 
-class TTAError(ValueError):
+class TTAError(CarnetError):
     """A TTA setting is invalid; the message names the key and what is expected."""
 
 

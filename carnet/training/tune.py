@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.tuner import Tuner
 
 from carnet.artifacts import write_json
-from carnet.data import CarDataModule
-from carnet.model import CarClassifier
-from carnet.train import build_trainer
+from carnet.data.datamodule import CarDataModule
+from carnet.training.builders import build_trainer
+from carnet.training.module import CarClassifier
 
 PLOT_FILE, RESULT_FILE = "lr_find.png", "lr_find.json"
 MODES = ("lr_find",)
@@ -84,7 +84,7 @@ def lr_find(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, r
 
 
 def tune(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_dir: Path) -> dict[str, Any]:
-    """Dispatch on ``tune.mode`` (the hook called by :func:`carnet.train.train`)."""
+    """Dispatch on ``tune.mode`` (the hook called by :func:`carnet.training.train.train`)."""
     mode = cfg.tune.get("mode")
     if mode not in MODES:
         raise ValueError(f"tune.mode={mode!r} is not supported; expected one of {', '.join(MODES)}")

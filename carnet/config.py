@@ -1,4 +1,9 @@
-"""OmegaConf resolvers used by conf/ (registered when ``carnet`` is imported, before Hydra composes a config).
+"""Where carnet's Hydra configs live, and the OmegaConf resolvers they use.
+
+``conf/`` sits at the top of a source checkout and is installed inside the package (``carnet/conf``, package
+data), so a plain ``pip install`` trains, predicts and runs the pipeline with the same configs.
+
+Resolvers are registered when ``carnet`` is imported, before Hydra composes a config.
 
 ``${carnet.phases_dir:BASE}``: where phase runs hand their best checkpoint to the next phase. A single run uses
 ``BASE/phases`` (shared by the separate runs of a phase chain); a job of a multirun sweep uses
@@ -7,7 +12,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def config_dir() -> Path:
+    """``conf/``: the installed copy inside the package, else the source checkout's top-level folder."""
+    for candidate in (PACKAGE / "conf", PACKAGE.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"carnet's configs are neither in {PACKAGE / 'conf'} nor in {PACKAGE.parent / 'conf'}: "
+                            "reinstall carnet (`pip install .`)")
 
 
 def phases_dir(base: str) -> str:

@@ -1,0 +1,52 @@
+"""The checkpoint format: everything inference needs under ``checkpoint["carnet"]``.
+
+Model name, head config, class names, image size and normalisation travel with the weights, so
+:func:`load_checkpoint` rebuilds the network from the file alone (predict, serve and export need nothing else).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carnet.errors import CarnetError
+from carnet.models.heads import build_head
+from carnet.models.network import CarNet, create_backbone
+
+CHECKPOINT_KEY = "carnet"
+
+
+class CheckpointError(CarnetError):
+    """A checkpoint cannot be read or is not a carnet checkpoint; the message names the file."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a carnet checkpoint file (on the CPU), with a clear error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a carnet checkpoint (no '{CHECKPOINT_KEY}' metadata)")
+    return checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[CarNet, dict[str, Any]]:
+    """Rebuild the network of a checkpoint for inference: (CarNet in eval mode on the CPU, its metadata).
+
+    Needs nothing but the file: no config, no download (the backbone is built without pretrained weights and
+    then gets the checkpoint's own).
+    """
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint[CHECKPOINT_KEY]
+    backbone = create_backbone(meta["model_name"], pretrained=False)
+    net = CarNet(backbone, build_head(meta["head"], backbone.num_features, len(meta["class_names"])))
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return net.eval(), meta

@@ -1,0 +1,79 @@
+"""Training entry: config -> DataModule, LightningModule, callbacks -> Trainer -> a run directory.
+
+:func:`main` is the ``carnet-train`` command; ``train.py`` at the top level calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from carnet.artifacts import SPLIT_FILE
+from carnet.config import config_dir
+from carnet.errors import exit_on_error
+from carnet.training.builders import build_datamodule, build_module, build_trainer, overrides_of, run_dir_of
+from carnet.training.phases import finish_phase, read_init_from, setup_phase
+from carnet.training.run_dir import RunArtifacts
+from carnet.training.tune import tune
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``)."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
+    if is_rank_zero:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    pl.seed_everything(cfg.seed, workers=True)
+
+    init = read_init_from(cfg)  # fails fast on a missing or mismatching predecessor phase (conf/phase)
+    module = build_module(cfg)
+    phase_callbacks, phase_fields = setup_phase(cfg, module, init)  # init_from weights, unfreezing callback
+    datamodule = build_datamodule(cfg, module)
+    module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
+    datamodule.setup("fit")
+    if is_rank_zero:
+        datamodule.write_split(run_dir / SPLIT_FILE)
+    if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
+        return tune(cfg, module, datamodule, run_dir)
+    counts = datamodule.split.split.value_counts()
+    artifacts = RunArtifacts(run_dir, {
+        "run_dir": str(run_dir),
+        "model": cfg.model.name,
+        "head": cfg.head.get("_target_", "").rsplit(".", 1)[-1],
+        "image_size": int(cfg.data.image_size),
+        "seed": int(cfg.seed),
+        "data_root": str(datamodule.root),
+        "num_train": int(counts.get("train", 0)),
+        "num_val": int(counts.get("val", 0)),
+        "num_excluded": len(datamodule.excluded),
+        **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
+        "overrides": overrides_of(cfg),
+        "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
+        **phase_fields,
+    })
+    trainer = build_trainer(cfg, run_dir, [*phase_callbacks, artifacts])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
+
+    summary = finish_phase(cfg, trainer, artifacts, phase_callbacks)
+    if summary.get("best_val_acc") is not None:
+        print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """``carnet-train [group=option ...] [key=value ...]``: returns best val/acc, what Hydra sweepers maximise."""
+    with exit_on_error("train"):
+        return train(cfg).get("best_val_acc")
+
+
+if __name__ == "__main__":
+    main()
