@@ -42,7 +42,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def light_augment(image_size: int) -> list:
     """The `augment=light` list of conf/, resolved at this image size."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["augment=light", f"data.image_size={image_size}"])
+        cfg = compose(config_name="train", overrides=["augment=light", f"image_size={image_size}"])
     return OmegaConf.to_container(cfg.augment.train, resolve=True)
 
 

@@ -73,7 +73,7 @@ class Interleave(pl.Callback):
 
 
 def config(model: str, image_size: int, batch_size: int, run_dir: Path) -> DictConfig:
-    overrides = [f"model={model}", "model.pretrained=false", "trainer=cpu", f"data.image_size={image_size}",
+    overrides = [f"model={model}", "model.pretrained=false", "trainer=cpu", f"image_size={image_size}",
                  f"data.batch_size={batch_size}", "+trainer.limit_val_batches=0",
                  "scheduler=none",
                  "trainer.num_sanity_val_steps=0"]

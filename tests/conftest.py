@@ -25,7 +25,7 @@ TINY = [
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
-    "data.image_size=64",
+    "image_size=64",
     "data.batch_size=8",
     "data.num_workers=0",
 ]

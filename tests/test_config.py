@@ -13,21 +13,22 @@ from tests.conftest import CONF, TINY, compose_cfg
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))  # _base: shared keys
 
 
 def test_defaults_compose_to_the_competition():
     cfg = compose_cfg()
     assert cfg.model.name == "tf_efficientnet_b6.ns_jft_in1k"
-    assert cfg.data.image_size == 224
+    assert cfg.image_size == 224
     assert list(cfg.data.class_names)[:2] == ["Lada Priora", "Ford Focus"]
     assert cfg.data.class_names[9] == "Lada 21099" and len(cfg.data.class_names) == 10
 
 
 @pytest.mark.parametrize("size", [224, 300, 448, 528, 97])
-def test_image_size_is_a_plain_value(size):
-    assert compose_cfg([f"image_size={size}"]).data.image_size == size
-    assert compose_cfg([f"data.image_size={size}"]).data.image_size == size
+def test_image_size_is_a_plain_value_that_augmentation_follows(size):
+    cfg = compose_cfg([f"image_size={size}"])
+    assert cfg.image_size == size and list(cfg.augment.train[0].size) == [size, size]
+    assert "image_size" not in cfg.data  # one knob
 
 
 @pytest.mark.parametrize("name", options("model"))

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from carnet.errors import CarnetError
 from carnet.training.builders import build_module
 from carnet.training.finetune import ProgressiveUnfreezing, fraction_at, parse_schedule
 from carnet.training.module import CarClassifier
@@ -44,12 +45,12 @@ def efficientnet_blocks(names: list[str]) -> list[list[str]]:
     return [*ordered[:-2], ordered[-2] + ordered[-1]]
 
 
-def run_fraction(tiny_data: Path, run_dir: Path, model: str, fraction: float, train_bn: bool,
+def run_fraction(tiny_data: Path, run_dir: Path, model: str, fraction: float, bn: str,
                  *extra: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Train one epoch with ``unfreeze=fraction``; return (summary, start state, end state, config)."""
     cfg = compose_cfg([*FAST, f"model={model}", "model.pretrained=false", "model.weights=null",
-                       "model.drop_rate=0", "model.drop_path_rate=0", "data.image_size=32", f"data.root={tiny_data}",
-                       f"unfreeze={fraction}", f"train_bn={str(train_bn).lower()}", f"+run_dir={run_dir}", *extra])
+                       "model.drop_rate=0", "model.drop_path_rate=0", "image_size=32", f"data.root={tiny_data}",
+                       f"unfreeze={fraction}", f"bn={bn}", f"run_dir={run_dir}", *extra])
     pl.seed_everything(cfg.seed, workers=True)  # train() seeds the same way before building: same start weights
     start = {k: v.clone() for k, v in build_module(cfg).state_dict().items()}
     summary = train(cfg)
@@ -59,17 +60,17 @@ def run_fraction(tiny_data: Path, run_dir: Path, model: str, fraction: float, tr
 
 # Each case with another scheduler: none of them may change what is frozen (plateau: tests/test_phases.py).
 CASES = [
-    ("test_efficientnet", 0.5, False, "cosine"),
-    ("test_efficientnet", 0.5, True, "onecycle"),
-    ("tf_efficientnet_lite0", 0.75, False, "cyclic"),
-    ("tf_efficientnet_lite0", 0.25, True, "none"),
+    ("test_efficientnet", 0.5, "frozen", "cosine"),
+    ("test_efficientnet", 0.5, "train", "onecycle"),
+    ("tf_efficientnet_lite0", 0.75, "frozen", "cyclic"),
+    ("tf_efficientnet_lite0", 0.25, "train", "none"),
 ]
 
 
-@pytest.mark.parametrize(("model", "fraction", "train_bn", "scheduler"), CASES)
+@pytest.mark.parametrize(("model", "fraction", "bn", "scheduler"), CASES)
 def test_only_last_fraction_of_blocks_trains(tiny_data: Path, tmp_path: Path, model: str, fraction: float,
-                                             train_bn: bool, scheduler: str) -> None:
-    summary, start, end, _ = run_fraction(tiny_data, tmp_path / "run", model, fraction, train_bn,
+                                             bn: str, scheduler: str) -> None:
+    summary, start, end, _ = run_fraction(tiny_data, tmp_path / "run", model, fraction, bn,
                                           f"scheduler={scheduler}")
     backbone = {k.removeprefix("net.backbone."): v for k, v in start.items() if k.startswith("net.backbone.")}
     params = {k for k in backbone if not re.search(r"running_(mean|var)|num_batches_tracked", k)}
@@ -83,6 +84,7 @@ def test_only_last_fraction_of_blocks_trains(tiny_data: Path, tmp_path: Path, mo
 
     head = sum(v.numel() for k, v in start.items() if k.startswith("net.head."))
     unfrozen = sum(backbone[n].numel() for n in params - frozen)
+    train_bn = bn == "train"
     expected = head + unfrozen + (sum(backbone[n].numel() for n in frozen_bn_params) if train_bn else 0)
     assert summary["trainable_params"] == expected
     assert summary["unfrozen_fraction"] == fraction
@@ -94,8 +96,8 @@ def test_only_last_fraction_of_blocks_trains(tiny_data: Path, tmp_path: Path, mo
     assert moved(frozen_weights) == set(), "frozen tensors must stay bit-identical"
     assert moved(params - frozen), "the unfrozen blocks must train"
     if train_bn:
-        assert moved(frozen_bn_stats) == frozen_bn_stats, "train_bn=true: BatchNorm statistics re-estimated"
-        assert moved(frozen_bn_params), "train_bn=true: BatchNorm affine parameters train"
+        assert moved(frozen_bn_stats) == frozen_bn_stats, "bn=train: BatchNorm statistics re-estimated"
+        assert moved(frozen_bn_params), "bn=train: BatchNorm affine parameters train"
     else:
         assert moved(frozen - params) == set(), "frozen BatchNorm: running statistics unchanged"
 
@@ -119,7 +121,7 @@ def test_schedule_steps_set_requires_grad_and_batchnorm_modes() -> None:
     module.train()
     norms = [m for m in module.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     head = sum(p.numel() for p in module.head.parameters())
-    callback = ProgressiveUnfreezing([[0, 0.0], [2, 1.0]])
+    callback = ProgressiveUnfreezing([[0, 0.0], [2, 1.0]], bn="per_block")
     states = []
     for epoch in (0, 1, 2, 0):
         assert callback.apply(module, epoch) == (1.0 if epoch == 2 else 0.0)
@@ -129,15 +131,19 @@ def test_schedule_steps_set_requires_grad_and_batchnorm_modes() -> None:
     assert states[2] == (sum(p.numel() for p in module.parameters()), [True] * len(norms))
 
 
-def test_freeze_bn_stats_keeps_every_running_statistic(tiny_data: Path, tmp_path: Path) -> None:
-    """freeze_bn_stats=true: unfrozen blocks train (BatchNorm scale/shift included) but no statistic moves."""
-    _, start, end, _ = run_fraction(tiny_data, tmp_path / "run", "test_efficientnet", 0.5, False,
-                                    "freeze_bn_stats=true")
+def test_bn_frozen_keeps_every_running_statistic(tiny_data: Path, tmp_path: Path) -> None:
+    """bn=frozen: unfrozen blocks train (BatchNorm scale/shift included) but no statistic moves."""
+    _, start, end, _ = run_fraction(tiny_data, tmp_path / "run", "test_efficientnet", 0.5, "frozen")
     stats = [k for k in start if k.startswith("net.backbone.") and re.search(r"running_(mean|var)$", k)]
     assert stats and all(torch.equal(start[k], end[k]) for k in stats)
     last_bn = "net.backbone.bn2.weight"  # in the last (unfrozen) block: it trains
     assert not torch.equal(start[last_bn], end[last_bn])
-    # The same run with freeze_bn_stats=false re-estimates the unfrozen blocks' statistics.
-    _, start, end, _ = run_fraction(tiny_data, tmp_path / "run2", "test_efficientnet", 0.5, False,
-                                    "freeze_bn_stats=false")
+    # The same run with bn=per_block re-estimates the unfrozen blocks' statistics, and only theirs.
+    _, start, end, _ = run_fraction(tiny_data, tmp_path / "run2", "test_efficientnet", 0.5, "per_block")
     assert not torch.equal(start["net.backbone.bn2.running_mean"], end["net.backbone.bn2.running_mean"])
+    assert torch.equal(start["net.backbone.bn1.running_mean"], end["net.backbone.bn1.running_mean"])
+
+
+def test_unknown_bn_policy_is_one_clear_error() -> None:
+    with pytest.raises(CarnetError, match=r"bn='sometimes': expected one of frozen, per_block, train"):
+        ProgressiveUnfreezing(0.5, bn="sometimes")

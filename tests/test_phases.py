@@ -13,7 +13,7 @@ import torch
 
 from carnet.artifacts import read_summary
 from carnet.training.builders import build_module
-from carnet.training.phases import PhaseError, join_phases, read_init_from, write_pipeline_report
+from carnet.training.phases import Phase, PhaseError, join_phases, write_pipeline_report
 from carnet.training.train import train
 from tests.conftest import TINY, compose_cfg, run_script
 
@@ -37,7 +37,7 @@ def run_two_phases(root: Path, tiny_data: Path, via_train_py: bool) -> dict[str,
         if via_train_py:
             run_script("train.py", *common, *overrides, f"hydra.run.dir={root / name}")
         else:  # the same train() that train.py calls, without a new interpreter (fast tests)
-            train(compose_cfg([*common, *overrides, f"+run_dir={root / name}"]))
+            train(compose_cfg([*common, *overrides, f"run_dir={root / name}"]))
     return {"head": root / "head", "half": root / "half", "phases": root / "outputs" / "phases", "root": root}
 
 
@@ -82,30 +82,30 @@ def test_train_py_head_then_unfreeze_half(tiny_data: Path, tmp_path: Path) -> No
 def test_missing_predecessor_says_which_command_to_run(tmp_path: Path) -> None:
     cfg = compose_cfg(["phase=unfreeze_3q", f"paths.output_dir={tmp_path}"])
     with pytest.raises(PhaseError, match=r"unfreeze_half\.ckpt not found.*python train\.py phase=unfreeze_half"):
-        read_init_from(cfg)
+        Phase.from_config(cfg)
     with pytest.raises(PhaseError, match=r"nope\.ckpt not found"):
-        read_init_from(compose_cfg(["phase=unfreeze_3q", f"init_from={tmp_path / 'nope.ckpt'}"]))
+        Phase.from_config(compose_cfg(["phase=unfreeze_3q", f"init_from={tmp_path / 'nope.ckpt'}"]))
 
 
 def test_mismatching_predecessor_names_both_sides(two_phases: dict[str, Path]) -> None:
     base = ["phase=unfreeze_half", f"paths.output_dir={two_phases['root'] / 'outputs'}"]
-    assert read_init_from(compose_cfg([*base, "model=test_efficientnet"])) is not None
+    assert Phase.from_config(compose_cfg([*base, "model=test_efficientnet"])) is not None
     with pytest.raises(PhaseError, match="model is test_efficientnet, this run's model is tf_efficientnet_lite0"):
-        read_init_from(compose_cfg([*base, "model=tf_efficientnet_lite0"]))
+        Phase.from_config(compose_cfg([*base, "model=tf_efficientnet_lite0"]))
     with pytest.raises(PhaseError, match=r"head is \{.*LinearHead.*\}, this run's head is \{.*MLPHead"):
-        read_init_from(compose_cfg([*base, "model=test_efficientnet", "head=mlp"]))
+        Phase.from_config(compose_cfg([*base, "model=test_efficientnet", "head=mlp"]))
     with pytest.raises(PhaseError, match="checkpoint has 10 classes, this run has 3"):
-        read_init_from(compose_cfg([*base, "model=test_efficientnet", "data.class_names=[a,b,c]"]))
+        Phase.from_config(compose_cfg([*base, "model=test_efficientnet", "data.class_names=[a,b,c]"]))
 
 
 def test_resume_mid_progressive_restores_frozen_set_and_optimizer_groups(tiny_data: Path, tmp_path: Path) -> None:
     """Killed after 2 of 3 epochs, resumed from last.ckpt: same end state as an uninterrupted run."""
-    common = [*FAST, f"data.root={tiny_data}", "data.image_size=32", "phase=progressive",
+    common = [*FAST, f"data.root={tiny_data}", "image_size=32", "phase=progressive",
               "unfreeze=[[0,0.0],[1,0.5],[4,1.0]]", f"paths.output_dir={tmp_path / 'outputs'}"]
-    train(compose_cfg([*common, "trainer.max_epochs=3", f"+run_dir={tmp_path / 'full'}"]))
-    train(compose_cfg([*common, "trainer.max_epochs=2", f"+run_dir={tmp_path / 'cut'}"]))
+    train(compose_cfg([*common, "trainer.max_epochs=3", f"run_dir={tmp_path / 'full'}"]))
+    train(compose_cfg([*common, "trainer.max_epochs=2", f"run_dir={tmp_path / 'cut'}"]))
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
-    train(compose_cfg([*common, "trainer.max_epochs=3", f"+resume={last}", f"+run_dir={tmp_path / 'cut'}"]))
+    train(compose_cfg([*common, "trainer.max_epochs=3", f"resume={last}", f"run_dir={tmp_path / 'cut'}"]))
 
     full, cut = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
                  for r in ("full", "cut"))
@@ -145,7 +145,7 @@ def test_pipeline_command_runs_phases_in_order(tiny_data: Path, tmp_path: Path) 
     proc = subprocess.run(
         [sys.executable, "-m", "carnet.training.pipeline", "--phases", "head,unfreeze_half", f"data.root={tiny_data}",
          *FAST,
-         f"paths.output_dir={tmp_path}", "unfreeze_half:data.image_size=48"],
+         f"paths.output_dir={tmp_path}", "unfreeze_half:image_size=48"],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = sorted((tmp_path / "pipeline").glob("*/*"))

@@ -109,11 +109,12 @@ def test_bad_source_yaml_names_file_and_key(tmp_path: Path, text: str, match: st
 
 
 def test_shipped_example_sources_parse(tmp_path: Path) -> None:
-    """conf/extra/*.yaml are valid sources once their folders exist (checked on a copy pointing at tmp)."""
+    """examples/sources/*.yaml are valid sources once their folders exist (checked on a copy pointing at tmp)."""
     import yaml
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "extra"
-    for example in sorted(conf.glob("*.yaml")):
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples" / "sources").glob("*.yaml"))
+    assert len(examples) >= 2
+    for example in examples:
         spec = yaml.safe_load(example.read_text())
         target = tmp_path / example.stem
         if spec["type"] == "folder":

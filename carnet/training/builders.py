@@ -14,8 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
 from carnet.data.datamodule import CarDataModule
+from carnet.errors import CarnetError
+from carnet.training.finetune import ProgressiveUnfreezing
 from carnet.training.loggers import LogConfig
 from carnet.training.module import CarClassifier
+from carnet.training.phases import Phase
 
 
 def resolve_precision(precision: Any, accelerator: str) -> str:
@@ -40,7 +43,7 @@ def resolve_compile(compile_: Any, accelerator: str) -> bool:
         return accelerator != "cpu" and torch.cuda.is_available()
     if isinstance(compile_, bool) or compile_ is None:
         return bool(compile_)
-    raise ValueError(f"model.compile={compile_!r}: expected true, false or auto")
+    raise CarnetError(f"model.compile={compile_!r}: expected true, false or auto")
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -49,7 +52,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path(cfg.run_dir)
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    raise ValueError("no run directory: call train() from @hydra.main or set run_dir=PATH in the config")
+    raise CarnetError("no run directory: call train() from @hydra.main or set run_dir=PATH in the config")
 
 
 def overrides_of(cfg: DictConfig) -> list[str]:
@@ -63,7 +66,7 @@ def build_module(cfg: DictConfig) -> CarClassifier:
         model_name=cfg.model.name,
         class_names=list(cfg.data.class_names),
         head=cfg.head,
-        image_size=cfg.data.image_size,
+        image_size=cfg.image_size,
         pretrained=cfg.model.pretrained,
         weights=cfg.model.weights,
         drop_rate=cfg.model.drop_rate,
@@ -80,8 +83,20 @@ def build_module(cfg: DictConfig) -> CarClassifier:
 def build_datamodule(cfg: DictConfig, module: CarClassifier) -> CarDataModule:
     """The DataModule for ``cfg``, normalised as the model expects (timm data config)."""
     augment = OmegaConf.to_container(cfg.augment.train, resolve=True)
-    return instantiate(cfg.data, seed=cfg.seed, augment=augment, data_config=module.data_config,
-                       _convert_="all")
+    return instantiate(cfg.data, image_size=cfg.image_size, seed=cfg.seed, augment=augment,
+                       data_config=module.data_config, _convert_="all")
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The fine-tuning callbacks of ``cfg``: its phase (``init_from`` weights in, best checkpoint out) and the
+    unfreezing schedule. Built before the model, so a missing or mismatching predecessor phase fails fast."""
+    callbacks: list[pl.Callback] = []
+    if (phase := Phase.from_config(cfg)) is not None:
+        callbacks.append(phase)
+    if cfg.get("unfreeze") is not None:
+        schedule = OmegaConf.to_container(cfg.unfreeze) if OmegaConf.is_config(cfg.unfreeze) else cfg.unfreeze
+        callbacks.append(ProgressiveUnfreezing(schedule, bn=cfg.bn))
+    return callbacks
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:

@@ -26,7 +26,14 @@ from timm.models._manipulate import group_with_matcher
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from carnet.errors import CarnetError
+
 Schedule = list[tuple[int, float]]
+# What BatchNorm layers do while the backbone is (partly) frozen; see ProgressiveUnfreezing.
+#   frozen:    every backbone BatchNorm keeps its running statistics; unfrozen blocks' scale and shift still train
+#   per_block: BatchNorm of unfrozen blocks re-estimate their statistics, frozen blocks keep theirs
+#   train:     every BatchNorm re-estimates its statistics and trains, frozen blocks too (fastai's train_bn)
+BN_POLICIES = ("frozen", "per_block", "train")
 
 
 def _tensor_names(module: nn.Module) -> Iterator[tuple[str, Any]]:
@@ -63,19 +70,19 @@ def parse_schedule(schedule: float | Mapping[Any, float] | Sequence[Sequence[flo
         schedule = {0: schedule}
     if isinstance(schedule, Sequence) and not isinstance(schedule, str):
         if not all(isinstance(e, Sequence) and not isinstance(e, str) and len(e) == 2 for e in schedule):
-            raise ValueError(f"unfreeze={schedule!r}: expected a list of [epoch, fraction] pairs")
+            raise CarnetError(f"unfreeze={schedule!r}: expected a list of [epoch, fraction] pairs")
         schedule = dict(schedule)
     if not isinstance(schedule, Mapping) or not schedule:
-        raise ValueError(f"unfreeze={schedule!r}: expected a fraction in [0, 1], {{epoch: fraction}} or "
+        raise CarnetError(f"unfreeze={schedule!r}: expected a fraction in [0, 1], {{epoch: fraction}} or "
                          "[[epoch, fraction], ...], e.g. [[0, 0.0], [5, 0.5], [15, 1.0]]")
     parsed = []
     for epoch, fraction in schedule.items():
         try:
             epoch_i, fraction_f = int(epoch), float(fraction)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"unfreeze: entry {epoch!r}: {fraction!r} is not epoch (int): fraction (float)") from err
+            raise CarnetError(f"unfreeze: entry {epoch!r}: {fraction!r} is not epoch (int): fraction (float)") from err
         if epoch_i < 0 or not 0.0 <= fraction_f <= 1.0:
-            raise ValueError(f"unfreeze: entry {epoch!r}: {fraction!r}: expected epoch >= 0 and 0 <= fraction <= 1")
+            raise CarnetError(f"unfreeze: entry {epoch!r}: {fraction!r}: expected epoch >= 0 and 0 <= fraction <= 1")
         parsed.append((epoch_i, fraction_f))
     return sorted(parsed)
 
@@ -118,15 +125,17 @@ class ProgressiveUnfreezing(pl.Callback):
     layers train at the backbone param group's LR (``backbone_lr_mult`` x the head's), already in the optimizer.
     """
 
-    def __init__(self, schedule: float | Mapping[Any, float], train_bn: bool = False,
-                 attribute: str = "backbone", freeze_bn_stats: bool = False) -> None:
+    def __init__(self, schedule: float | Mapping[Any, float], bn: str = "frozen", attribute: str = "backbone") -> None:
         self.schedule = parse_schedule(schedule)
-        self.train_bn = bool(train_bn)
-        # Keras' advice for fine-tuning: every BatchNorm of the backbone, unfrozen ones included, keeps its running
-        # statistics (eval mode) while its scale and shift train. Re-estimating them on a small or unlike dataset
-        # shifts every feature the head was trained on (measured: lite0 on the demo data drops from 0.64 to 0.27
-        # val acc after unfreezing half of it, with the learning rate at 0).
-        self.freeze_bn_stats = bool(freeze_bn_stats) and not self.train_bn
+        if bn not in BN_POLICIES:
+            raise CarnetError(f"bn={bn!r}: expected one of {', '.join(BN_POLICIES)}")
+        self.bn = bn
+        self.train_bn = bn == "train"
+        # bn=frozen, Keras' advice for fine-tuning: every BatchNorm of the backbone, unfrozen ones included, keeps
+        # its running statistics (eval mode) while its scale and shift train. Re-estimating them on a small or unlike
+        # dataset shifts every feature the head was trained on (measured: lite0 on the demo data drops from 0.64 to
+        # 0.27 val acc after unfreezing half of it, with the learning rate at 0).
+        self.freeze_bn_stats = bn == "frozen"
         self.attribute = attribute
         self.fraction: float | None = None
         self.frozen_norms: list[_BatchNorm] = []
@@ -145,6 +154,10 @@ class ProgressiveUnfreezing(pl.Callback):
                 module.train(pl_module.training)
         self._norms_to_eval()
         return self.fraction
+
+    def summary_fields(self) -> dict[str, Any]:
+        """summary.json's ``unfrozen_fraction``: where the schedule stood when the run ended."""
+        return {"unfrozen_fraction": self.fraction if self.fraction is not None else fraction_at(self.schedule, 0)}
 
     def _norms_to_eval(self) -> None:
         for module in self.frozen_norms:
@@ -165,7 +178,7 @@ class ProgressiveUnfreezing(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Informational only: the frozen set is recomputed from (schedule, epoch), never restored from here.
-        return {"schedule": [list(entry) for entry in self.schedule], "train_bn": self.train_bn,
+        return {"schedule": [list(entry) for entry in self.schedule], "bn": self.bn,
                 "fraction": self.fraction}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Training phases: the hand-off of weights from one phase run to the next, and the joined curves of a pipeline.
+"""Training phases: the hand-off of weights from one phase run to the next (:class:`Phase`), and the joined
+curves of a pipeline.
 
 A phase run (``python train.py phase=NAME``, see conf/phase) copies its best checkpoint to
 ``${paths.phases}/NAME.ckpt``; a later phase with ``init_from: NAME`` (or ``init_from=PATH``) starts from it.
@@ -16,12 +17,10 @@ import pandas as pd
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from carnet.artifacts import SUMMARY_FILE, plot_curves, read_metrics, write_json
+from carnet.artifacts import plot_curves, read_metrics, write_json
 from carnet.errors import CarnetError
 from carnet.models.checkpoint import CheckpointError, read_checkpoint
-from carnet.training.finetune import ProgressiveUnfreezing, fraction_at
 from carnet.training.module import CarClassifier
-from carnet.training.run_dir import RunArtifacts
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -72,20 +71,54 @@ def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: 
                          f"has {num_classes} (data.class_names)")
 
 
-def read_init_from(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
-    """Resolve, read and check ``cfg.init_from`` before anything is built: (path, checkpoint), or None.
+class Phase(pl.Callback):
+    """One fine-tuning phase (conf/phase) as one object: it starts from ``init_from``'s weights and hands its best
+    checkpoint on to ``<phases_dir>/<name>.ckpt`` for the next phase.
 
-    None also for a resumed run (``resume=``): it takes its weights from its own checkpoint.
+    Built once from the config (:meth:`from_config`), before anything else: a missing or mismatching predecessor
+    fails fast, in one line. ``train()`` only passes it to the Trainer with the other callbacks.
     """
-    if not cfg.get("init_from") or cfg.get("resume"):
-        return None
-    path = resolve_init_from(cfg.init_from, cfg.paths.phases)
-    try:
-        checkpoint = read_checkpoint(path)
-    except CheckpointError as err:
-        raise PhaseError(f"init_from={cfg.init_from}: {err}") from err
-    check_fits(checkpoint, path, cfg.model.name, cfg.head, len(cfg.data.class_names))
-    return path, checkpoint
+
+    def __init__(self, name: str | None, init_from: str | os.PathLike | None, phases_dir: str | os.PathLike,
+                 model_name: str, head: Any, num_classes: int) -> None:
+        self.name = name
+        self.phases_dir = Path(phases_dir)
+        self.init_path: Path | None = None
+        self.init_checkpoint: dict[str, Any] | None = None
+        self.published: Path | None = None
+        if init_from:
+            self.init_path = resolve_init_from(init_from, phases_dir)
+            try:
+                self.init_checkpoint = read_checkpoint(self.init_path)
+            except CheckpointError as err:
+                raise PhaseError(f"init_from={init_from}: {err}") from err
+            check_fits(self.init_checkpoint, self.init_path, model_name, head, num_classes)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Phase | None:
+        """The phase of ``cfg`` (``phase``, ``init_from``); None for a plain run. A resumed run (``resume=``) takes
+        its weights from its own checkpoint, so it loads no ``init_from``."""
+        init_from = None if cfg.get("resume") else cfg.get("init_from")
+        if not cfg.get("phase") and not init_from:
+            return None
+        return cls(cfg.get("phase"), init_from, cfg.paths.phases, cfg.model.name, cfg.head, len(cfg.data.class_names))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.init_checkpoint is not None:
+            load_init_weights(pl_module, self.init_path, self.init_checkpoint)
+            self.init_checkpoint = None  # loaded once; free the memory
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if self.name and best and not trainer.interrupted and trainer.is_global_zero:
+            self.published = publish_checkpoint(best, self.phases_dir, self.name)
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What summary.json records of this phase (collected by :class:`carnet.training.run_dir.RunArtifacts`)."""
+        fields: dict[str, Any] = {"phase": self.name, "init_from": str(self.init_path) if self.init_path else None}
+        if self.published is not None:
+            fields["phase_checkpoint"] = str(self.published)
+        return fields
 
 
 def load_init_weights(module: CarClassifier, path: str | os.PathLike,
@@ -116,41 +149,6 @@ def publish_checkpoint(best: str | os.PathLike, phases_dir: str | os.PathLike, p
     finally:
         tmp.unlink(missing_ok=True)
     return target
-
-
-def setup_phase(cfg: DictConfig, module: CarClassifier,
-                init: tuple[Path, dict[str, Any]] | None) -> tuple[list[pl.Callback], dict[str, Any]]:
-    """Before training: load the weights of ``init`` (:func:`read_init_from`), build the unfreezing callback.
-
-    Returns (callbacks, summary fields). No ``unfreeze``: no callback, the whole model trains.
-    """
-    init_from = cfg.get("init_from")
-    if init is not None:
-        load_init_weights(module, *init)
-        init_from = str(init[0])
-    callbacks: list[pl.Callback] = []
-    unfreeze = cfg.get("unfreeze")
-    if unfreeze is not None:
-        schedule = OmegaConf.to_container(unfreeze, resolve=True) if OmegaConf.is_config(unfreeze) else unfreeze
-        callbacks.append(ProgressiveUnfreezing(schedule, train_bn=bool(cfg.get("train_bn", False)),
-                                               freeze_bn_stats=bool(cfg.get("freeze_bn_stats", False))))
-    return callbacks, {"phase": cfg.get("phase"), "init_from": init_from}
-
-
-def finish_phase(cfg: DictConfig, trainer: pl.Trainer, artifacts: RunArtifacts,
-                 callbacks: list[pl.Callback]) -> dict[str, Any]:
-    """After training: record the final unfrozen fraction and hand the best checkpoint on to the next phase."""
-    summary = artifacts.summary
-    unfreezing = [c for c in callbacks if isinstance(c, ProgressiveUnfreezing)]
-    summary["unfrozen_fraction"] = 1.0 if not unfreezing else (
-        unfreezing[0].fraction if unfreezing[0].fraction is not None else fraction_at(unfreezing[0].schedule, 0))
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if not trainer.is_global_zero:  # DDP: one process hands off and writes files
-        return summary
-    if cfg.get("phase") and summary.get("status") == "completed" and not trainer.interrupted and best:
-        summary["phase_checkpoint"] = str(publish_checkpoint(best, cfg.paths.phases, cfg.phase))
-    write_json(artifacts.run_dir / SUMMARY_FILE, summary)
-    return summary
 
 
 def join_phases(runs: list[tuple[str, str | os.PathLike]]) -> tuple[pd.DataFrame, list[tuple[float, str]]]:

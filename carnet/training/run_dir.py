@@ -35,9 +35,19 @@ class RunArtifacts(pl.Callback):
         self.summary = dict(summary)
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
+        self.trainer: pl.Trainer | None = None
+
+    def _callback_fields(self) -> dict[str, Any]:
+        """Fields other callbacks report for summary.json (``summary_fields()``: the phase, the unfrozen fraction)."""
+        fields: dict[str, Any] = {}
+        for callback in self.trainer.callbacks if self.trainer is not None else []:
+            if callback is not self and callable(getattr(callback, "summary_fields", None)):
+                fields.update(callback.summary_fields())
+        return fields
 
     def _write_summary(self, status: str, pl_module: pl.LightningModule | None = None) -> None:
-        summary = {**self.summary, "status": status, "seconds": round(time.time() - self.started, 2)}
+        summary = {**self.summary, **self._callback_fields(), "status": status,
+                   "seconds": round(time.time() - self.started, 2)}
         metrics = pd.DataFrame(self.rows, columns=EPOCH_COLUMNS)
         if len(metrics) and metrics["val/acc"].notna().any():
             best = metrics["val/acc"].idxmax()
@@ -53,6 +63,7 @@ class RunArtifacts(pl.Callback):
         write_json(self.run_dir / SUMMARY_FILE, summary)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.trainer = trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
             self._write_summary("running", pl_module)

@@ -16,8 +16,14 @@ from pytorch_lightning.utilities import rank_zero_only
 from carnet.artifacts import SPLIT_FILE
 from carnet.config import config_dir
 from carnet.errors import exit_on_error
-from carnet.training.builders import build_datamodule, build_module, build_trainer, overrides_of, run_dir_of
-from carnet.training.phases import finish_phase, read_init_from, setup_phase
+from carnet.training.builders import (
+    build_callbacks,
+    build_datamodule,
+    build_module,
+    build_trainer,
+    overrides_of,
+    run_dir_of,
+)
 from carnet.training.run_dir import RunArtifacts
 from carnet.training.tune import tune
 
@@ -33,22 +39,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
 
-    init = read_init_from(cfg)  # fails fast on a missing or mismatching predecessor phase (conf/phase)
+    callbacks = build_callbacks(cfg)  # first: a missing or mismatching predecessor phase fails before any build
     module = build_module(cfg)
-    phase_callbacks, phase_fields = setup_phase(cfg, module, init)  # init_from weights, unfreezing callback
     datamodule = build_datamodule(cfg, module)
     module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
     datamodule.setup("fit")
     if is_rank_zero:
         datamodule.write_split(run_dir / SPLIT_FILE)
     if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
-        return tune(cfg, module, datamodule, run_dir)
+        return tune(cfg, module, datamodule, run_dir, callbacks)
     counts = datamodule.split.split.value_counts()
     artifacts = RunArtifacts(run_dir, {
         "run_dir": str(run_dir),
         "model": cfg.model.name,
         "head": cfg.head.get("_target_", "").rsplit(".", 1)[-1],
-        "image_size": int(cfg.data.image_size),
+        "image_size": int(cfg.image_size),
         "seed": int(cfg.seed),
         "data_root": str(datamodule.root),
         "num_train": int(counts.get("train", 0)),
@@ -57,12 +62,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
         "overrides": overrides_of(cfg),
         "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
-        **phase_fields,
+        "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
     })
-    trainer = build_trainer(cfg, run_dir, [*phase_callbacks, artifacts])
+    trainer = build_trainer(cfg, run_dir, [*callbacks, artifacts])  # artifacts last: it records what they did
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
-    summary = finish_phase(cfg, trainer, artifacts, phase_callbacks)
+    summary = artifacts.summary
     if summary.get("best_val_acc") is not None:
         print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
     return summary

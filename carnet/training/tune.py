@@ -15,11 +15,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.tuner import Tuner
 
 from carnet.artifacts import write_json
 from carnet.data.datamodule import CarDataModule
+from carnet.errors import CarnetError
 from carnet.training.builders import build_trainer
 from carnet.training.module import CarClassifier
 
@@ -40,10 +42,11 @@ def _tune_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def lr_find(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_dir: Path) -> dict[str, Any]:
+def lr_find(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_dir: Path,
+            callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Run the range test; write the plot and the result; return ``{"suggested_lr": ..., ...}``."""
     options = cfg.tune
-    trainer = build_trainer(_tune_config(cfg), run_dir, [])
+    trainer = build_trainer(_tune_config(cfg), run_dir, list(callbacks or []))  # the phase's weights and frozen set
     finder = Tuner(trainer).lr_find(
         module, datamodule=datamodule, min_lr=float(options.min_lr), max_lr=float(options.max_lr),
         num_training=int(options.num_training), mode=str(options.search),
@@ -69,7 +72,7 @@ def lr_find(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, r
             ax.axvline(current, color="grey", linestyle="--", linewidth=0.8, label=f"config lr {current:.2g}")
         if suggestion is not None:
             ax.plot([], [], "o", color="red", label=f"suggested {suggestion:.2g}")
-        ax.set_title(f"LR range test: {cfg.model.name} @ {cfg.data.image_size} px")
+        ax.set_title(f"LR range test: {cfg.model.name} @ {cfg.image_size} px")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.savefig(run_dir / PLOT_FILE, dpi=110)
@@ -83,9 +86,10 @@ def lr_find(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, r
     return result
 
 
-def tune(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_dir: Path) -> dict[str, Any]:
-    """Dispatch on ``tune.mode`` (the hook called by :func:`carnet.training.train.train`)."""
+def tune(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_dir: Path,
+         callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
+    """Dispatch on ``tune.mode`` (called by :func:`carnet.training.train.train` for ``tune=...``)."""
     mode = cfg.tune.get("mode")
     if mode not in MODES:
-        raise ValueError(f"tune.mode={mode!r} is not supported; expected one of {', '.join(MODES)}")
-    return lr_find(cfg, module, datamodule, run_dir)
+        raise CarnetError(f"tune.mode={mode!r} is not supported; expected one of {', '.join(MODES)}")
+    return lr_find(cfg, module, datamodule, run_dir, callbacks)
