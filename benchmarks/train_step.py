@@ -3,13 +3,13 @@
     python benchmarks/train_step.py [--models test_efficientnet tf_efficientnet_lite0] [--image-size 128]
                                     [--batch-size 16] [--steps 10] [--repeats 3] [--threads 1]
 
-carnet's side is what ``python train.py`` builds: :func:`carnet.training.train.build_module` and
-:func:`carnet.training.train.build_trainer` from conf/ (AdamW with head/backbone groups, label
+carnet's side is what ``python train.py`` builds: :func:`carnet.training.builders.build_module` and
+:func:`carnet.training.builders.build_trainer` from conf/ (AdamW with head/backbone groups, label
 smoothing, logging, checkpointing, the Rich progress bar, run artifacts), with validation and the LR scheduler
-off (the default plateau scheduler needs val/loss; schedulers cost the same in both loops). The plain loop
+off (the default plateau scheduler monitors val/acc; schedulers cost the same in both loops). The plain loop
 runs the same ``CarNet``, optimizer groups and loss by hand. Both read the same in-memory batches
-(training views of real photos from ``--data`` or carnet.tools.demo, decoded and transformed once, in memory), so the
-loader is out of the picture (benchmarks/loader.py measures that). The two loops alternate step by step inside
+(training views of real photos from ``--data`` or carnet.tools.demo, decoded and transformed once, in memory), so
+the loader is out of the picture (benchmarks/loader.py measures that). The two loops alternate step by step inside
 one fit (see :class:`Interleave`), because this machine's cores are shared and load comes and goes; the first
 epoch is a warm-up, and the median over the other ``--repeats`` epochs of the per-epoch ratio is reported.
 A small model is the harsher test: per-step overhead weighs more next to a cheap step. Goal: >= 0.95.

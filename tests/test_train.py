@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import torch
 
 from carnet.artifacts import EPOCH_COLUMNS
 from carnet.models.checkpoint import load_checkpoint
+from tests.conftest import REPO, TINY
 
 
 def test_one_epoch_run_leaves_every_artifact(train_run):
@@ -49,3 +53,15 @@ def test_same_seed_same_result(train_run, tmp_path):
     assert a[columns].equals(b[columns])
     summaries = [json.loads((d / "summary.json").read_text()) for d in (first, second)]
     assert summaries[0]["best_val_acc"] == summaries[1]["best_val_acc"]
+
+
+def test_our_errors_are_one_line_and_exit_1(tmp_path):
+    """A CarnetError (here: no data folder) is one line on stderr and exit status 1, not a Hydra traceback."""
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, f"data.root={tmp_path / 'nowhere'}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train: error: data root") and "nowhere" in last, proc.stderr
+    assert proc.stderr.count("error") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr

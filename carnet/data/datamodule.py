@@ -175,7 +175,7 @@ class CarDataModule(pl.LightningDataModule):
                 "num_dedup_excluded": None if self.dedup_dropped is None else len(self.dedup_dropped)}
 
     def write_split(self, path: str | os.PathLike) -> None:
-        """Write the split (``path,label,split``) so later tools validate on exactly these images."""
+        """Write split.csv (``path,label,split,fold,source``) so later tools validate on exactly these images."""
         assert self.split is not None, "call setup() first"
         self.split.to_csv(path, index=False)
 

@@ -56,8 +56,8 @@ def build_train_transform(
 ) -> A.Compose:
     """Training pipeline: the `augment.train` list (albumentations transforms, or their `_target_` configs).
 
-    An empty list means no augmentation: the training images get the evaluation view. A list that does not
-    end at image_size x image_size gets a final resize, so every batch has one shape.
+    An empty list means no augmentation: the training images get the evaluation view. A final resize to
+    image_size x image_size (a no-op after a crop of that size) gives every batch one shape.
     """
     steps = [instantiate(t, _convert_="all") if isinstance(t, Mapping) else t for t in augment or []]
     if not steps:
