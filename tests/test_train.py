@@ -63,5 +63,5 @@ def test_our_errors_are_one_line_and_exit_1(tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train: error: data root") and "nowhere" in last, proc.stderr
-    assert proc.stderr.count("error") == 1, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
