@@ -22,6 +22,7 @@ from carnet.training.builders import (
     build_module,
     build_trainer,
     overrides_of,
+    plan_budget,
     run_dir_of,
 )
 from carnet.training.run_dir import RunArtifacts
@@ -49,6 +50,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
         return tune(cfg, module, datamodule, run_dir, callbacks)
     counts = datamodule.split.split.value_counts()
+    budget = plan_budget(cfg, int(counts.get("train", 0)), datamodule.batch_size)
     artifacts = RunArtifacts(run_dir, {
         "run_dir": str(run_dir),
         "model": cfg.model.name,
@@ -62,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
         "overrides": overrides_of(cfg),
         "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
+        **budget,
         "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
     })
     trainer = build_trainer(cfg, run_dir, [*callbacks, artifacts])  # artifacts last: it records what they did
