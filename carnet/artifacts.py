@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +27,40 @@ METRICS_FILE, CURVES_FILE, SUMMARY_FILE, SPLIT_FILE = "metrics.csv", "curves.png
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "lr_backbone", "seconds"]
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write text via a temporary file in the same folder + rename: a reader never sees half a file, and a
-    failed write leaves the previous file (if any) as it was."""
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed over ``path`` when the block succeeds, removed when
+    it fails. A reader never sees half a file (or folder), and a failed write leaves the previous one as it was.
+
+    The temporary file (``directory``: folder) exists, empty, when the block starts, in ``path``'s folder
+    (created if missing), so the rename never crosses file systems. A folder can only replace a missing or
+    empty folder (:func:`os.replace`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}."
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write text via a temporary file in the same folder + rename (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        handle.write(text)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
