@@ -69,7 +69,7 @@ class RawForward:
 
         from carnet.data.transforms import build_eval_transform
         from carnet.models.checkpoint import load_checkpoint
-        from carnet.serving.app import decode_upload
+        from carnet.serving.upload import decode_upload
 
         torch.set_num_threads(threads)
         self.torch = torch

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from carnet.data.transforms import build_eval_transform
-from carnet.inference.export import ExportError, export_onnx, read_onnx_meta
-from carnet.models.checkpoint import CheckpointError, load_checkpoint
+from carnet.inference.export import export_onnx
+from carnet.inference.onnx_meta import META_KEY, ExportError, read_onnx_meta
+from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint
 from carnet.serving.app import create_app
 
 
@@ -50,6 +51,7 @@ def eval_batch(ckpt: Path, images: list[bytes]) -> torch.Tensor:
 
 
 def test_onnx_metadata_is_the_checkpoints(onnx_file: Path, tiny_checkpoint: Path) -> None:
+    assert META_KEY == CHECKPOINT_KEY  # onnx_meta spells the key out: importing the checkpoint module imports torch
     _, meta = load_checkpoint(tiny_checkpoint)
     assert read_onnx_meta(onnx_file) == meta
     props = {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}

@@ -21,7 +21,8 @@ from hydra import compose, initialize_config_dir
 from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
 from carnet.data.decode import decode_image
 from carnet.data.transforms import build_eval_transform
-from carnet.inference.predict import PredictError, predict
+from carnet.inference.ensemble import PredictError
+from carnet.inference.predict import predict
 from carnet.models.checkpoint import load_checkpoint
 from tests.conftest import REPO
 

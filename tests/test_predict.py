@@ -21,7 +21,8 @@ from hydra import compose, initialize_config_dir
 from carnet.data.decode import decode_image
 from carnet.data.layout import DataError
 from carnet.data.transforms import build_eval_transform
-from carnet.inference.predict import PredictError, predict
+from carnet.inference.ensemble import PredictError
+from carnet.inference.predict import predict
 from carnet.inference.tta import IDENTITY, TTA, View, build_views, merge_probs, tta_predict
 from carnet.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from tests.conftest import REPO, TINY, run_script

@@ -29,8 +29,11 @@ from flask import Flask
 from PIL import Image
 
 from carnet.data.transforms import build_eval_transform
+from carnet.inference.export import export_onnx
 from carnet.models.checkpoint import load_checkpoint
-from carnet.serving.app import DEFAULT_MAX_CONTENT_LENGTH, ModelLoadError, create_app
+from carnet.serving.app import create_app
+from carnet.serving.backends import ModelLoadError
+from carnet.serving.upload import DEFAULT_MAX_CONTENT_LENGTH
 
 REPO = Path(__file__).resolve().parents[1]
 RESPONSE_KEYS = ["class_id", "class_name", "probability", "top_k", "model", "ms"]
@@ -283,6 +286,23 @@ def test_lazy_app_with_broken_checkpoint_reports_503(tmp_path: Path) -> None:
     client = create_app(broken, lazy=True).test_client()
     assert_error(client.get("/health"), 503, "broken.ckpt")
     assert_error(client.post("/predict", data=photo(1), content_type="image/jpeg"), 500, "broken.ckpt")
+
+
+def test_onnx_backend_imports_no_torch(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """An exported file is served with onnxruntime alone: the backends module, loading an OnnxBackend and running
+    it import neither torch nor timm (checked in a fresh interpreter)."""
+    onnx_file = tmp_path / "model.onnx"
+    export_onnx(tiny_checkpoint, onnx_file, check=False)
+    code = ("import sys\n"
+            "import numpy as np\n"
+            "from carnet.serving.backends import load_backend\n"
+            f"backend = load_backend({str(onnx_file)!r}, 'onnx')\n"
+            "size = backend.meta['image_size']\n"
+            "assert backend(np.zeros((2, 3, size, size), np.float32)).shape == (2, 10)\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm'))\n"
+            "assert not loaded, loaded\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 # ---- real HTTP ---------------------------------------------------------------------------------------------

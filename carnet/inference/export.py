@@ -5,11 +5,11 @@
     carnet-export --ckpt best.ckpt --out model.onnx [--torchscript model.pt]
 
 The ONNX graph maps ``images`` (N, 3, H, W float32, normalised; N is dynamic) to ``logits`` (N, C). Everything
-needed to feed it (image size, mean, std, interpolation, crop_pct, class names, model name) is stored in the
-file's ``metadata_props`` under ``carnet`` as JSON: the same dict as a checkpoint's ``checkpoint["carnet"]``
-(and each field again under its own key), so :func:`read_onnx_meta` and
-:func:`carnet.data.transforms.build_eval_transform` rebuild the exact eval view. After writing, the export runs the
-file with onnxruntime and checks its probabilities against torch's.
+needed to feed it is stored in the file's metadata (:mod:`carnet.inference.onnx_meta`), so
+:func:`carnet.inference.onnx_meta.read_onnx_meta` and :func:`carnet.data.transforms.build_eval_transform` rebuild
+the exact eval view. After writing, the export runs the file with onnxruntime and checks its probabilities against
+torch's. Files are written under a temporary name and renamed (:func:`carnet.artifacts.atomic_path`), so a failed
+export leaves no half file.
 """
 
 from __future__ import annotations
@@ -17,32 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from carnet.errors import CarnetError
-from carnet.models.checkpoint import CHECKPOINT_KEY, load_checkpoint
+from carnet.artifacts import atomic_path
+from carnet.inference.onnx_meta import ExportError, add_onnx_meta
+from carnet.models.checkpoint import load_checkpoint
 
-META_KEY = CHECKPOINT_KEY  # metadata_props key holding the inference metadata as JSON
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 DEFAULT_OPSET = 17
-REQUIRED_META = ("model_name", "class_names", "image_size", "mean", "std", "interpolation", "crop_pct")
-
-
-class ExportError(CarnetError):
-    """An export or an exported file is not usable; the message names the file and what is wrong."""
-
-
-def _atomic_target(out: Path) -> Path:
-    """A temporary path beside ``out``: written fully, then renamed, so a failed export leaves no half file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
@@ -57,8 +43,7 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DE
     net, meta = load_checkpoint(ckpt)
     size = int(meta["image_size"])
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    tmp = _atomic_target(out)
-    try:
+    with atomic_path(out) as tmp:
         # dynamo=False: the TorchScript-based exporter handles timm models without onnxscript and is stable
         # across torch versions; the batch axis stays dynamic so one file serves any batch size.
         torch.onnx.export(net, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -66,11 +51,7 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DE
                           opset_version=opset, do_constant_folding=True, dynamo=False)
         model = onnx.load(str(tmp))
         onnx.checker.check_model(model)
-        # One JSON entry with everything (what carnet reads), plus one entry per preprocessing field for tools
-        # that only look for, say, "mean" (each value JSON-encoded).
-        for key, value in {META_KEY: meta, **{k: meta[k] for k in REQUIRED_META}}.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
+        add_onnx_meta(model, meta)
         model.producer_name = "carnet"
         model.doc_string = f"carnet {meta['model_name']}: {INPUT_NAME} (N,3,{size},{size}) -> {OUTPUT_NAME} (N,C)"
         onnx.save(model, str(tmp))
@@ -80,9 +61,6 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DE
             if diff > atol:
                 raise ExportError(f"{out}: onnxruntime probabilities differ from torch's by {diff:.2e} "
                                   f"(> {atol:g}); not written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return result
 
 
@@ -99,27 +77,6 @@ def compare_onnx(net: torch.nn.Module, onnx_path: str | os.PathLike, batch: torc
     return float(np.abs(got - expected).max())
 
 
-def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The inference metadata stored by :func:`export_onnx` in an ONNX file (no weights are read twice)."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: ONNX file not found")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise ExportError(f"{path} cannot be read as ONNX ({type(err).__name__}: {err})") from err
-    props = {p.key: p.value for p in model.metadata_props}
-    if META_KEY not in props:
-        raise ExportError(f"{path} has no '{META_KEY}' metadata: export it with `carnet-export`")
-    meta = json.loads(props[META_KEY])
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ExportError(f"{path}: '{META_KEY}' metadata lacks {missing}")
-    return meta
-
-
 def export_torchscript(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Write a traced TorchScript module; the metadata JSON rides along as the extra file ``carnet.json``.
 
@@ -128,14 +85,10 @@ def export_torchscript(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict[
     out = Path(out)
     net, meta = load_checkpoint(ckpt)
     size = int(meta["image_size"])
-    tmp = _atomic_target(out)
-    try:
+    with atomic_path(out) as tmp:
         with torch.inference_mode(False), torch.no_grad():
             traced = torch.jit.trace(net, torch.zeros(1, 3, size, size))
         torch.jit.save(traced, str(tmp), _extra_files={"carnet.json": json.dumps(meta)})
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return meta
 
 

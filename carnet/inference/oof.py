@@ -1,4 +1,8 @@
-"""X"""
+"""The out-of-fold rows of a k-fold sweep: every image with the fold whose run never trained on it.
+
+Read from the runs' ``split.csv`` and ``summary.json`` alone (no checkpoint is loaded), for ``predict.py split=oof``
+(:func:`carnet.inference.selection.oof_images`) and for tools that join predictions to folds.
+"""
 
 from __future__ import annotations
 
