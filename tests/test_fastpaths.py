@@ -21,7 +21,7 @@ from carnet.training.run_dir import RunArtifacts
 from tests.conftest import CONF, compose_cfg
 
 HEAD = {"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0}
-FAST = ["model=test_efficientnet", "model.pretrained=false", "trainer.max_epochs=1", "data.image_size=64",
+FAST = ["model=test_efficientnet", "model.pretrained=false", "trainer.max_epochs=1", "image_size=64",
         "data.num_workers=0", "trainer.enable_progress_bar=false"]
 
 

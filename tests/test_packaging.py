@@ -27,7 +27,7 @@ def test_wheel_carries_every_config_and_the_service_page(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {f"carnet/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")}
     assert len(configs) > 40 and configs <= names, sorted(configs - names)
-    assert "carnet/serving/page.html" in names or "carnet/serving/app.py" in names
+    assert "carnet/serving/page.html" in names
 
 
 def test_installed_package_trains_outside_the_checkout(wheel: Path, tiny_data: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from carnet.artifacts import atomic_path
 from carnet.data.decode import decode_image
 from carnet.errors import CarnetError
 
@@ -125,10 +126,8 @@ class ImageCache:
         for stale in target.parent.glob(f"{key}-*.npy"):  # entries of older versions of this file
             if stale != target:
                 stale.unlink(missing_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
             np.save(f, image)
-        os.replace(tmp, target)
         return image
 
     def warm(self, paths: Sequence[str | os.PathLike], min_side: int | None, workers: int = 4,

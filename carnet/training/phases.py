@@ -7,7 +7,6 @@ A phase run (``python train.py phase=NAME``, see conf/phase) copies its best che
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ import pandas as pd
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from carnet.artifacts import plot_curves, read_metrics, write_json
+from carnet.artifacts import SUMMARY_FILE, atomic_path, plot_curves, read_metrics, read_summary, write_json
 from carnet.errors import CarnetError
 from carnet.models.checkpoint import CheckpointError, read_checkpoint
 from carnet.training.module import CarClassifier
@@ -141,13 +140,8 @@ def load_init_weights(module: CarClassifier, path: str | os.PathLike,
 def publish_checkpoint(best: str | os.PathLike, phases_dir: str | os.PathLike, phase: str) -> Path:
     """Copy a run's best checkpoint to ``<phases_dir>/<phase>.ckpt`` atomically (temp file + rename)."""
     target = phase_checkpoint(phases_dir, phase)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(target) as tmp:
         shutil.copyfile(best, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -175,8 +169,7 @@ def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, s
         plot_curves(joined, phases_dir / "curves.png", title=title or "pipeline", boundaries=boundaries)
     results = []
     for phase, run_dir in runs:
-        summary_path = Path(run_dir) / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        summary = read_summary(run_dir) if (Path(run_dir) / SUMMARY_FILE).is_file() else {}
         results.append({"phase": phase, "run_dir": str(run_dir), "status": summary.get("status"),
                         "best_val_acc": summary.get("best_val_acc"), "best_epoch": summary.get("best_epoch"),
                         "image_size": summary.get("image_size"), "trainable_params": summary.get("trainable_params")})
