@@ -41,6 +41,16 @@ ARGS ?=
 pipeline: install
 	$(VENV)/bin/carnet-pipeline data.root=$(DATA) $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
+# Test accuracy on labelled photos (benchmarks/accuracy.py): a linear probe, a plain PyTorch fine-tune and carnet's
+# phases, over seeds. DATA=Kaggle-layout folder with test_labels.csv (and classes.txt), WEIGHTS=local timm weights;
+# ACC_ARGS adds options, e.g. ACC_ARGS='--seeds 0 --methods probe finetune --out outputs/accuracy/quick'.
+WEIGHTS ?=
+ACC_ARGS ?=
+.PHONY: accuracy
+accuracy: install
+	@test -n "$(WEIGHTS)" || { echo "make accuracy: set WEIGHTS=path/to/weights.safetensors (and DATA=dir)"; exit 2; }
+	$(PY) benchmarks/accuracy.py --data $(DATA) --weights $(WEIGHTS) $(ACC_ARGS)
+
 test: install
 	$(PY) -m pytest -m "not slow" -q
 

@@ -1,0 +1,73 @@
+"""benchmarks/accuracy.py end to end on tiny synthetic data: all three methods, two carnet phases, one seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ["head", "unfreeze_half"]
+# Every carnet phase as short as the test suite's training runs: one epoch, tiny batches, no step budget.
+CARNET_ARGS = ["trainer.max_epochs=1", "budget.min_steps=0", "data.batch_size=8", "data.num_workers=0",
+               "data.verify=false", "head_fit.views=1", "trainer.enable_progress_bar=false",
+               "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Demo cars (its test_labels.csv holds each test image's class), classes.txt, and test_efficientnet
+    weights as a headless timm state dict in safetensors: the inputs the benchmark expects."""
+    import timm
+    from safetensors.torch import save_file
+
+    from carnet.tools.demo import CLASS_NAMES, make_dataset
+
+    tmp = tmp_path_factory.mktemp("accuracy")
+    root = make_dataset(tmp / "cars", per_class=4, test=10, seed=0)
+    (root / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    weights = tmp / "test_efficientnet.safetensors"
+    state = timm.create_model("test_efficientnet", num_classes=0).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    return root, weights
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_end_to_end(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    root, weights = dataset
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--data", str(root), "--weights",
+               str(weights), "--model", "test_efficientnet", "--seeds", "0", "--phases", ",".join(PHASES),
+               "--image-size", "64", "--out", str(out), "--workers", "0", "--batch-size", "8", "--ft-epochs", "2",
+               "--device", "cpu", "--carnet-args", *CARNET_ARGS]
+    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+    results = json.loads((out / "accuracy.json").read_text())
+    runs = results["runs"]
+    assert set(runs) == {"probe", "finetune", "carnet"}
+    for method, rows in runs.items():
+        assert [r["seed"] for r in rows] == [0], method
+        for key in ("test_acc", "test_acc_tta"):
+            assert 0.0 <= rows[0][key] <= 1.0, (method, key)
+        assert rows[0]["seconds"] > 0
+    assert 0.0 <= runs["probe"][0]["val_acc"] <= 1.0
+    assert runs["finetune"][0]["val_acc"] is None
+
+    carnet = runs["carnet"][0]
+    assert [p["phase"] for p in carnet["phases"]] == PHASES
+    assert all(p["status"] == "completed" and 0.0 <= p["best_val_acc"] <= 1.0 for p in carnet["phases"])
+    assert carnet["val_acc"] == carnet["phases"][-1]["best_val_acc"]
+    commands = carnet["commands"]
+    assert [c.split()[:3] for c in commands[:2]] == [["python", "train.py", f"phase={p}"] for p in PHASES]
+    assert "tta=false" in commands[2] and "tta=true" in commands[3]
+    assert all("image_size=64" in c for c in commands[:2])
+
+    table = (out / "accuracy.md").read_text()
+    for name in ("probe", "finetune", "carnet", *PHASES):
+        assert f"| {name} |" in table
