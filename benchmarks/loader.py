@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, default_collate  # noqa: E402
@@ -35,14 +34,14 @@ from torchvision.transforms import v2  # noqa: E402
 
 from carnet.data.datamodule import CarDataModule, default_num_workers  # noqa: E402
 from carnet.data.decode import decode_image  # noqa: E402
+from tests.helpers.config import compose_cfg  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def light_augment(image_size: int) -> list:
     """The `augment=light` list of conf/, resolved at this image size."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["augment=light", f"image_size={image_size}"])
+    cfg = compose_cfg(["augment=light", f"image_size={image_size}"])
     return OmegaConf.to_container(cfg.augment.train, resolve=True)
 
 

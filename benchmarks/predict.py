@@ -31,9 +31,9 @@ from omegaconf import OmegaConf
 
 from carnet.data.decode import decode_image
 from carnet.data.layout import read_test
-from carnet.data.transforms import build_eval_transform
 from carnet.inference.predict import predict
 from carnet.training.module import CarClassifier
+from tests.helpers.reference import eval_transform
 
 CLASS_NAMES = [f"class {k}" for k in range(10)]
 
@@ -67,8 +67,7 @@ def cpu_seconds() -> float:
 
 def preload(meta: dict, root: Path) -> torch.Tensor:
     """Every test image decoded and transformed as predict's loader does, stacked in memory."""
-    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                     meta["crop_pct"])
+    transform = eval_transform(meta)
     return torch.stack([transform(image=decode_image(root / p))["image"] for p in read_test(root).path])
 
 

@@ -35,13 +35,13 @@ sys.path.insert(0, str(REPO))
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from carnet.training.builders import build_module, build_trainer  # noqa: E402
 from carnet.training.run_dir import RunArtifacts  # noqa: E402
+from tests.helpers.config import compose_cfg  # noqa: E402
 
 
 class Interleave(pl.Callback):
@@ -77,8 +77,7 @@ def config(model: str, image_size: int, batch_size: int, run_dir: Path) -> DictC
                  f"data.batch_size={batch_size}", "+trainer.limit_val_batches=0",
                  "scheduler=none",
                  "trainer.num_sanity_val_steps=0"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_cfg(overrides)
 
 
 def batches(data: Path, cfg: DictConfig, n_images: int, batch_size: int) -> DataLoader:

@@ -1,34 +1,21 @@
-"""Shared fixtures: a tiny dataset in the Kaggle layout, Hydra composition, and a real train.py subprocess."""
+"""Shared fixtures: a tiny dataset in the Kaggle layout, Hydra composition, a real train.py subprocess and a tiny
+checkpoint. Plain helpers (paths, overrides, compose_cfg, run_script, ...) are in tests/helpers."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import TINY
+from tests.helpers.runs import run_script
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
-
-# Fast settings for real training runs in tests: tiny model, tiny images, CPU, no progress bar noise.
-TINY = [
-    "model=test_efficientnet",
-    "model.pretrained=false",
-    "trainer=cpu",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "image_size=64",
-    "data.batch_size=8",
-    "data.num_workers=0",
-]
 
 
 @pytest.fixture(scope="session")
@@ -39,26 +26,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "cars", per_class=4, test=6, seed=0)
 
 
-def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
-    """Compose conf/train.yaml with overrides, as `python train.py ...` would (Hydra compose API)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides or []), return_hydra_config=False)
-
-
 @pytest.fixture
 def cfg_factory() -> Callable[..., DictConfig]:
     return compose_cfg
-
-
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a top-level entry point (train.py, predict.py) in a fresh interpreter; fail with its output."""
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n"
-                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
-    return proc
 
 
 @pytest.fixture

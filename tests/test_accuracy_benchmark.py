@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
+
 PHASES = ["head", "unfreeze_half"]
 # Every carnet phase as short as the test suite's training runs: one epoch, tiny batches, no step budget.
 CARNET_ARGS = ["trainer.max_epochs=1", "budget.min_steps=0", "data.batch_size=8", "data.num_workers=0",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from carnet.training.builders import budget_epochs, plan_budget, steps_per_epoch
-from tests.conftest import compose_cfg
+from tests.helpers.config import compose_cfg
 
 
 @pytest.mark.parametrize(("num_train", "batch", "accumulate", "expected"),

@@ -12,14 +12,14 @@ import pytest
 from carnet.data.cache import CacheError, ImageCache, decode_resized
 from carnet.data.datamodule import CarDataModule
 from carnet.data.decode import decode_image
+from tests.helpers.images import train_jpegs
 
 
 @pytest.fixture
 def photos(tiny_data: Path, tmp_path: Path) -> list[Path]:
     """Private copies of two 640x480 JPEGs (the tests rewrite them)."""
-    sources = sorted((tiny_data / "train").rglob("*.jpg"))
     out = []
-    for i, src in enumerate(sources[:2]):
+    for i, src in enumerate(train_jpegs(tiny_data)[:2]):
         out.append(tmp_path / f"img{i}.jpg")
         shutil.copy(src, out[-1])
     return out

@@ -11,7 +11,8 @@ import yaml
 
 from carnet.artifacts import read_summary
 from carnet.models.checkpoint import read_checkpoint
-from tests.conftest import TINY, run_script
+from tests.helpers.overrides import TINY
+from tests.helpers.runs import run_script
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from PIL import Image
 from carnet.data.datamodule import CarDataModule
 from carnet.data.decode import decode_image, decode_min_side
 from carnet.data.transforms import build_eval_transform, build_train_transform, eval_transforms
+from tests.helpers.images import train_jpegs
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LIGHT_224 = [{"_target_": "albumentations.RandomResizedCrop", "size": [224, 224], "scale": [0.5, 1.0],
@@ -22,7 +23,7 @@ LIGHT_224 = [{"_target_": "albumentations.RandomResizedCrop", "size": [224, 224]
 @pytest.fixture(scope="module")
 def photo(tiny_data: Path) -> Path:
     """A 640x480 JPEG from the synthetic dataset (drawn car, background clutter, sensor noise)."""
-    path = sorted((tiny_data / "train").rglob("*.jpg"))[0]
+    path = train_jpegs(tiny_data)[0]
     assert Image.open(path).size == (640, 480)
     return path
 

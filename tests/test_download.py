@@ -13,8 +13,8 @@ import pytest
 
 from carnet.data.layout import read_test, scan_train
 from carnet.tools.download import credentials, layout_complete, main, unpack
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.images import train_jpegs
+from tests.helpers.paths import REPO
 
 
 def _clean_env(home: Path) -> dict[str, str]:
@@ -50,7 +50,7 @@ def _competition_zip(tmp_path: Path, tiny_data: Path) -> Path:
     build = tmp_path / "zipbuild"
     build.mkdir()
     with zipfile.ZipFile(build / "train.zip", "w") as zf:
-        for p in sorted((tiny_data / "train").rglob("*.jpg")):
+        for p in train_jpegs(tiny_data):
             zf.write(p, p.relative_to(tiny_data))
     with zipfile.ZipFile(build / "test.zip", "w") as zf:
         for p in sorted((tiny_data / "test_upload").glob("*.jpg")):

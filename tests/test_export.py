@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -11,27 +10,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from PIL import Image
 
-from carnet.data.transforms import build_eval_transform
 from carnet.inference.export import export_onnx
 from carnet.inference.onnx_meta import META_KEY, ExportError, read_onnx_meta
 from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint
 from carnet.serving.app import create_app
-
-
-def picture(seed: int, size: tuple[int, int] = (110, 70)) -> bytes:
-    """A JPEG in memory with smooth random colours and a block, different for every seed."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    pixels = np.stack([np.cos(x * rng.uniform(2, 9) - y * rng.uniform(2, 9) + rng.uniform(0, 6))
-                       for _ in range(3)], -1)
-    pixels = ((pixels + 1) * 127.5).astype(np.uint8)
-    pixels[h // 4: h // 2, w // 3: w // 2] = rng.integers(0, 256, 3)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
+from tests.helpers.images import photo
+from tests.helpers.reference import eval_batch
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +25,6 @@ def onnx_file(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     result = export_onnx(tiny_checkpoint, out)
     assert result["max_abs_diff"] < 1e-4
     return out
-
-
-def eval_batch(ckpt: Path, images: list[bytes]) -> torch.Tensor:
-    _, meta = load_checkpoint(ckpt)
-    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                     meta["crop_pct"])
-    return torch.stack([transform(image=np.asarray(Image.open(io.BytesIO(b)).convert("RGB")))["image"]
-                        for b in images])
 
 
 def test_onnx_metadata_is_the_checkpoints(onnx_file: Path, tiny_checkpoint: Path) -> None:
@@ -61,8 +38,8 @@ def test_onnx_metadata_is_the_checkpoints(onnx_file: Path, tiny_checkpoint: Path
 
 
 def test_onnx_matches_torch_on_images_with_dynamic_batch(onnx_file: Path, tiny_checkpoint: Path) -> None:
-    net, _ = load_checkpoint(tiny_checkpoint)
-    batch = eval_batch(tiny_checkpoint, [picture(s) for s in range(5)])
+    net, meta = load_checkpoint(tiny_checkpoint)
+    batch = eval_batch(meta, [photo(s) for s in range(5)])
     with torch.no_grad():
         expected = torch.softmax(net(batch).double(), 1).numpy()
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
@@ -78,7 +55,7 @@ def test_served_onnx_equals_served_torch(onnx_file: Path, tiny_checkpoint: Path)
     health = onnx_client.get("/health").get_json()
     assert health["backend"] == "onnx" and health["model"] == "test_efficientnet" and health["num_classes"] == 10
     for seed in range(3):
-        data = picture(seed)
+        data = photo(seed)
         a = torch_client.post("/predict", data=data, content_type="image/jpeg").get_json()
         b = onnx_client.post("/predict", data=data, content_type="image/jpeg").get_json()
         assert b["class_id"] == a["class_id"]
@@ -120,8 +97,8 @@ def test_export_cli_writes_onnx_and_torchscript(tiny_checkpoint: Path, tmp_path:
     files = {"carnet.json": ""}
     scripted = torch.jit.load(str(ts), map_location="cpu", _extra_files=files)
     assert json.loads(files["carnet.json"])["class_names"] == [f"car {k}" for k in range(10)]
-    net, _ = load_checkpoint(tiny_checkpoint)
-    batch = eval_batch(tiny_checkpoint, [picture(7), picture(8)])
+    net, meta = load_checkpoint(tiny_checkpoint)
+    batch = eval_batch(meta, [photo(7), photo(8)])
     with torch.no_grad():
         torch.testing.assert_close(scripted(batch), net(batch), atol=1e-5, rtol=1e-5)
     assert not list(tmp_path.glob(".*.tmp"))  # temp files renamed or removed

@@ -18,11 +18,11 @@ from carnet.training.builders import (
 )
 from carnet.training.module import CarClassifier
 from carnet.training.run_dir import RunArtifacts
-from tests.conftest import CONF, compose_cfg
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import TINY
+from tests.helpers.paths import CONF
 
 HEAD = {"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0}
-FAST = ["model=test_efficientnet", "model.pretrained=false", "trainer.max_epochs=1", "image_size=64",
-        "data.num_workers=0", "trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_benchmark_and_compile_resolve_per_device(fake_gpu: callable) -> None:
 
 
 def test_trainer_on_this_cpu_gets_fp32_and_no_cudnn_benchmark(tmp_path: Path) -> None:
-    cfg = compose_cfg([*FAST, "trainer.accelerator=cpu"])
+    cfg = compose_cfg([*TINY, "trainer.precision=auto"])  # trainer=cpu with the default precision
     trainer = build_trainer(cfg, tmp_path, [])
     assert trainer.precision == "32-true"
     assert torch.backends.cudnn.benchmark is False
@@ -97,9 +97,8 @@ def test_compile_is_in_place_and_keeps_checkpoint_keys() -> None:
 
 
 def test_gradient_accumulation_steps_the_optimizer_less_often(tiny_data: Path, tmp_path: Path) -> None:
-    cfg = compose_cfg([*FAST, "trainer=cpu", f"data.root={tiny_data}", "data.verify=false", "data.batch_size=8",
-                       "trainer.accumulate_grad_batches=2", "trainer.num_sanity_val_steps=0",
-                       "+trainer.limit_val_batches=0", "scheduler=none", "~logger"])
+    cfg = compose_cfg([*TINY, f"data.root={tiny_data}", "data.verify=false", "trainer.accumulate_grad_batches=2",
+                       "trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0", "scheduler=none", "~logger"])
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     datamodule.setup("fit")

@@ -20,11 +20,8 @@ from carnet.training.builders import build_module
 from carnet.training.finetune import ProgressiveUnfreezing, fraction_at, parse_schedule
 from carnet.training.module import CarClassifier
 from carnet.training.train import train
-from tests.conftest import TINY, compose_cfg
-
-# One batch per epoch: every assertion below needs one optimizer step, and the CPU is shared.
-FAST = [*TINY, "trainer.num_sanity_val_steps=0", "data.verify=false", "+trainer.limit_train_batches=1",
-        "+trainer.limit_val_batches=1"]
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import ONE_BATCH
 
 
 def efficientnet_blocks(names: list[str]) -> list[list[str]]:
@@ -48,7 +45,7 @@ def efficientnet_blocks(names: list[str]) -> list[list[str]]:
 def run_fraction(tiny_data: Path, run_dir: Path, model: str, fraction: float, bn: str,
                  *extra: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Train one epoch with ``unfreeze=fraction``; return (summary, start state, end state, config)."""
-    cfg = compose_cfg([*FAST, f"model={model}", "model.pretrained=false", "model.weights=null",
+    cfg = compose_cfg([*ONE_BATCH, f"model={model}", "model.weights=null",
                        "model.drop_rate=0", "model.drop_path_rate=0", "image_size=32", f"data.root={tiny_data}",
                        f"unfreeze={fraction}", f"bn={bn}", f"run_dir={run_dir}", *extra])
     pl.seed_everything(cfg.seed, workers=True)  # train() seeds the same way before building: same start weights

@@ -15,7 +15,8 @@ from carnet.data.layout import DataError
 from carnet.data.splits import assign_split, stratified_folds
 from carnet.inference.oof import oof_frame
 from carnet.tools.demo import CLASS_NAMES
-from tests.conftest import TINY, run_script
+from tests.helpers.overrides import TINY
+from tests.helpers.runs import run_script
 
 
 def test_folds_are_disjoint_cover_and_stratified() -> None:

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import compose_cfg
+from carnet.training.builders import build_trainer
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import TINY
 
 
-def test_logger_group_options_compose() -> None:
-    assert set(compose_cfg([]).logger) == {"csv"}
-    assert set(compose_cfg(["logger=[csv,tensorboard]"]).logger) == {"csv", "tensorboard"}
-    assert set(compose_cfg(["logger=all"]).logger) == {"csv", "tensorboard", "mlflow"}
-    assert not compose_cfg(["logger=none"]).logger
+def test_logger_group_options_give_the_trainer_its_loggers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # set by carnet.training.loggers.mlflow; undone after
+
+    def loggers(*overrides: str) -> set[str]:
+        trainer = build_trainer(compose_cfg([*TINY, *overrides]), tmp_path, [])
+        return {type(logger).__name__ for logger in trainer.loggers}
+
+    assert loggers() == {"CSVLogger"}
+    assert loggers("logger=[csv,tensorboard]") == {"CSVLogger", "TensorBoardLogger"}
+    assert loggers("logger=all") == {"CSVLogger", "TensorBoardLogger", "MLFlowLogger"}
+    assert loggers("logger=none") == set()
 
 
 def test_every_logger_writes_its_files_with_hyperparameters(train_run: Callable,

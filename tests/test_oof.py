@@ -11,40 +11,26 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
-from carnet.data.decode import decode_image
-from carnet.data.transforms import build_eval_transform
 from carnet.inference.ensemble import PredictError
-from carnet.inference.predict import predict
 from carnet.models.checkpoint import load_checkpoint
-from tests.conftest import REPO
+from tests.helpers.images import train_jpegs
+from tests.helpers.reference import reference_probs
+from tests.helpers.runs import run_predict
 
-FAST = ["data.num_workers=0", "data.batch_size=8", "data.draft=false"]
-
-
-def run_predict(*overrides: str) -> dict[str, Any]:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="predict", overrides=[*FAST, *overrides])
-    return predict(cfg)
+# Full-size decoding: by_hand decodes every image at full size too.
+OOF = ["split=oof", "data.draft=false"]
 
 
 def by_hand(ckpt: Path, root: Path, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(plain, identity+hflip mean) softmax of the checkpoint on its eval view of each image, without predict."""
-    net, meta = load_checkpoint(ckpt)
-    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                     meta["crop_pct"])
-    batch = torch.stack([transform(image=decode_image(root / p))["image"] for p in paths])
-    with torch.no_grad():
-        plain = net(batch).softmax(-1)
-        flipped = net(batch.flip(-1)).softmax(-1)
-    return plain, (plain + flipped) / 2
+    plain = reference_probs(ckpt, root, paths)
+    return plain, (plain + reference_probs(ckpt, root, paths, hflip=True)) / 2
 
 
 def test_oof_accuracy_equals_independent_predictions(train_run: Callable, tiny_data: Path, tmp_path: Path,
@@ -53,7 +39,7 @@ def test_oof_accuracy_equals_independent_predictions(train_run: Callable, tiny_d
     ckpts = [run / "checkpoints" / "best.ckpt" for run in runs]
     report = tmp_path / "report"
     # given out of fold order: the report is in fold order anyway
-    result = run_predict(f"ckpt=[{ckpts[1]},{ckpts[0]}]", "split=oof", "tta='true'", f"report_dir={report}")
+    result = run_predict(*OOF, f"ckpt=[{ckpts[1]},{ckpts[0]}]", "tta='true'", f"report_dir={report}")
     oof = result["oof"]
 
     plain, tta, labels, paths, folds = [], [], [], [], []
@@ -81,7 +67,7 @@ def test_oof_accuracy_equals_independent_predictions(train_run: Callable, tiny_d
     assert list(written.path) == paths and list(written.fold) == folds and list(written.label) == labels.tolist()
     assert (written.prediction == written[class_names].to_numpy().argmax(1)).all()
     # every training image exactly once
-    train_images = sorted(str(p.relative_to(tiny_data)) for p in (tiny_data / "train").rglob("*.jpg"))
+    train_images = sorted(str(p.relative_to(tiny_data)) for p in train_jpegs(tiny_data))
     assert sorted(written.path) == train_images and written.path.is_unique
     assert (report / "confusion_oof.png").stat().st_size > 0
     table = pd.read_csv(report / "oof_report.csv")
@@ -93,7 +79,7 @@ def test_oof_accuracy_equals_independent_predictions(train_run: Callable, tiny_d
     assert "out-of-fold" in capsys.readouterr().err
 
     # one fold only: partial coverage, said so
-    partial = run_predict(f"ckpt={ckpts[1]}", "split=oof", f"report_dir={tmp_path / 'partial'}")["oof"]
+    partial = run_predict(*OOF, f"ckpt={ckpts[1]}", f"report_dir={tmp_path / 'partial'}")["oof"]
     assert partial["missing_folds"] == [0] and partial["num_images"] == folds.count(1)
     assert partial["num_train_images"] == len(train_images)
     assert partial["accuracy"] == pytest.approx(table.plain_accuracy[1])
@@ -101,7 +87,7 @@ def test_oof_accuracy_equals_independent_predictions(train_run: Callable, tiny_d
 
     # two checkpoints of the same fold
     with pytest.raises(PredictError, match="both validate on fold 0"):
-        run_predict(f"ckpt=[{ckpts[0]},{ckpts[0]}]", "split=oof", f"report_dir={tmp_path / 'twice'}")
+        run_predict(*OOF, f"ckpt=[{ckpts[0]},{ckpts[0]}]", f"report_dir={tmp_path / 'twice'}")
 
     # a checkpoint whose run was not trained on a fold: summary.json without fold, or split.csv without column
     plain_run = tmp_path / "plain"
@@ -110,9 +96,9 @@ def test_oof_accuracy_equals_independent_predictions(train_run: Callable, tiny_d
     (plain_run / SUMMARY_FILE).write_text(json.dumps({**summary, "fold": None, "num_folds": None}))
     not_fold = plain_run / "checkpoints" / "best.ckpt"
     with pytest.raises(PredictError, match=re.escape(str(not_fold)) + ".*not from a k-fold run.*has no 'fold'"):
-        run_predict(f"ckpt=[{ckpts[1]},{not_fold}]", "split=oof", f"report_dir={tmp_path / 'bad'}")
+        run_predict(*OOF, f"ckpt=[{ckpts[1]},{not_fold}]", f"report_dir={tmp_path / 'bad'}")
     (plain_run / SUMMARY_FILE).write_text(json.dumps(summary))
     pd.read_csv(plain_run / SPLIT_FILE).drop(columns="fold").to_csv(plain_run / SPLIT_FILE, index=False)
     with pytest.raises(PredictError, match=re.escape(str(not_fold)) + ".*no 'fold' column"):
-        run_predict(f"ckpt={not_fold}", "split=oof", f"report_dir={tmp_path / 'bad'}")
+        run_predict(*OOF, f"ckpt={not_fold}", f"report_dir={tmp_path / 'bad'}")
     assert not (tmp_path / "bad").exists()

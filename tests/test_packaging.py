@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONF, REPO, TINY
+from tests.helpers.overrides import TINY
+from tests.helpers.paths import CONF, REPO
 
 
 @pytest.fixture(scope="module")

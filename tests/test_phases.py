@@ -15,11 +15,10 @@ from carnet.artifacts import read_summary
 from carnet.training.builders import build_module
 from carnet.training.phases import Phase, PhaseError, join_phases, write_pipeline_report
 from carnet.training.train import train
-from tests.conftest import TINY, compose_cfg, run_script
-
-# One batch per epoch: every assertion below needs one optimizer step, and the CPU is shared.
-FAST = [*TINY, "trainer.num_sanity_val_steps=0", "data.verify=false", "+trainer.limit_train_batches=1",
-        "+trainer.limit_val_batches=1"]
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import ONE_BATCH
+from tests.helpers.paths import REPO
+from tests.helpers.runs import run_script
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -31,7 +30,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def run_two_phases(root: Path, tiny_data: Path, via_train_py: bool) -> dict[str, Path]:
     """`phase=head`, then `phase=unfreeze_half optimizer.lr=0` (so that it ends exactly where it started)."""
-    common = [f"data.root={tiny_data}", *FAST, f"paths.output_dir={root / 'outputs'}"]
+    common = [f"data.root={tiny_data}", *ONE_BATCH, f"paths.output_dir={root / 'outputs'}"]
     runs = {"head": ["phase=head", "optimizer.lr=0.05"], "half": ["phase=unfreeze_half", "optimizer.lr=0"]}
     for name, overrides in runs.items():
         if via_train_py:
@@ -100,7 +99,7 @@ def test_mismatching_predecessor_names_both_sides(two_phases: dict[str, Path]) -
 
 def test_resume_mid_progressive_restores_frozen_set_and_optimizer_groups(tiny_data: Path, tmp_path: Path) -> None:
     """Killed after 2 of 3 epochs, resumed from last.ckpt: same end state as an uninterrupted run."""
-    common = [*FAST, f"data.root={tiny_data}", "image_size=32", "phase=progressive",
+    common = [*ONE_BATCH, f"data.root={tiny_data}", "image_size=32", "phase=progressive",
               "unfreeze=[[0,0.0],[1,0.5],[4,1.0]]", f"paths.output_dir={tmp_path / 'outputs'}"]
     train(compose_cfg([*common, "trainer.max_epochs=3", f"run_dir={tmp_path / 'full'}"]))
     train(compose_cfg([*common, "trainer.max_epochs=2", f"run_dir={tmp_path / 'cut'}"]))
@@ -144,9 +143,9 @@ def test_pipeline_curves_join_phases_on_one_axis(two_phases: dict[str, Path], tm
 def test_pipeline_command_runs_phases_in_order(tiny_data: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "carnet.training.pipeline", "--phases", "head,unfreeze_half", f"data.root={tiny_data}",
-         *FAST,
+         *ONE_BATCH,
          f"paths.output_dir={tmp_path}", "unfreeze_half:image_size=48"],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = sorted((tmp_path / "pipeline").glob("*/*"))
     assert [r.name for r in runs] == ["1-head", "2-unfreeze_half"]

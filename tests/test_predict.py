@@ -9,26 +9,22 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 
-from carnet.data.decode import decode_image
 from carnet.data.layout import DataError
-from carnet.data.transforms import build_eval_transform
 from carnet.inference.ensemble import PredictError
-from carnet.inference.predict import predict
 from carnet.inference.tta import IDENTITY, TTA, View, build_views, merge_probs, tta_predict
 from carnet.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from tests.conftest import REPO, TINY, run_script
+from tests.helpers.overrides import PREDICT, TINY
+from tests.helpers.reference import reference_probs
+from tests.helpers.runs import run_predict, run_script
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FAST = ["data.num_workers=0", "data.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +36,6 @@ def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ckpt = base / "run" / "checkpoints" / "best.ckpt"
     assert ckpt.is_file()
     return ckpt
-
-
-def run_predict(*overrides: str) -> dict[str, Any]:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="predict", overrides=[*FAST, *overrides])
-    return predict(cfg)
-
-
-def reference_probs(ckpt: Path, root: Path, paths: list[str]) -> torch.Tensor:
-    """Plain softmax of the checkpoint's network on its eval view of each image, computed without predict."""
-    net, meta = load_checkpoint(ckpt)
-    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                     meta["crop_pct"])
-    batch = torch.stack([transform(image=decode_image(root / p))["image"] for p in paths])
-    with torch.no_grad():
-        return net(batch).softmax(-1)
 
 
 def test_submission_matches_sample_submission(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
@@ -204,7 +184,7 @@ def test_val_report_from_a_copied_checkpoint(trained: Path, tmp_path: Path) -> N
 def test_predict_script_with_tta_true(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
     """The real entry point: `tta=true` (a bare boolean to Hydra) selects conf/tta/true.yaml."""
     out = tmp_path / "submission.csv"
-    proc = run_script("predict.py", f"ckpt={trained}", f"data.root={tiny_data}", f"out={out}", "tta=true", *FAST)
+    proc = run_script("predict.py", f"ckpt={trained}", f"data.root={tiny_data}", f"out={out}", "tta=true", *PREDICT)
     assert "mean(identity+hflip)" in proc.stderr
     in_process = run_predict(f"ckpt={trained}", f"data.root={tiny_data}", f"out={tmp_path / 'b.csv'}", "tta='true'")
     written = pd.read_csv(out.with_name("probs.csv")).drop(columns="Id").to_numpy()

@@ -3,64 +3,41 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
-import select
-import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from flask import Flask
-from PIL import Image
 
-from carnet.data.transforms import build_eval_transform
 from carnet.inference.export import export_onnx
 from carnet.models.checkpoint import load_checkpoint
 from carnet.serving.app import create_app
 from carnet.serving.backends import ModelLoadError
 from carnet.serving.upload import DEFAULT_MAX_CONTENT_LENGTH
+from tests.helpers.devtools import DevTools, find_browser
+from tests.helpers.images import photo
+from tests.helpers.paths import REPO
+from tests.helpers.reference import eval_batch
+from tests.helpers.servers import free_port, multipart, post, start_server, stop_server, wait_healthy
 
-REPO = Path(__file__).resolve().parents[1]
 RESPONSE_KEYS = ["class_id", "class_name", "probability", "top_k", "model", "ms"]
-
-
-def photo(seed: int, size: tuple[int, int] = (120, 90), fmt: str = "JPEG") -> bytes:
-    """A non-square test picture (smooth colours + a block) encoded in memory: varied enough to move the model."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    channels = [np.sin(x * rng.uniform(2, 9) + y * rng.uniform(2, 9) + rng.uniform(0, 6)) for _ in range(3)]
-    pixels = ((np.stack(channels, -1) + 1) * 127.5).astype(np.uint8)
-    x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
-    pixels[y0:y0 + h // 3, x0:x0 + w // 3] = rng.integers(0, 256, 3)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt, quality=90)
-    return buf.getvalue()
 
 
 def in_process_probs(ckpt: Path, data: bytes) -> np.ndarray:
     """The reference: load_checkpoint + the training eval transform on the decoded image, no service code."""
     net, meta = load_checkpoint(ckpt)
-    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                     meta["crop_pct"])
-    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     with torch.no_grad():
-        return torch.softmax(net(transform(image=image)["image"][None]).double(), 1)[0].numpy()
+        return torch.softmax(net(eval_batch(meta, [data])).double(), 1)[0].numpy()
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -160,9 +137,7 @@ def test_tta_averages_image_and_mirror(tiny_checkpoint: Path) -> None:
     body = create_app(tiny_checkpoint, tta=True, top_k=10).test_client().post(
         "/predict", data=data, content_type="image/jpeg").get_json()
     net, meta = load_checkpoint(tiny_checkpoint)
-    transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                     meta["crop_pct"])
-    x = transform(image=np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))["image"][None]
+    x = eval_batch(meta, [data])
     with torch.no_grad():
         expected = (torch.softmax(net(x).double(), 1) + torch.softmax(net(x.flip(3)).double(), 1))[0] / 2
     got = {k["class_id"]: k["probability"] for k in body["top_k"]}
@@ -308,58 +283,6 @@ def test_onnx_backend_imports_no_torch(tiny_checkpoint: Path, tmp_path: Path) ->
 # ---- real HTTP ---------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                return json.load(response)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.3)
-    raise AssertionError(f"{url} not healthy after {timeout} s")
-
-
-def start_server(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def stop_server(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.stdout.read()
-
-
-def post(url: str, data: bytes, content_type: str) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
-
-
-def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
-    boundary = "carnet-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 @pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_gunicorn_serves_correct_predictions(tiny_checkpoint: Path, workers: int) -> None:
     """The production command of the README on a free loopback port, over real HTTP."""
@@ -390,95 +313,14 @@ def test_gunicorn_serves_correct_predictions(tiny_checkpoint: Path, workers: int
 
 
 # ---- the page in a real browser ----------------------------------------------------------------------------
-# Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON messages ending
-# in NUL on file descriptors 3 and 4), so the test needs no selenium, driver binary or websocket library.
-# Environment overrides, for a screenshot worth showing: CARNET_BROWSER_CKPT (checkpoint to serve),
-# CARNET_BROWSER_IMAGE (photo to upload), CARNET_SCREENSHOT (where to keep the PNG, e.g.
-# docs/serve_screenshot.png).
-
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--remote-debugging-pipe", "about:blank"]
-
-
-class DevTools:
-    """A minimal DevTools-protocol client over Chromium's pipe (commands in, responses and events out)."""
-
-    def __init__(self, binary: str, profile: Path) -> None:
-        to_chrome_r, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome_w = os.pipe()
-
-        def wire_fds() -> None:  # Chromium reads commands on fd 3 and writes replies on fd 4
-            os.dup2(to_chrome_r, 3)
-            os.dup2(from_chrome_w, 4)
-
-        self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}"], preexec_fn=wire_fds,
-                                     pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        self._buffer = b""
-        self._next_id = 0
-        self.events: list[dict[str, Any]] = []
-        self.session: str | None = None
-
-    def _read_message(self, deadline: float) -> dict[str, Any]:
-        while b"\0" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self._from_chrome], [], [], remaining)[0]:
-                raise TimeoutError("no answer from Chromium")
-            chunk = os.read(self._from_chrome, 1 << 20)
-            if not chunk:
-                raise ConnectionError("Chromium closed the DevTools pipe")
-            self._buffer += chunk
-        message, self._buffer = self._buffer.split(b"\0", 1)
-        return json.loads(message)
-
-    def send(self, method: str, timeout: float = 30, **params: Any) -> dict[str, Any]:
-        self._next_id += 1
-        command = {"id": self._next_id, "method": method, "params": params}
-        if self.session and not method.startswith(("Target.", "Browser.")):
-            command["sessionId"] = self.session
-        os.write(self._to_chrome, json.dumps(command).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self._read_message(deadline)
-            if message.get("id") == self._next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-            self.events.append(message)
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 60) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            time.sleep(0.2)
-        raise TimeoutError(f"{expression} still false after {timeout} s")
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # Chromium may close the pipe before it answers
-            self.send("Browser.close", timeout=10)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._to_chrome)
-        os.close(self._from_chrome)
+# Chromium is driven over the DevTools protocol (tests/helpers/devtools.py). Environment overrides, for a
+# screenshot worth showing: CARNET_BROWSER_CKPT (checkpoint to serve), CARNET_BROWSER_IMAGE (photo to upload),
+# CARNET_SCREENSHOT (where to keep the PNG, e.g. docs/serve_screenshot.png).
 
 
 @pytest.mark.slow
 def test_upload_page_classifies_a_photo_in_chromium(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    binary = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    binary = find_browser()
     if binary is None:
         pytest.skip("no Chromium: install it (Debian: apt-get install chromium) to run the browser test")
     ckpt = Path(os.environ.get("CARNET_BROWSER_CKPT", tiny_checkpoint))

@@ -11,13 +11,9 @@ import pytest
 from carnet.data.datamodule import CarDataModule
 from carnet.data.layout import DataError
 from carnet.data.sources import load_source, read_sources
-from carnet.tools.demo import CLASS_NAMES, render
-
-
-def _photo(path: Path, cls: int, key: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    render(cls, seed=7, key=key, size=(96, 72)).save(path, quality=90)
-    return path
+from carnet.tools.demo import CLASS_NAMES
+from tests.helpers.images import car_jpeg
+from tests.helpers.paths import REPO
 
 
 @pytest.fixture
@@ -25,19 +21,20 @@ def sources(tmp_path: Path) -> dict[str, Path]:
     """A folder source (their names, one unmapped folder) and a CSV source (their codes, one unmapped label)."""
     photos = tmp_path / "photos"
     for i in range(3):
-        _photo(photos / "priora" / f"p{i}.jpg", 0, 100 + i)
+        car_jpeg(photos / "priora" / f"p{i}.jpg", 0, 100 + i)
     for i in range(2):
-        _photo(photos / "niva" / "sub" / f"n{i}.jpg", 5, 200 + i)  # nested folders count for their top folder
-    _photo(photos / "tractor" / "t0.jpg", 3, 300)  # no class of ours: dropped and counted
+        car_jpeg(photos / "niva" / "sub" / f"n{i}.jpg", 5, 200 + i)  # nested folders count for their top folder
+    car_jpeg(photos / "tractor" / "t0.jpg", 3, 300)  # no class of ours: dropped and counted
     folder_yaml = tmp_path / "conf" / "photos.yaml"
     folder_yaml.parent.mkdir()
     folder_yaml.write_text("name: photos\ntype: folder\npath: ../photos\n"
                            "label_map:\n  priora: Lada Priora\n  niva: 5\n")
 
     table = tmp_path / "other" / "labels.csv"
-    rows = [(_photo(table.parent / "img" / f"c{i}.jpg", 8, 400 + i).relative_to(table.parent), "VW") for i in range(2)]
-    rows.append((_photo(tmp_path / "elsewhere" / "abs.jpg", 1, 500), "FF"))  # absolute path
-    rows += [(_photo(table.parent / "img" / f"x{i}.jpg", 2, 600 + i).relative_to(table.parent), "BUS")
+    rows = [(car_jpeg(table.parent / "img" / f"c{i}.jpg", 8, 400 + i).relative_to(table.parent), "VW")
+            for i in range(2)]
+    rows.append((car_jpeg(tmp_path / "elsewhere" / "abs.jpg", 1, 500), "FF"))  # absolute path
+    rows += [(car_jpeg(table.parent / "img" / f"x{i}.jpg", 2, 600 + i).relative_to(table.parent), "BUS")
              for i in range(2)]
     pd.DataFrame(rows, columns=["path", "label"]).assign(prob=0.99).to_csv(table, index=False)
     csv_yaml = tmp_path / "csv.yaml"
@@ -82,13 +79,13 @@ def test_extra_images_go_to_training_only(tiny_data: Path, sources: dict[str, Pa
 
 def test_labels_without_map_must_be_classes(tmp_path: Path) -> None:
     good = tmp_path / "good"
-    _photo(good / "3" / "a.jpg", 3, 1)
-    _photo(good / "Lada Niva" / "b.jpg", 5, 2)
+    car_jpeg(good / "3" / "a.jpg", 3, 1)
+    car_jpeg(good / "Lada Niva" / "b.jpg", 5, 2)
     (tmp_path / "good.yaml").write_text(f"name: good\ntype: folder\npath: {good}\n")
     frame, _ = read_sources(tmp_path / "good.yaml", CLASS_NAMES)
     assert sorted(frame.label) == [3, 5]
 
-    _photo(tmp_path / "bad" / "11" / "c.jpg", 1, 3)
+    car_jpeg(tmp_path / "bad" / "11" / "c.jpg", 1, 3)
     (tmp_path / "bad.yaml").write_text("name: bad\ntype: folder\npath: bad\n")
     with pytest.raises(DataError, match=r"bad\.yaml.*'11'.*label_map"):
         read_sources([tmp_path / "bad.yaml"], CLASS_NAMES)
@@ -112,15 +109,15 @@ def test_shipped_example_sources_parse(tmp_path: Path) -> None:
     """examples/sources/*.yaml are valid sources once their folders exist (checked on a copy pointing at tmp)."""
     import yaml
 
-    examples = sorted((Path(__file__).resolve().parents[1] / "examples" / "sources").glob("*.yaml"))
+    examples = sorted((REPO / "examples" / "sources").glob("*.yaml"))
     assert len(examples) >= 2
     for example in examples:
         spec = yaml.safe_load(example.read_text())
         target = tmp_path / example.stem
         if spec["type"] == "folder":
-            _photo(target / next(iter(spec["label_map"])) / "a.jpg", 0, 1)
+            car_jpeg(target / next(iter(spec["label_map"])) / "a.jpg", 0, 1)
         else:
-            _photo(tmp_path / "a.jpg", 0, 1)
+            car_jpeg(tmp_path / "a.jpg", 0, 1)
             target = tmp_path / f"{example.stem}.csv"
             pd.DataFrame({"path": ["a.jpg"], "label": [next(iter(spec["label_map"]))]}).to_csv(target, index=False)
         copy = tmp_path / example.name

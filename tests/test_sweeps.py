@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
 from carnet.artifacts import read_summary
 from carnet.tools.report import write_report
-from tests.conftest import CONF, TINY, compose_cfg, run_script
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import TINY
+from tests.helpers.runs import run_script
 
 Sweep = Callable[..., tuple[Path, subprocess.CompletedProcess]]
 
@@ -84,8 +85,7 @@ def test_optuna_search_best_value_is_the_best_run(sweep: Sweep) -> None:
 
 
 def test_optuna_search_space_composes() -> None:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    cfg = compose_cfg(["hparams_search=optuna"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,9 @@ import torch
 
 from carnet.artifacts import EPOCH_COLUMNS
 from carnet.models.checkpoint import load_checkpoint
-from tests.conftest import REPO, TINY
+from tests.helpers.overrides import TINY
+from tests.helpers.paths import REPO
+from tests.helpers.runs import child_env
 
 
 def test_one_epoch_run_leaves_every_artifact(train_run):
@@ -59,7 +60,7 @@ def test_our_errors_are_one_line_and_exit_1(tmp_path):
     """A CarnetError (here: no data folder) is one line on stderr and exit status 1, not a Hydra traceback."""
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, f"data.root={tmp_path / 'nowhere'}",
                            f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+                          env=child_env())
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train: error: data root") and "nowhere" in last, proc.stderr
