@@ -199,7 +199,7 @@ class CarDataModule(pl.LightningDataModule):
             self.cache.warm([self.root / p for p in paths], min_side, workers=max(2, self.num_workers))
         return ImageDataset(self.root, paths, labels, transform, min_side=min_side, cache=self.cache)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -209,11 +209,22 @@ class CarDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             worker_init_fn=_seed_worker_augmentations,
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
         rows = self._rows("train")
         return self._loader(self._dataset(rows.path, rows.label, self.train_transform()), shuffle=True)
+
+    def feature_loader(self, augmented: bool, seed: int = 0) -> DataLoader:
+        """The training photos in order, for computing features once (carnet.training.head_fit): the eval view,
+        or one training view of each drawn with ``seed`` (the same views on every run and DDP rank)."""
+        rows = self._rows("train")
+        transform = self.train_transform() if augmented else self.eval_transform()
+        transform.set_random_seed(self.seed + seed)
+        # Loader workers reseed their views from torch's worker seeds: a seeded generator fixes those too.
+        return self._loader(self._dataset(rows.path, rows.label, transform), shuffle=False,
+                            generator=torch.Generator().manual_seed(self.seed + seed))
 
     def val_dataloader(self) -> DataLoader:
         rows = self._rows("val")

@@ -12,11 +12,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 
 from carnet.data.datamodule import CarDataModule
 from carnet.errors import CarnetError
 from carnet.training.finetune import ProgressiveUnfreezing
+from carnet.training.head_fit import HeadFit
 from carnet.training.loggers import LogConfig
 from carnet.training.module import CarClassifier
 from carnet.training.phases import Phase
@@ -94,6 +95,10 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = []
     if (phase := Phase.from_config(cfg)) is not None:
         callbacks.append(phase)
+    if cfg.head_fit.enabled:
+        callbacks.append(HeadFit(views=cfg.head_fit.views, folds=cfg.head_fit.folds))
+    if cfg.ema.decay is not None:
+        callbacks.append(EMAWeightAveraging(decay=float(cfg.ema.decay)))
     if cfg.get("unfreeze") is not None:
         schedule = OmegaConf.to_container(cfg.unfreeze) if OmegaConf.is_config(cfg.unfreeze) else cfg.unfreeze
         callbacks.append(ProgressiveUnfreezing(schedule, bn=cfg.bn))
@@ -127,7 +132,7 @@ def plan_budget(cfg: DictConfig, num_train: int, batch_size: int) -> dict[str, i
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
     """The Trainer of ``cfg.trainer`` with carnet's checkpointing, progress bar and loggers."""
     checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
+        dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
         auto_insert_metric_name=False, enable_version_counter=False,
     )
     # Not `save_last=True`: Lightning 2.6 rewrites last.ckpt only in epochs where the best improved, so it goes

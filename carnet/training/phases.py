@@ -7,19 +7,25 @@ A phase run (``python train.py phase=NAME``, see conf/phase) copies its best che
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from carnet.artifacts import SUMMARY_FILE, atomic_path, plot_curves, read_metrics, read_summary, write_json
 from carnet.errors import CarnetError
-from carnet.models.checkpoint import CheckpointError, read_checkpoint
+from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
 from carnet.training.module import CarClassifier
+
+log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -76,15 +82,22 @@ class Phase(pl.Callback):
 
     Built once from the config (:meth:`from_config`), before anything else: a missing or mismatching predecessor
     fails fast, in one line. ``train()`` only passes it to the Trainer with the other callbacks.
+
+    It also validates the weights it starts from (after ``head_fit``, before the first step) and counts them as a
+    candidate for the phase's best checkpoint: a phase whose training never beats its start on validation
+    (``monitor``) hands on its start, so no phase ends worse than the one before it.
     """
 
     def __init__(self, name: str | None, init_from: str | os.PathLike | None, phases_dir: str | os.PathLike,
-                 model_name: str, head: Any, num_classes: int) -> None:
+                 model_name: str, head: Any, num_classes: int, monitor: str = "val/loss", mode: str = "min") -> None:
         self.name = name
         self.phases_dir = Path(phases_dir)
+        self.monitor, self.mode = monitor, mode
         self.init_path: Path | None = None
         self.init_checkpoint: dict[str, Any] | None = None
         self.published: Path | None = None
+        self.start: dict[str, float] = {}
+        self.kept_start = False
         if init_from:
             self.init_path = resolve_init_from(init_from, phases_dir)
             try:
@@ -100,24 +113,87 @@ class Phase(pl.Callback):
         init_from = None if cfg.get("resume") else cfg.get("init_from")
         if not cfg.get("phase") and not init_from:
             return None
-        return cls(cfg.get("phase"), init_from, cfg.paths.phases, cfg.model.name, cfg.head, len(cfg.data.class_names))
+        return cls(cfg.get("phase"), init_from, cfg.paths.phases, cfg.model.name, cfg.head, len(cfg.data.class_names),
+                   monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.init_checkpoint is not None:
             load_init_weights(pl_module, self.init_path, self.init_checkpoint)
             self.init_checkpoint = None  # loaded once; free the memory
 
+    def _start_path(self, trainer: pl.Trainer) -> Path:
+        return Path(trainer.checkpoint_callback.dirpath) / "start.ckpt"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path or trainer.checkpoint_callback is None:  # resumed: its start was judged before
+            return
+        self.start = evaluate(pl_module, trainer.datamodule.val_dataloader(), trainer)
+        if trainer.is_global_zero:
+            save_weights(self._start_path(trainer), pl_module)
+        log.info("phase %s starts at val/loss=%.4f val/acc=%.4f", self.name, self.start["val/loss"],
+                 self.start["val/acc"])
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if self.name and best and not trainer.interrupted and trainer.is_global_zero:
+        callback = trainer.checkpoint_callback
+        if callback is None or trainer.interrupted or not trainer.is_global_zero:
+            return
+        best, score = callback.best_model_path, callback.best_model_score
+        start = self.start.get(self.monitor)
+        if start is not None and (not best or score is None or not better(float(score), start, self.mode)):
+            self.kept_start = True  # training never beat the start on validation: the start is the best
+            with atomic_path(Path(callback.dirpath) / "best.ckpt") as tmp:
+                shutil.copyfile(self._start_path(trainer), tmp)
+            best = str(Path(callback.dirpath) / "best.ckpt")
+            log.warning("phase %s: no epoch beat its start on %s (%.4f); it hands on its start weights",
+                        self.name, self.monitor, start)
+        self._start_path(trainer).unlink(missing_ok=True)
+        if self.name and best:
             self.published = publish_checkpoint(best, self.phases_dir, self.name)
 
     def summary_fields(self) -> dict[str, Any]:
         """What summary.json records of this phase (collected by :class:`carnet.training.run_dir.RunArtifacts`)."""
         fields: dict[str, Any] = {"phase": self.name, "init_from": str(self.init_path) if self.init_path else None}
+        if self.start:
+            fields.update(start_val_loss=self.start["val/loss"], start_val_acc=self.start["val/acc"],
+                          kept_start=self.kept_start)
+        if self.kept_start:  # the phase's best is its start, before epoch 0
+            fields.update(best_epoch=-1, best_val_loss=self.start["val/loss"], best_val_acc=self.start["val/acc"])
         if self.published is not None:
             fields["phase_checkpoint"] = str(self.published)
         return fields
+
+
+def better(score: float, reference: float, mode: str, rel_tol: float = 1e-5) -> bool:
+    """Is ``score`` better than ``reference`` (``mode`` min or max, as ModelCheckpoint's) by more than rounding?
+    (The Trainer averages per-batch means in float32; :func:`evaluate` sums: equal weights differ in the 7th digit.)"""
+    margin = rel_tol * max(abs(reference), 1e-12)
+    return score < reference - margin if mode == "min" else score > reference + margin
+
+
+@torch.no_grad()
+def evaluate(pl_module: pl.LightningModule, loader: Iterable, trainer: pl.Trainer) -> dict[str, float]:
+    """Validation loss and accuracy of the current weights, computed as ``validation_step`` does (a plain loop: the
+    Trainer's validation loop cannot run before the first epoch and count for checkpointing)."""
+    was_training = pl_module.training
+    pl_module.eval()
+    loss, correct, count = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = images.to(pl_module.device), labels.to(pl_module.device)
+        with trainer.precision_plugin.forward_context():
+            logits = pl_module(images).float()
+        loss += F.cross_entropy(logits, labels, label_smoothing=pl_module.hparams.label_smoothing,
+                                reduction="sum").item()
+        correct += int((logits.argmax(1) == labels).sum())
+        count += len(labels)
+    pl_module.train(was_training)
+    return {"val/loss": loss / max(1, count), "val/acc": correct / max(1, count)}
+
+
+def save_weights(path: str | os.PathLike, pl_module: pl.LightningModule) -> Path:
+    """A weights-only carnet checkpoint of the module as it is (what predict and the next phase read)."""
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": pl_module.state_dict(), CHECKPOINT_KEY: pl_module.inference_meta()}, tmp)
+    return Path(path)
 
 
 def load_init_weights(module: CarClassifier, path: str | os.PathLike,

@@ -30,8 +30,10 @@ class RunArtifacts(pl.Callback):
     this callback adds the results.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
+    def __init__(self, run_dir: str | os.PathLike, summary: dict[str, Any], monitor: str = "val/acc",
+                 mode: str = "max") -> None:
         self.run_dir = Path(run_dir)
+        self.monitor, self.mode = monitor, mode  # which epoch is "best": ModelCheckpoint's choice
         self.summary = dict(summary)
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
@@ -46,16 +48,16 @@ class RunArtifacts(pl.Callback):
         return fields
 
     def _write_summary(self, status: str, pl_module: pl.LightningModule | None = None) -> None:
-        summary = {**self.summary, **self._callback_fields(), "status": status,
-                   "seconds": round(time.time() - self.started, 2)}
+        summary = {**self.summary, "status": status, "seconds": round(time.time() - self.started, 2)}
         metrics = pd.DataFrame(self.rows, columns=EPOCH_COLUMNS)
-        if len(metrics) and metrics["val/acc"].notna().any():
-            best = metrics["val/acc"].idxmax()
+        if len(metrics) and metrics[self.monitor].notna().any():
+            best = metrics[self.monitor].idxmin() if self.mode == "min" else metrics[self.monitor].idxmax()
             summary.update(best_val_acc=float(metrics["val/acc"][best]), best_epoch=int(metrics["epoch"][best]),
                            best_val_loss=float(metrics["val/loss"][best]))
         else:
             summary.update(best_val_acc=None, best_epoch=None, best_val_loss=None)
         summary["epochs_run"] = len(metrics)
+        summary.update(self._callback_fields())  # last: a phase that kept its start weights reports that as best
         if pl_module is not None:
             summary["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
             summary["total_params"] = sum(p.numel() for p in pl_module.parameters())

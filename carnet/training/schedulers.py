@@ -46,10 +46,11 @@ def cyclic(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, mode: s
     return {"scheduler": scheduler, "interval": "step"}
 
 
-def cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 1.0,
+def cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_fraction: float = 0.1,
            min_lr_ratio: float = 0.01) -> SchedulerConfig:
-    """Linear warmup over ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` x LR, stepped every batch."""
-    warmup = min(round(warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    """Linear warmup over ``warmup_fraction`` of the run's steps, then cosine decay to ``min_lr_ratio`` x LR,
+    stepped every batch. A fraction, not epochs: a phase on 50 photos has one step an epoch."""
+    warmup = min(round(warmup_fraction * total_steps), max(total_steps - 1, 0))
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return tune(cfg, module, datamodule, run_dir, callbacks)
     counts = datamodule.split.split.value_counts()
     budget = plan_budget(cfg, int(counts.get("train", 0)), datamodule.batch_size)
-    artifacts = RunArtifacts(run_dir, {
+    facts = {
         "run_dir": str(run_dir),
         "model": cfg.model.name,
         "head": cfg.head.get("_target_", "").rsplit(".", 1)[-1],
@@ -66,7 +66,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
         **budget,
         "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
-    })
+    }
+    artifacts = RunArtifacts(run_dir, facts, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
     trainer = build_trainer(cfg, run_dir, [*callbacks, artifacts])  # artifacts last: it records what they did
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
