@@ -40,7 +40,7 @@ def test_test_images_follow_sample_submission_order(data):
 
 
 def test_missing_root_says_how_to_get_data(tmp_path):
-    with pytest.raises(DataError, match=r"nowhere.*does not exist.*make data.*carnet.tools.demo"):
+    with pytest.raises(DataError, match=r"nowhere.*does not exist.*make data.*carnet-demo DIR"):
         scan_train(tmp_path / "nowhere", 10)
 
 

@@ -13,6 +13,7 @@ TINY = [
     "image_size=64",
     "data.batch_size=8",
     "data.num_workers=0",
+    "budget.min_steps=0",  # the phases' floor of optimizer steps (conf/phase) would multiply these runs' epochs
 ]
 
 # One batch per epoch, no sanity check, no image verification: for tests that need one optimizer step an epoch

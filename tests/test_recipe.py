@@ -1,0 +1,99 @@
+"""The fine-tuning recipe's parts: the head fitted on features, a phase that keeps its start, EMA in checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from carnet.artifacts import read_summary
+from carnet.training.head_fit import choose_l2, fit_head, fit_logistic
+from carnet.training.train import train
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import ONE_BATCH, TINY
+
+
+def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int,
+          draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters (fixed by ``seed``; ``draw`` picks the sample) with a per-feature scale and offset, as
+    pooled CNN features have."""
+    gen = torch.Generator().manual_seed(seed)
+    centres, scale, offset = torch.randn(classes, dim, generator=gen), torch.rand(dim, generator=gen) * 5 + 0.1, \
+        torch.randn(dim, generator=gen) * 3
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    x = centres[y] + spread * torch.randn(len(y), dim, generator=torch.Generator().manual_seed(1000 + draw))
+    return x * scale + offset, y
+
+
+def test_lbfgs_finds_the_optimum_that_gradient_descent_approaches() -> None:
+    """Same objective (mean cross-entropy + l2/2 ||W||^2): L-BFGS vs 2,000 Adam steps from zero. The biases are
+    compared up to a common constant, which softmax ignores and the (unpenalised) bias cannot pin down."""
+    x, y = blobs(20, 4, 16, spread=1.5, seed=0)
+    x = (x - x.mean(0)) / x.std(0)
+    weight, bias = fit_logistic(x, y, 4, l2=0.05)
+    w = torch.zeros(16, 4, dtype=torch.double, requires_grad=True)
+    b = torch.zeros(4, dtype=torch.double, requires_grad=True)
+    optimizer = torch.optim.Adam([w, b], lr=0.05)
+    for step in range(2000):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.05 * (1 - step / 2000) + 1e-4
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x.double() @ w + b, y) + 0.025 * (w * w).sum()
+        loss.backward()
+        optimizer.step()
+    assert torch.allclose(weight, w.detach(), atol=2e-3)
+    assert torch.allclose(bias - bias.mean(), b.detach() - b.detach().mean(), atol=2e-3)
+
+
+def test_fitted_head_works_on_raw_features_and_generalises() -> None:
+    """fit_head folds the standardisation back into the layer: its logits on raw features are the solver's."""
+    x, y = blobs(15, 5, 32, spread=0.7, seed=1)
+    weight, bias, info = fit_head(x, y, np.arange(len(y)), 5)
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    w, b = fit_logistic(z, y, 5, info["l2"])
+    assert torch.allclose(x @ weight.t() + bias, (z.double() @ w + b).float(), atol=1e-3)
+    held_x, held_y = blobs(15, 5, 32, spread=0.7, seed=1, draw=1)  # same clusters and scales, new draws
+    assert ((held_x @ weight.t() + bias).argmax(1) == held_y).float().mean() > 0.9
+
+
+def test_cross_validation_regularises_noise_more_than_signal() -> None:
+    x, y = blobs(12, 3, 24, spread=0.5, seed=2)
+    groups = np.arange(len(y))
+    signal, _ = choose_l2((x - x.mean(0)) / x.std(0), y, groups, 3)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    noise, _ = choose_l2((x - x.mean(0)) / x.std(0), shuffled, groups, 3)
+    assert noise > signal
+
+
+def test_head_phase_fits_the_head_and_keeps_its_start_when_training_cannot_beat_it(tiny_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    """optimizer.lr=0: no epoch can beat the fitted head, so the phase hands on its start (best_epoch -1)."""
+    cfg = compose_cfg([*TINY, f"data.root={tiny_data}", "phase=head", "optimizer.lr=0", "head_fit.views=1",
+                       f"paths.output_dir={tmp_path / 'out'}", f"run_dir={tmp_path / 'run'}"])
+    summary = train(cfg)
+    assert summary["head_fit"]["photos"] == summary["num_train"] and summary["head_fit"]["views"] == 2
+    assert summary["kept_start"] is True and summary["best_epoch"] == -1
+    assert summary["best_val_loss"] == summary["start_val_loss"]
+    handed = torch.load(summary["phase_checkpoint"], map_location="cpu", weights_only=True)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    for key, value in handed["state_dict"].items():  # lr 0: the start is also where training ended
+        assert torch.equal(value, last["state_dict"][key]), key
+    assert not (tmp_path / "run" / "checkpoints" / "start.ckpt").exists()
+
+
+def test_ema_weights_are_checkpointed_and_resumed(tiny_data: Path, tmp_path: Path) -> None:
+    """ema.decay: checkpoints hold the averaged weights (the raw ones beside them), and a resumed run carries its
+    average on instead of restarting it (one update a step: 3 after 3 one-batch epochs, cut after 2 or not)."""
+    common = [*ONE_BATCH, f"data.root={tiny_data}", "ema.decay=0.5", "optimizer.lr=0.01", "scheduler=none"]
+    train(compose_cfg([*common, "trainer.max_epochs=3", f"run_dir={tmp_path / 'full'}"]))
+    train(compose_cfg([*common, "trainer.max_epochs=2", f"run_dir={tmp_path / 'cut'}"]))
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    train(compose_cfg([*common, "trainer.max_epochs=3", f"resume={last}", f"run_dir={tmp_path / 'cut'}"]))
+    for run in ("full", "cut"):
+        checkpoint = torch.load(tmp_path / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        key = "net.head.1.weight"
+        assert not torch.equal(checkpoint["state_dict"][key], checkpoint["current_model_state"][key]), run
+        assert int(checkpoint["averaging_state"]["n_averaged"]) == 3, run
+    assert read_summary(tmp_path / "cut")["epochs_run"] == 3
