@@ -7,6 +7,7 @@ Model name, head config, class names, image size and normalisation travel with t
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,20 @@ class CheckpointError(CarnetError):
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a carnet checkpoint file (on the CPU), with a clear error for a missing or foreign file."""
+    """Load a carnet checkpoint file (on the CPU), with a clear error for a missing or foreign file.
+
+    ``weights_only=True``: tensors and plain Python values only, so a checkpoint someone hands us cannot run code
+    while it is read (a pickle's ``__reduce__`` can); carnet keeps its metadata in plain types for that reason.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"checkpoint {path} holds Python objects beyond tensors and plain values; carnet "
+                              f"refuses to unpickle them, since loading could run code ({str(err).splitlines()[0]})"
+                              ) from err
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
