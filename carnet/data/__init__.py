@@ -1,0 +1,1 @@
+"""From files on disk to batches: layout, decoding, splits, sources, cache, dedup, transforms, the DataModule."""

@@ -1,0 +1,1 @@
+"""From checkpoints to predictions: ensembles, image selection, batched inference, TTA, reports, export."""

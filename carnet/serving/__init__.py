@@ -1,0 +1,1 @@
+"""The web service: Flask app, uploads, the classifier and its torch / ONNX backends."""
