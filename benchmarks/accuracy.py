@@ -32,6 +32,9 @@ Every method's test accuracy is reported plain and with TTA (original + horizont
 the probe and the fine-tune see test photos in carnet's evaluation view, as predict.py shows them to carnet's
 model. Test labels are only read to report; nothing is chosen with them.
 
+``python benchmarks/accuracy.py --merge A/accuracy.json B/accuracy.json OUT`` joins runs (e.g. seeds run in
+parallel) into one report in OUT.
+
 Writes ``--out``/accuracy.md (the tables printed at the end) and ``--out``/accuracy.json (per-seed results, wall
 times, every command line); carnet's runs go to ``--out``/<seed>/ (phase runs, ``phases/`` hand-offs, logs,
 submissions).
@@ -500,7 +503,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def merge(paths: Sequence[Path], out: Path) -> str:
+    """One report from several runs' accuracy.json (e.g. seeds run in parallel, or on several machines)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for part in parts:
+        for method, results in part["runs"].items():
+            runs.setdefault(method, []).extend(results)
+    meta = {**parts[0]["meta"], "seeds": sorted({r["seed"] for results in runs.values() for r in results}),
+            "merged_from": [str(p) for p in paths]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    text = report(runs, meta)
+    (out / "accuracy.md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
+    if (argv is None and sys.argv[1:2] == ["--merge"]) or (argv and argv[0] == "--merge"):
+        *inputs, out = (argv if argv is not None else sys.argv[1:])[1:]
+        print(merge([Path(p) for p in inputs], Path(out)))
+        return
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
