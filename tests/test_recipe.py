@@ -97,3 +97,19 @@ def test_ema_weights_are_checkpointed_and_resumed(tiny_data: Path, tmp_path: Pat
         assert not torch.equal(checkpoint["state_dict"][key], checkpoint["current_model_state"][key]), run
         assert int(checkpoint["averaging_state"]["n_averaged"]) == 3, run
     assert read_summary(tmp_path / "cut")["epochs_run"] == 3
+
+
+def test_a_phase_that_changes_image_size_competes_with_its_predecessor_at_its_own_size(tiny_data: Path,
+                                                                                      tmp_path: Path) -> None:
+    """finetune_448-style: if training at the new size never beats the predecessor (lr 0 here), the phase hands
+    on the predecessor itself, at the size it was validated at."""
+    common = [*TINY, f"data.root={tiny_data}", "head_fit.views=0", f"paths.output_dir={tmp_path / 'out'}"]
+    train(compose_cfg([*common, "phase=head", f"run_dir={tmp_path / 'head'}"]))
+    summary = train(compose_cfg([*common, "phase=finetune_448", "init_from=head", "image_size=48", "optimizer.lr=0",
+                                 f"run_dir={tmp_path / 'big'}"]))
+    assert summary["start_image_size"] == 64 and summary["image_size"] == 48
+    assert summary["kept_start"] is True and summary["best_epoch"] == -1
+    handed = torch.load(summary["phase_checkpoint"], map_location="cpu", weights_only=True)
+    assert handed["carnet"]["image_size"] == 64
+    head = torch.load(tmp_path / "out" / "phases" / "head.ckpt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(v, handed["state_dict"][k]) for k, v in head["state_dict"].items())

@@ -226,9 +226,12 @@ class CarDataModule(pl.LightningDataModule):
         return self._loader(self._dataset(rows.path, rows.label, transform), shuffle=False,
                             generator=torch.Generator().manual_seed(self.seed + seed))
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, image_size: int | None = None) -> DataLoader:
+        """The validation photos in the eval view; at another ``image_size`` for a phase that changes it."""
         rows = self._rows("val")
-        return self._loader(self._dataset(rows.path, rows.label, self.eval_transform()), shuffle=False)
+        transform = self.eval_transform() if image_size in (None, self.image_size) else build_eval_transform(
+            image_size, self.mean, self.std, self.interpolation, self.crop_pct)
+        return self._loader(self._dataset(rows.path, rows.label, transform), shuffle=False)
 
     def test_frame(self) -> pd.DataFrame:
         return read_test(self.root)

@@ -98,6 +98,8 @@ class Phase(pl.Callback):
         self.published: Path | None = None
         self.start: dict[str, float] = {}
         self.kept_start = False
+        self.init_size: int | None = None  # the predecessor's image size: a phase may change it (finetune_448)
+        self.start_at_new_size: dict[str, float] = {}
         if init_from:
             self.init_path = resolve_init_from(init_from, phases_dir)
             try:
@@ -105,6 +107,7 @@ class Phase(pl.Callback):
             except CheckpointError as err:
                 raise PhaseError(f"init_from={init_from}: {err}") from err
             check_fits(self.init_checkpoint, self.init_path, model_name, head, num_classes)
+            self.init_size = int(self.init_checkpoint["carnet"]["image_size"])
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Phase | None:
@@ -126,6 +129,18 @@ class Phase(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path or trainer.checkpoint_callback is None:  # resumed: its start was judged before
+            return
+        size = int(pl_module.hparams.image_size)
+        if self.init_size is not None and self.init_size != size:
+            # A new image size (finetune_448): the candidate start is the predecessor as it is, at its own size,
+            # since that is what handing on the start would hand on. Its score at the new size is only reported.
+            self.start = evaluate(pl_module, trainer.datamodule.val_dataloader(self.init_size), trainer)
+            self.start_at_new_size = evaluate(pl_module, trainer.datamodule.val_dataloader(), trainer)
+            if trainer.is_global_zero:
+                with atomic_path(self._start_path(trainer)) as tmp:
+                    shutil.copyfile(self.init_path, tmp)
+            log.info("phase %s starts from %d px weights: val/loss=%.4f at %d px, %.4f at %d px", self.name,
+                     self.init_size, self.start["val/loss"], self.init_size, self.start_at_new_size["val/loss"], size)
             return
         self.start = evaluate(pl_module, trainer.datamodule.val_dataloader(), trainer)
         if trainer.is_global_zero:
@@ -156,6 +171,10 @@ class Phase(pl.Callback):
         if self.start:
             fields.update(start_val_loss=self.start["val/loss"], start_val_acc=self.start["val/acc"],
                           kept_start=self.kept_start)
+        if self.start_at_new_size:
+            fields.update(start_image_size=self.init_size,
+                          start_val_loss_at_image_size=self.start_at_new_size["val/loss"],
+                          start_val_acc_at_image_size=self.start_at_new_size["val/acc"])
         if self.kept_start:  # the phase's best is its start, before epoch 0
             fields.update(best_epoch=-1, best_val_loss=self.start["val/loss"], best_val_acc=self.start["val/acc"])
         if self.published is not None:
