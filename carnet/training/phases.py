@@ -17,7 +17,6 @@ from typing import Any
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from carnet.artifacts import SUMMARY_FILE, atomic_path, plot_curves, read_metrics, read_summary, write_json
@@ -199,9 +198,8 @@ def evaluate(pl_module: pl.LightningModule, loader: Iterable, trainer: pl.Traine
     for images, labels in loader:
         images, labels = images.to(pl_module.device), labels.to(pl_module.device)
         with trainer.precision_plugin.forward_context():
-            logits = pl_module(images).float()
-        loss += F.cross_entropy(logits, labels, label_smoothing=pl_module.hparams.label_smoothing,
-                                reduction="sum").item()
+            batch_loss, logits, _ = pl_module._step((images, labels))  # the loss validation_step computes
+        loss += batch_loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         count += len(labels)
     pl_module.train(was_training)
