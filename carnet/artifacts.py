@@ -27,6 +27,13 @@ METRICS_FILE, CURVES_FILE, SUMMARY_FILE, SPLIT_FILE = "metrics.csv", "curves.png
 EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "lr_backbone", "seconds"]
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed over ``path`` when the block succeeds, removed when
@@ -45,6 +52,9 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+    # mkstemp/mkdtemp create 0600/0700 (private temporary files); the result is an ordinary output, so it gets
+    # the modes open() and mkdir() would give it under the user's umask.
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
     try:
         yield tmp
         os.replace(tmp, path)
