@@ -6,6 +6,7 @@ parameter names, independently of carnet.training.finetune's use of timm's group
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelSummary
 from torch import nn
 
 from carnet.errors import CarnetError
@@ -144,3 +146,27 @@ def test_bn_frozen_keeps_every_running_statistic(tiny_data: Path, tmp_path: Path
 def test_unknown_bn_policy_is_one_clear_error() -> None:
     with pytest.raises(CarnetError, match=r"bn='sometimes': expected one of frozen, per_block, train"):
         ProgressiveUnfreezing(0.5, bn="sometimes")
+
+
+class SummaryProbe(ModelSummary):
+    """Lightning's model summary as it is printed, its trainable count also written to ``path`` (for the test)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        Path(self.path).write_text(json.dumps(self._summary(trainer, pl_module).trainable_parameters))
+
+
+def test_model_summary_counts_what_trains(tiny_data: Path, tmp_path: Path) -> None:
+    """The summary table Lightning prints at the start agrees with summary.json: the backbone is frozen before it."""
+    probe = tmp_path / "summary_trainable.json"
+    summary, start, _, _ = run_fraction(tiny_data, tmp_path / "run", "test_efficientnet", 0.0, "frozen",
+                                        "trainer.enable_model_summary=true",
+                                        f"+callbacks.summary={{_target_: tests.test_finetune.SummaryProbe, "
+                                        f"path: '{probe}'}}")
+    head = sum(v.numel() for k, v in start.items() if k.startswith("net.head."))
+    assert summary["trainable_params"] == head
+    assert json.loads(probe.read_text()) == summary["trainable_params"]

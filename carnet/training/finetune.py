@@ -164,6 +164,13 @@ class ProgressiveUnfreezing(pl.Callback):
             if module.training:
                 module.eval()
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before anything looks at the model: Lightning's ModelSummary table (on_fit_start) would otherwise count the
+        # whole backbone as trainable. A resumed run gets its own epoch's frozen set in on_train_start, once the
+        # checkpoint has restored the epoch (its printed summary shows epoch 0's).
+        if stage == "fit":
+            self.apply(pl_module, trainer.current_epoch)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After checkpoint restore, so current_epoch is the resumed one; also covers a mid-epoch resume, for which
         # Lightning skips on_train_epoch_start.
