@@ -100,18 +100,23 @@ def test_strict_mode_lists_every_broken_image(data):
     assert all(str(v) in str(err.value) for v in victims)
 
 
+def _paths(labels: np.ndarray) -> list[str]:
+    return [f"train/{k}/{i}.jpg" for i, k in enumerate(labels)]
+
+
 def test_split_is_stratified_and_reproducible():
-    labels = np.repeat(np.arange(10), [50, 40, 30, 30, 30, 25, 20, 20, 15, 10])
-    first, again = stratified_split(labels, 0.2, seed=7), stratified_split(labels, 0.2, seed=7)
-    assert np.array_equal(first, again)
-    assert not np.array_equal(first, stratified_split(labels, 0.2, seed=8))
-    for k, n in zip(range(10), [50, 40, 30, 30, 30, 25, 20, 20, 15, 10], strict=True):
-        assert first[labels == k].sum() == round(n * 0.2)
+    sizes = [500, 400, 300, 300, 300, 250, 200, 200, 150, 100]
+    labels = np.repeat(np.arange(10), sizes)
+    first = stratified_split(_paths(labels), labels, 0.2, seed=7)
+    assert np.array_equal(first, stratified_split(_paths(labels), labels, 0.2, seed=7))
+    assert not np.array_equal(first, stratified_split(_paths(labels), labels, 0.2, seed=8))
+    for k, n in enumerate(sizes):  # the asked share up to sampling noise (3.5 standard deviations)
+        assert abs(first[labels == k].mean() - 0.2) <= 3.5 * np.sqrt(0.2 * 0.8 / n), (k, first[labels == k].mean())
 
 
 def test_split_keeps_every_class_on_both_sides_of_tiny_data():
     labels = np.repeat(np.arange(3), 2)
-    is_val = stratified_split(labels, 0.2, seed=0)
+    is_val = stratified_split(_paths(labels), labels, 0.2, seed=0)
     for k in range(3):
         assert is_val[labels == k].sum() == 1
 
@@ -119,7 +124,7 @@ def test_split_keeps_every_class_on_both_sides_of_tiny_data():
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
 def test_val_fraction_out_of_range_is_an_error(fraction):
     with pytest.raises(DataError, match="val_fraction"):
-        stratified_split([0, 1], fraction, seed=0)
+        stratified_split(["a.jpg", "b.jpg"], [0, 1], fraction, seed=0)
 
 
 def test_datamodule_split_file_round_trips(data, tmp_path):

@@ -156,7 +156,8 @@ class CarDataModule(pl.LightningDataModule):
                 frame = frame[keep].reset_index(drop=True)
         own = (frame.source == "train").to_numpy()
         frame["split"], frame["fold"] = "train", -1
-        split, fold = assign_split(frame.label[own], self.seed, self.val_fraction, self.num_folds, self.fold)
+        split, fold = assign_split(frame.path[own], frame.label[own], self.seed, self.val_fraction, self.num_folds,
+                                   self.fold)
         frame.loc[own, "split"], frame.loc[own, "fold"] = split, fold
         if self.dedup:
             frame, self.dedup_dropped = drop_val_near_duplicates(frame, self.root, self.dedup_threshold,
