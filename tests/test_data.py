@@ -66,6 +66,31 @@ def test_train_csv_row_without_its_file_is_named(data):
         scan_train(data, 10)
 
 
+def test_train_csv_repeated_rows_are_dropped_with_a_warning(data):
+    """The same Id and Category twice is a harmless repeat: kept once (never once in train and once in val)."""
+    table = pd.read_csv(data / "train.csv")
+    pd.concat([table, table.iloc[[7, 3, 3]]]).to_csv(data / "train.csv", index=False)
+    with pytest.warns(UserWarning, match=r"train\.csv.*3 repeated row") as record:
+        frame = scan_train(data, 10)
+    assert table.Id[3] in str(record[0].message) and table.Id[7] in str(record[0].message)
+    assert len(frame) == 40 and frame.path.is_unique
+    dm = CarDataModule(data, NAMES, num_workers=0, verify=False)
+    with pytest.warns(UserWarning, match="repeated row"):
+        dm.setup()
+    assert dm.split.path.is_unique and len(dm.split) == 40
+
+
+def test_train_csv_id_with_two_categories_is_refused(data):
+    """The same Id with two Categories is a contradiction: which label is right only the user can say."""
+    table = pd.read_csv(data / "train.csv")
+    name, first = table.Id[0], int(table.Category[0])
+    other = (first + 1) % 10
+    shutil.copy(data / "train" / str(first) / name, data / "train" / str(other) / name)  # both files exist
+    pd.concat([table, pd.DataFrame({"Id": [name], "Category": [other]})]).to_csv(data / "train.csv", index=False)
+    with pytest.raises(DataError, match=rf"train\.csv.*1 Id.*{name} \({min(first, other)}, {max(first, other)}\)"):
+        scan_train(data, 10)
+
+
 def test_bad_header_and_missing_sample_submission(data):
     (data / "train.csv").write_text("file,label\na.jpg,1\n")
     with pytest.raises(DataError, match=r"train.csv.*Id,Category"):

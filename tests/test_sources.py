@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError
+from carnet.data.layout import DataError, scan_train
 from carnet.data.sources import load_source, read_sources
 from carnet.tools.demo import CLASS_NAMES
 from tests.helpers.images import car_jpeg
@@ -75,6 +75,61 @@ def test_extra_images_go_to_training_only(tiny_data: Path, sources: dict[str, Pa
     assert len(dataset) == (split.split == "train").sum()
     image, label = dataset[dataset.paths.index(extra.path.iloc[0])]
     assert label == extra.label.iloc[0] and image.shape[0] == 3
+
+
+def test_extra_source_repeating_competition_photos_never_trains_on_validation(tiny_data: Path,
+                                                                              tmp_path: Path) -> None:
+    """A source pointing at data/train (an easy slip) lists every competition photo again: they keep their split
+    and the repeats are dropped with a warning, so no validation photo also trains."""
+    (tmp_path / "again.yaml").write_text(f"name: again\ntype: folder\npath: {tiny_data / 'train'}\n")
+    kwargs = dict(root=tiny_data, class_names=CLASS_NAMES, num_workers=0, verify=False, seed=3)
+    plain = CarDataModule(**kwargs)
+    plain.setup()
+    dm = CarDataModule(**kwargs, extra=[str(tmp_path / "again.yaml")])
+    with pytest.warns(UserWarning, match=r"leaving out 40 .*again.*train/"):
+        dm.setup()
+    pd.testing.assert_frame_equal(dm.split, plain.split)
+    assert dm.data_summary()["extra_sources"]["again"]["used"] == 0
+    assert not set(dm.split.path[dm.split.split == "val"]) & set(dm.split.path[dm.split.split == "train"])
+
+
+def test_extra_photo_twice_is_kept_once_and_a_contradiction_is_refused(tiny_data: Path, tmp_path: Path,
+                                                                        sources: dict[str, Path]) -> None:
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(sources["folder"].read_text().replace("name: photos", "name: copy")
+                    .replace("../photos", str(sources["root"] / "photos")))
+    dm = CarDataModule(tiny_data, CLASS_NAMES, num_workers=0, verify=False, extra=[str(sources["folder"]), str(copy)])
+    with pytest.warns(UserWarning, match=r"leaving out 5 .*p0\.jpg"):
+        dm.setup()
+    assert {k: v["used"] for k, v in dm.data_summary()["extra_sources"].items()} == {"photos": 5, "copy": 0}
+    assert dm.split.path.is_unique
+
+    # a competition photo labelled otherwise by a source: refused, naming the photo, both labels and the source
+    victim = scan_train(tiny_data, 10).iloc[0]
+    wrong = (int(victim.label) + 1) % 10
+    table = tmp_path / "wrong.csv"
+    pd.DataFrame({"path": [str(tiny_data / victim.path)], "label": [wrong]}).to_csv(table, index=False)
+    (tmp_path / "wrong.yaml").write_text(f"name: wrong\ntype: csv\npath: {table}\n")
+    dm = CarDataModule(tiny_data, CLASS_NAMES, num_workers=0, verify=False, extra=[str(tmp_path / "wrong.yaml")])
+    with pytest.raises(DataError, match=rf"{victim.path}.*label {victim.label}.*'train'.*label {wrong}.*'wrong'"):
+        dm.setup()
+
+
+def test_a_competition_photo_linked_twice_is_one_photo(tiny_data: Path, tmp_path: Path) -> None:
+    """Two names of one file (a symlink) are one photo: kept once in its own class, refused across classes."""
+    import shutil
+
+    data = Path(shutil.copytree(tiny_data, tmp_path / "cars"))
+    (data / "train.csv").unlink()  # the folders are the labels
+    target = sorted((data / "train" / "2").glob("*.jpg"))[0]
+    (data / "train" / "2" / "link.jpg").symlink_to(target)
+    dm = CarDataModule(data, CLASS_NAMES, num_workers=0, verify=False)
+    with pytest.warns(UserWarning, match=r"leaving out 1 .*train/2/.*\(train, already from train\)"):
+        dm.setup()
+    assert len(dm.split) == 40
+    (data / "train" / "2" / "link.jpg").rename(data / "train" / "6" / "link.jpg")
+    with pytest.raises(DataError, match=r"train/2/.*label 2 .*label 6 .*as train/6/link\.jpg"):
+        CarDataModule(data, CLASS_NAMES, num_workers=0, verify=False).setup()
 
 
 def test_labels_without_map_must_be_classes(tmp_path: Path) -> None:

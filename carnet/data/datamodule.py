@@ -21,7 +21,7 @@ from carnet.data.cache import ImageCache
 from carnet.data.decode import decode_image, decode_min_side, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
 from carnet.data.layout import DataError, read_test, scan_train
-from carnet.data.sources import read_sources
+from carnet.data.sources import merge_sources, read_sources
 from carnet.data.splits import assign_split
 from carnet.data.transforms import build_eval_transform, build_train_transform
 
@@ -140,9 +140,9 @@ class CarDataModule(pl.LightningDataModule):
         if self.split is not None:
             return
 
-        frame = scan_train(self.root, self.num_classes).assign(source="train")
+        competition = scan_train(self.root, self.num_classes)
         extra, stats = read_sources(self.extra, self.class_names)
-        frame = pd.concat([frame, extra], ignore_index=True)
+        frame = merge_sources(competition, extra, self.root)  # each photo once, competition rows first
         if self.verify:
             broken = find_undecodable([self.root / p for p in frame.path], workers=max(2, self.num_workers))
             if broken:

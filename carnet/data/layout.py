@@ -8,6 +8,7 @@ No carnet imports: everything else in :mod:`carnet.data` builds on this module.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -55,7 +56,7 @@ def scan_train(root: str | os.PathLike, num_classes: int) -> pd.DataFrame:
 
     csv_path = root / "train.csv"
     if csv_path.exists():
-        table = _read_id_table(csv_path)
+        table = _unique_ids(_read_id_table(csv_path), csv_path)
         bad = table[(table.Category < 0) | (table.Category >= num_classes)]
         if len(bad):
             raise DataError(f"{csv_path}: Category {bad.Category.iloc[0]} (Id {bad.Id.iloc[0]}) is not a class "
@@ -70,6 +71,24 @@ def scan_train(root: str | os.PathLike, num_classes: int) -> pd.DataFrame:
         frame = pd.DataFrame([(f"train/{k}/{name}", k) for k, names in files.items() for name in names],
                              columns=["path", "label"])
     return frame.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _unique_ids(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Each Id once: a repeated row (same Id and Category) is dropped with a warning, since a photo listed twice
+    could otherwise train and validate at once; an Id with two Categories is refused, since only the user knows
+    which label is right."""
+    categories = table.groupby("Id", sort=True).Category.unique()
+    contradictions = categories[categories.map(len) > 1]
+    if len(contradictions):
+        named = ", ".join(f"{i} ({', '.join(map(str, sorted(c)))})" for i, c in contradictions.head(5).items())
+        raise DataError(f"{path}: {len(contradictions)} Id(s) listed with more than one Category: {named}"
+                        f"{', ...' if len(contradictions) > 5 else ''}; expected one Category per Id")
+    repeated = table.Id.duplicated()
+    if repeated.any():
+        ids = sorted(set(table.Id[repeated]))
+        warnings.warn(f"{path}: dropping {int(repeated.sum())} repeated row(s) (same Id and Category), each photo "
+                      f"kept once; Id(s): {', '.join(ids[:10])}{', ...' if len(ids) > 10 else ''}", stacklevel=3)
+    return table[~repeated].reset_index(drop=True)
 
 
 def _read_id_table(path: Path) -> pd.DataFrame:

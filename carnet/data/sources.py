@@ -11,12 +11,15 @@ A source is a small YAML file, so that a dataset, its location and the meaning o
 
 Without ``label_map`` the labels must already be class indices 0..K-1 or exact class names. Labels the map does
 not name are dropped and counted. In a CSV, ``path`` is relative to the CSV's folder unless absolute; further
-columns (a pseudo-label's probability, say) are ignored. Extra images only ever go to the training split.
+columns (a pseudo-label's probability, say) are ignored. Extra images only ever go to the training split, and
+each photo is used once (:func:`merge_sources`): a source that repeats a competition photo cannot train on a
+validation photo.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -166,3 +169,32 @@ def read_sources(yaml_paths: Sequence[str | os.PathLike] | str | None,
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["path", "label", "source"])
     return frame.astype({"label": int}), stats
+
+
+def merge_sources(own: pd.DataFrame, extra: pd.DataFrame, root: str | os.PathLike) -> pd.DataFrame:
+    """The competition images (``path`` relative to ``root``, source "train") and the extra ones as one frame
+    (``path, label, source``) in which every photo appears once.
+
+    A photo is its file: paths that resolve to the same file (a source pointing at ``data/train``, a photo in two
+    sources, a symlink) are one photo. A repeat with the same label is dropped with a warning and the first row
+    kept, competition images first, so a repeated photo keeps its competition split and never trains while it
+    validates. A photo given two labels is refused, naming the file, both labels and where each came from.
+    """
+    frame = pd.concat([own.assign(source="train"), extra], ignore_index=True)
+    files = pd.Series([os.path.realpath(Path(root) / p) for p in frame.path], index=frame.index)  # root/abs = abs
+    labels = frame.label.groupby(files).nunique()
+    if (labels > 1).any():
+        clash = frame[files == labels.index[labels > 1][0]].drop_duplicates("label")
+        (_, a), (_, b) = list(clash.iterrows())[:2]
+        raise DataError(f"{a.path} has label {a.label} from {a.source!r} and label {b.label} from {b.source!r}"
+                        f"{f' (as {b.path})' if b.path != a.path else ''}: {int((labels > 1).sum())} photo(s) "
+                        f"with two labels; expected one label per photo (fix the source or its label_map)")
+    repeated = files.duplicated()
+    if repeated.any():
+        kept = frame.loc[files[~repeated].index].set_index(files[~repeated])
+        named = [f"{r.path} ({r.source}, already from {kept.at[files[i], 'source']})"
+                 for i, r in frame[repeated].head(3).iterrows()]
+        warnings.warn(f"leaving out {int(repeated.sum())} image(s) listed more than once, each photo used once "
+                      f"with its first listing (competition data first, then data.extra in order): "
+                      f"{'; '.join(named)}{'; ...' if repeated.sum() > 3 else ''}", stacklevel=2)
+    return frame[~repeated.to_numpy()].reset_index(drop=True)
