@@ -75,3 +75,98 @@ def test_datamodule_decodes_at_what_each_loader_needs(tiny_data: Path) -> None:
     assert val.dataset.min_side == round(64 / 0.875)
     images, labels = next(iter(val))
     assert images.shape == (4, 3, 64, 64) and labels.shape == (4,)
+
+
+# ---- what is decoded: 16-bit samples and EXIF orientation, the same on every path ---------------------------
+
+
+def grey16_png(path: Path) -> np.ndarray:
+    """A 16-bit greyscale PNG: a full-range ramp over a mid-grey frame; returns the 16-bit samples."""
+    samples = np.full((40, 300), 32896, np.uint16)  # 32896 = 128 * 257: mid-grey
+    samples[10:30] = np.linspace(0, 65535, 300).round().astype(np.uint16)
+    Image.fromarray(samples).save(path)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")  # PIL keeps the 16 bits (I;16)
+    return samples
+
+
+def rotated_jpeg(path: Path, size: tuple[int, int] = (640, 480), orientation: int = 6) -> np.ndarray:
+    """A JPEG stored sideways with an EXIF Orientation tag; returns the picture as it should be shown (upright)."""
+    w, h = size
+    upright = np.zeros((w, h, 3), np.uint8)  # shown upright it is h wide and w tall (a portrait)
+    upright[: w // 4] = (250, 30, 30)  # red band at the top
+    upright[:, : h // 4, 2] = 220  # blue band on the left
+    stored = np.rot90(upright, k=1)  # orientation 6 means: rotate the stored pixels 90 degrees clockwise to show
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(path, quality=95, exif=exif.tobytes())
+    return upright
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    samples = grey16_png(tmp_path / "grey16.png")
+    image = decode_image(tmp_path / "grey16.png")
+    assert image.dtype == np.uint8 and image.shape == (40, 300, 3)
+    expected = np.round(samples / 257).astype(np.uint8)
+    assert np.array_equal(image[..., 0], expected) and np.array_equal(image[..., 2], expected)
+    assert (image == 255).mean() < 0.01  # clipping made 99.6 % of it white
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    upright = rotated_jpeg(tmp_path / "rotated.jpg")
+    image = decode_image(tmp_path / "rotated.jpg")
+    assert image.shape == upright.shape == (640, 480, 3)
+    assert np.abs(image.astype(int) - upright).mean() < 4
+
+
+def test_exif_orientation_with_reduced_jpeg_decode(tmp_path: Path) -> None:
+    """The draft path still runs (1/2 scale) and the result is still upright."""
+    upright = rotated_jpeg(tmp_path / "rotated.jpg")
+    image = decode_image(tmp_path / "rotated.jpg", min_side=200)
+    assert image.shape == (320, 240, 3)
+    assert image[:70, 100:, 0].mean() > 200 and image[:70, 100:, 2].mean() < 60  # red band on top
+    assert image[200:, :50, 2].mean() > 180  # blue band on the left
+    assert np.abs(image.astype(int) - upright[::2, ::2]).mean() < 8
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cache_holds_upright_scaled_images(tmp_path: Path, mode: str) -> None:
+    from carnet.data.cache import ImageCache
+
+    upright = rotated_jpeg(tmp_path / "rotated.jpg")
+    samples = grey16_png(tmp_path / "grey16.png")
+    cache = ImageCache(mode, tmp_path / "cache")
+    for _ in range(2):  # a miss, then a hit
+        assert cache.get(tmp_path / "rotated.jpg", 240).shape == (320, 240, 3)
+        assert np.array_equal(cache.get(tmp_path / "grey16.png", None)[..., 1], np.round(samples / 257))
+    assert cache.hits == 2 and cache.misses == 2
+    assert upright.shape[0] > upright.shape[1]
+
+
+def tricky_images(folder: Path) -> list[Path]:
+    """Files whose pixels need more than a plain convert("RGB"): 16 bits, EXIF, palette, alpha, CMYK, greyscale."""
+    rotated_jpeg(folder / "rotated.jpg", size=(64, 48), orientation=8)
+    grey16_png(folder / "grey16.png")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png", transparency=3)
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(folder / "alpha.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb[..., 0]).save(folder / "grey.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.fromarray(rgb).save(folder / "rotated.png", exif=exif.tobytes())  # PNG eXIf chunk
+    return sorted(folder.iterdir())
+
+
+def test_upload_and_file_decoding_agree(tmp_path: Path) -> None:
+    """The service decodes exactly what training and predict decode, pixel for pixel."""
+    from carnet.serving.upload import decode_upload
+
+    for path in tricky_images(tmp_path):
+        from_file, from_upload = decode_image(path), decode_upload(path.read_bytes())
+        assert from_file.dtype == np.uint8 and from_file.shape[2] == 3, path.name
+        assert np.array_equal(from_file, from_upload), path.name
+    assert decode_image(tmp_path / "rotated.png").shape == (30, 50, 3)
+    assert np.array_equal(decode_image(tmp_path / "rotated.png"),
+                          np.asarray(Image.open(tmp_path / "rotated.png").convert("RGB"))[::-1, ::-1])

@@ -1,4 +1,8 @@
 """Image decoding: files to RGB uint8 arrays, at a reduced JPEG scale where the pipeline allows it.
+
+:func:`pil_to_rgb` is the one place where a PIL image becomes the pixels a model sees; training and predict
+(:func:`decode_image`) and the web service (:func:`carnet.serving.upload.decode_upload`) all go through it, so a
+photo is the same array on every path: shown upright (EXIF orientation) and with 16-bit samples scaled to 8 bits.
 """
 
 from __future__ import annotations
@@ -11,14 +15,39 @@ from pathlib import Path
 
 import albumentations as A
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+# 16-bit (and 32-bit integer) greyscale modes: PIL's convert("RGB") clips their samples at 255 instead of scaling.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """The pixels of an opened PIL image as RGB uint8 HxWx3, upright: decodes (loads) it if not yet done.
+
+    - EXIF orientation is applied (phones store portraits sideways and set the tag), as every viewer does.
+    - 16-bit greyscale (PNG, TIFF: modes ``I;16*`` and ``I``) is scaled to 8 bits (``round(v / 257)``);
+      PIL's ``convert("RGB")`` would clip every sample above 255 to white.
+    - Everything else (palette, alpha, CMYK, greyscale, 16-bit RGB(A) PNGs, which PIL reads as 8 bits) goes
+      through ``convert("RGB")``; an RGB image is not copied twice.
+
+    Call :meth:`PIL.Image.Image.draft` before this for a reduced-scale JPEG decode: orientation is applied after
+    decoding, so the draft size is that of the stored (unrotated) image.
+    """
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)
+    if img.mode in WIDE_GREY_MODES:
+        samples = np.asarray(img).astype(np.int64)  # I;16B is big-endian; astype gives native ints
+        grey = ((np.clip(samples, 0, 65535) + 128) // 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Decode an image file to an RGB uint8 HxWx3 array.
+    """Decode an image file to an RGB uint8 HxWx3 array (:func:`pil_to_rgb`: upright, 16 bits scaled).
 
     With ``min_side``, JPEGs are decoded at a reduced DCT scale (PIL ``draft``) as long as the shorter side stays
-    at least ``min_side``: 2-4x less decoding work for a 640x480 photo fed to a 224 px model.
+    at least ``min_side``: 2-4x less decoding work for a 640x480 photo fed to a 224 px model. The shorter side
+    does not change with the orientation, so the draft size is right for rotated photos too.
     """
     with Image.open(path) as img:
         if min_side and img.format == "JPEG":
@@ -26,7 +55,7 @@ def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.nda
             scale = min_side / min(w, h)
             if scale < 1:
                 img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # RGB JPEGs: no extra copy
+        return pil_to_rgb(img)
 
 
 def decode_min_side(transform: A.Compose) -> int | None:
