@@ -1,4 +1,4 @@
-"""Predict with checkpoints: `python predict.py ckpt=PATH [tta=true] [split=val|oof]` (conf/predict.yaml)."""
+"""Predict: `python predict.py ckpt=PATH [tta=true] [split=val|oof] [images=DIR]` (conf/predict.yaml)."""
 
 from carnet.inference.predict import main
 

@@ -57,7 +57,7 @@ def test_submission_matches_sample_submission(trained: Path, tiny_data: Path, tm
     assert pd.api.types.is_integer_dtype(submission.Category)
     class_names = read_checkpoint(trained)["carnet"]["class_names"]
     assert submission.Category.between(0, len(class_names) - 1).all()
-    probs = pd.read_csv(out.with_name("probs.csv"), dtype={"Id": str})
+    probs = pd.read_csv(out.with_name("submission.probs.csv"), dtype={"Id": str})
     assert list(probs.columns) == ["Id", *class_names]
     assert list(probs.Id) == list(sample.Id)
     values = probs[class_names].to_numpy()
@@ -122,7 +122,7 @@ def test_bad_input_names_the_file_and_writes_no_submission(trained: Path, tiny_d
     out = tmp_path / "sub" / "submission.csv"
     with pytest.raises(DataError, match=re.escape(broken.name)):
         run_predict(f"ckpt={trained}", f"data.root={root}", f"out={out}")
-    assert not out.exists() and not out.with_name("probs.csv").exists()
+    assert not out.exists() and not out.with_name("submission.probs.csv").exists()
     assert not out.parent.exists() or not list(out.parent.iterdir())  # no temporary file left either
 
     (root / "sample-submission.csv").unlink()
@@ -187,5 +187,5 @@ def test_predict_script_with_tta_true(trained: Path, tiny_data: Path, tmp_path: 
     proc = run_script("predict.py", f"ckpt={trained}", f"data.root={tiny_data}", f"out={out}", "tta=true", *PREDICT)
     assert "mean(identity+hflip)" in proc.stderr
     in_process = run_predict(f"ckpt={trained}", f"data.root={tiny_data}", f"out={tmp_path / 'b.csv'}", "tta='true'")
-    written = pd.read_csv(out.with_name("probs.csv")).drop(columns="Id").to_numpy()
+    written = pd.read_csv(out.with_name("submission.probs.csv")).drop(columns="Id").to_numpy()
     np.testing.assert_allclose(written, in_process["probs"].numpy(), atol=1e-6)

@@ -1,5 +1,6 @@
-"""Checkpoints -> Kaggle submission (``split=test``), an honest validation report (``split=val``) or the
-out-of-fold report of a k-fold sweep (``split=oof``): the driver of conf/predict.yaml.
+"""Checkpoints -> Kaggle submission (``split=test``), the top classes of a folder of photos (``images=DIR``), an
+honest validation report (``split=val``) or the out-of-fold report of a k-fold sweep (``split=oof``): the driver
+of conf/predict.yaml.
 
 The parts: :mod:`~carnet.inference.ensemble` (checkpoints and weights), :mod:`~carnet.inference.selection` (which
 images), :mod:`~carnet.inference.runner` (batched inference), :mod:`~carnet.inference.tta` (views and their merge),
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,18 @@ from carnet.config import config_dir
 from carnet.errors import exit_on_error
 from carnet.inference.ensemble import PredictError, load_models
 from carnet.inference.evaluate import describe, evaluate_oof, evaluate_val, uses_tta
-from carnet.inference.outputs import write_pseudo_labels, write_submission
+from carnet.inference.outputs import (
+    check_outputs,
+    check_pseudo_labels,
+    check_report_dir,
+    show_image_predictions,
+    top_k_table,
+    write_image_predictions,
+    write_pseudo_labels,
+    write_submission,
+)
 from carnet.inference.runner import Runner, console, predict_probs
-from carnet.inference.selection import oof_images, test_images, val_images
+from carnet.inference.selection import Images, folder_images, oof_images, test_images, val_images
 from carnet.inference.tta import TTA, build_views
 
 
@@ -47,31 +58,80 @@ def build_tta(cfg: DictConfig | dict[str, Any] | bool | None) -> tuple[TTA, bool
     return tta, bool(spec.get("auto", False))
 
 
-def predict(cfg: DictConfig) -> dict[str, Any]:
-    """Run predict as configured (conf/predict.yaml); return what it wrote and measured."""
-    started = time.time()
+def _checked_top_k(cfg: DictConfig) -> int:
+    top_k = cfg.get("top_k", 3)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise PredictError(f"top_k={top_k}: expected a whole number >= 1 (classes listed per photo)")
+    return top_k
+
+
+@dataclass
+class _Plan:
+    """What the cheap checks resolved before any checkpoint is loaded."""
+
+    out: Path
+    report_dir: Path | None = None
+    images: Images | None = None  # split=test: the test split or images=DIR
+    top_k: int | None = None  # images=DIR only
+    pseudo: tuple[float, Path] | None = None  # (threshold, folder)
+
+
+def _plan(cfg: DictConfig, auto: bool) -> _Plan:
+    """The cheap checks, before any checkpoint is loaded: split, outputs, pseudo-label folder and the images to
+    predict (test split or ``images=``); a mistake in them costs nothing and replaces no earlier output."""
     if cfg.split not in ("test", "val", "oof"):
         raise PredictError(f"split={cfg.split}: expected test (submission), val (validation report) or oof "
                            f"(out-of-fold report of k-fold runs)")
-    models = load_models(_as_list(cfg.ckpt), _as_list(cfg.get("weights")) or None)
+    photos = cfg.get("images")
+    if photos is not None and cfg.split != "test":
+        raise PredictError(f"images={photos} with split={cfg.split}: a folder of photos has no labels to report "
+                           f"on; use images= with split=test (the default)")
+    default = "predictions.csv" if photos is not None else "submission.csv"
+    out = cfg.get("out") or default
+    plan = _Plan(Path(out))
+    if cfg.split != "test" or auto:  # tta=auto writes the val report too
+        plan.report_dir = check_report_dir(cfg.get("report_dir") or Path(out).parent)
+    if cfg.split != "test":
+        return plan
+    plan.out, _ = check_outputs(out, default)
+    pseudo = cfg.get("pseudo_label") or {}
+    if pseudo.get("threshold") is not None:
+        try:
+            threshold = float(pseudo.threshold)
+        except ValueError as err:
+            raise PredictError(f"pseudo_label.threshold={pseudo.threshold}: expected a probability in (0, 1]") \
+                from err
+        name = pseudo.get("name") or time.strftime("%Y-%m-%d_%H-%M-%S")
+        plan.pseudo = threshold, check_pseudo_labels(threshold, Path(pseudo.dir) / name)
+    if photos is not None:
+        plan.top_k = _checked_top_k(cfg)
+        plan.images = folder_images(photos)
+    else:
+        plan.images = test_images(cfg.data.root or "data")
+    return plan
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Run predict as configured (conf/predict.yaml); return what it wrote and measured."""
+    started = time.time()
     tta, auto = build_tta(cfg.get("tta"))
+    plan = _plan(cfg, auto)
+    models = load_models(_as_list(cfg.ckpt), _as_list(cfg.get("weights")) or None)
     runner = Runner(device=cfg.device, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                     channels_last=cfg.channels_last, amp=cfg.amp, draft=cfg.data.draft)
-    out = Path(cfg.out)
-    report_dir = Path(cfg.report_dir) if cfg.get("report_dir") else out.parent
     result: dict[str, Any] = {"models": [str(m.path) for m in models]}
 
     if cfg.split == "oof":  # each image scored by its own fold's checkpoint: no ensemble, so no weights
         if _as_list(cfg.get("weights")) or (cfg.get("pseudo_label") or {}).get("threshold") is not None:
             console.print("weights and pseudo_label are ignored with split=oof (one checkpoint per fold)")
         parts, num_folds, total = oof_images(models, cfg.data.root, _as_list(cfg.get("run_dir")))
-        tta, report = evaluate_oof(parts, tta, auto, runner, report_dir, num_folds, total)
+        tta, report = evaluate_oof(parts, tta, auto, runner, plan.report_dir, num_folds, total)
         result.update(oof=report, tta=tta, seconds=time.time() - started)
         return result
 
     if cfg.split == "val" or auto:
         val = val_images(models, cfg.data.root, _as_list(cfg.get("run_dir")))
-        tta, report = evaluate_val(models, val, tta, auto, runner, report_dir)
+        tta, report = evaluate_val(models, val, tta, auto, runner, plan.report_dir)
         result.update(val=report, tta=tta)
         if cfg.split == "val":
             if (cfg.get("pseudo_label") or {}).get("threshold") is not None:
@@ -79,18 +139,24 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             result["seconds"] = time.time() - started
             return result
 
-    images = test_images(cfg.data.root or "data")
+    images = plan.images
     probs = predict_probs(models, images, tta, runner)
-    submission, probs_path = write_submission(images.ids, probs, models[0].class_names, out)
-    console.print(f"wrote {submission} ({len(images.ids)} rows) and {probs_path}"
+    class_names = models[0].class_names
+    if plan.top_k is not None:  # images=DIR
+        written, probs_path = write_image_predictions(images.ids, probs, class_names, plan.out, plan.top_k)
+        show_image_predictions(top_k_table(images.ids, probs, class_names, 1))
+        result["predictions"] = written
+    else:
+        written, probs_path = write_submission(images.ids, probs, class_names, plan.out)
+        result["submission"] = written
+    console.print(f"wrote {written} ({len(images.ids)} rows) and {probs_path}"
                   + (f" with TTA {describe(tta)}" if uses_tta(tta) else ""))
-    result.update(submission=submission, probs_csv=probs_path, probs=probs, ids=images.ids, tta=tta)
+    result.update(probs_csv=probs_path, probs=probs, ids=images.ids, tta=tta)
 
-    pseudo = cfg.get("pseudo_label") or {}
-    if pseudo.get("threshold") is not None:
-        name = pseudo.get("name") or time.strftime("%Y-%m-%d_%H-%M-%S")
-        result["pseudo"] = write_pseudo_labels(images, probs, models[0].class_names, float(pseudo.threshold),
-                                               Path(pseudo.dir) / name, [m.path for m in models])
+    if plan.pseudo is not None:
+        threshold, folder = plan.pseudo
+        result["pseudo"] = write_pseudo_labels(images, probs, class_names, threshold, folder,
+                                               [m.path for m in models])
     result["seconds"] = time.time() - started
     return result
 

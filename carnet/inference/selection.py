@@ -1,6 +1,6 @@
-"""Which images predict scores: the test images (``split=test``), the validation split shared by every
-checkpoint's run (``split=val``) or each fold of a k-fold sweep (``split=oof``), with the training runs found
-from the checkpoints.
+"""Which images predict scores: the test images (``split=test``), a plain folder of photos (``images=DIR``), the
+validation split shared by every checkpoint's run (``split=val``) or each fold of a k-fold sweep
+(``split=oof``), with the training runs found from the checkpoints.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
-from carnet.data.layout import DataError, read_test
+from carnet.data.layout import IMAGE_EXTENSIONS, DataError, read_test
 from carnet.inference.ensemble import Model, PredictError
 from carnet.inference.oof import oof_frame
 
@@ -44,6 +44,38 @@ def test_images(root: str | os.PathLike) -> Images:
     """The test images in ``sample-submission.csv`` order (read_test checks the file and the images exist)."""
     frame = read_test(root)
     return Images(Path(root), list(frame.path), list(frame.Id), [-1] * len(frame), "test")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def folder_images(path: str | os.PathLike) -> Images:
+    """``images=``: every image file in a folder and its sub-folders, or one image file; ids are the paths
+    relative to the folder (``trip/a.jpg``), in sorted order.
+
+    Sub-folders are searched (photos are often sorted into them); hidden files and folders (``.thumbnails``,
+    macOS ``._IMG.JPG``) are not. An image file is one with a suffix in ``IMAGE_EXTENSIONS`` (any case); whether
+    it decodes is checked when it is read, by the runner.
+    """
+    path = Path(path)
+    if path.is_file():
+        if not _is_image(path):
+            raise DataError(f"images={path} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)}) "
+                            f"or a folder of them")
+        return Images(path.parent, [path.name], [path.name], [-1], "input")
+    if not path.is_dir():
+        raise DataError(f"images={path} does not exist; expected a folder of photos or one image file")
+    files = []
+    for folder, subfolders, names in os.walk(path):  # follows no symlinked folders: no loops
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # not even entered
+        files += [(Path(folder) / n).relative_to(path).as_posix() for n in names
+                  if not n.startswith(".") and _is_image(Path(n)) and (Path(folder) / n).is_file()]
+    files.sort()
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path} or its sub-folders; "
+                        f"expected images=DIR to hold the photos to classify")
+    return Images(path, files, files, [-1] * len(files), "input")
 
 
 def find_run_dir(model: Model, run_dir: str | os.PathLike | None = None, split: str = "val") -> Path:
