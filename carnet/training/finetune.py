@@ -166,10 +166,12 @@ class ProgressiveUnfreezing(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before anything looks at the model: Lightning's ModelSummary table (on_fit_start) would otherwise count the
-        # whole backbone as trainable. A resumed run gets its own epoch's frozen set in on_train_start, once the
-        # checkpoint has restored the epoch (its printed summary shows epoch 0's).
+        # whole backbone as trainable. Only requires_grad here: BatchNorm modes are set in on_train_start (Lightning
+        # warns about modules in eval mode before that), as is a resumed run's own epoch, once the checkpoint has
+        # restored it (its printed summary shows epoch 0's frozen set).
         if stage == "fit":
-            self.apply(pl_module, trainer.current_epoch)
+            freeze_backbone(getattr(pl_module, self.attribute), fraction_at(self.schedule, trainer.current_epoch),
+                            self.train_bn)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After checkpoint restore, so current_epoch is the resumed one; also covers a mid-epoch resume, for which
