@@ -3,7 +3,7 @@
 ::
 
     carnet-serve --ckpt best.ckpt --host 127.0.0.1 --port 8000        # development server
-    gunicorn -w 2 -b 127.0.0.1:8000 'carnet.serving.app:create_app(ckpt="best.ckpt")'  # production
+    gunicorn -c python:carnet.serving.gunicorn_conf 'carnet.serving.app:create_app(ckpt="best.ckpt")'  # production
 
 The model is loaded once per process, never per request, and only on the CPU: gunicorn (without
 ``--preload``) calls :func:`create_app` in each worker after the fork, so every worker loads its own copy and
@@ -12,7 +12,13 @@ the child loads a fresh copy (the holder remembers the process id), because thre
 
 The parts: :mod:`~carnet.serving.upload` (request bytes, limits, decoding), :mod:`~carnet.serving.classifier`
 (eval transform, flip TTA, the per-process holder), :mod:`~carnet.serving.backends` (torch or onnxruntime) and
-``page.html``, the upload page. Uploads stay in memory; nothing is written to disk.
+``page.html``, the upload page, and :mod:`~carnet.serving.gunicorn_conf`, the gunicorn settings. Uploads stay
+in memory; nothing is written to disk.
+
+Memory is bounded per request (body size; an image's pixels, sides and aspect ratio, checked before decoding)
+and per process (``max_concurrent`` requests are read, decoded and classified at once; the others wait up to
+``queue_timeout`` seconds, then get 503). A 500 tells the client an error id, never the exception's text (it can
+name files and library internals); the log has the details under that id.
 """
 
 from __future__ import annotations
@@ -20,7 +26,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import sys
+import threading
 import time
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,12 +39,19 @@ import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from carnet.errors import CarnetError
 from carnet.serving.backends import BACKENDS, ModelLoadError
 from carnet.serving.classifier import Classifier, ModelHolder
 from carnet.serving.upload import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_CONTENT_LENGTH,
     DEFAULT_MAX_IMAGE_PIXELS,
-    BadImage,
+    DEFAULT_MAX_IMAGE_SIDE,
+    DEFAULT_QUEUE_TIMEOUT,
+    MAX_FORM_PARTS,
+    BadUpload,
+    ImageLimits,
     InMemoryRequest,
     decode_upload,
     upload_bytes,
@@ -52,20 +69,56 @@ def _error(status: int, message: str) -> tuple[Any, int]:
     return jsonify({"error": message, "status": status}), status
 
 
+class ModelUnavailable(CarnetError):
+    """The model cannot be loaded (answered 503); the message is safe to show: ours, or the error's type only."""
+
+
+def load_failure(err: Exception) -> str:
+    """Why the model is not loaded, for a client: carnet's own one-line errors, else just the exception type."""
+    if isinstance(err, CarnetError):
+        return f"model not loaded: {err}"
+    return f"model not loaded ({type(err).__name__}); the server log has the details"
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class PlainText(logging.Filter):
+    """Strips the ANSI colours werkzeug's development server puts in its request log (for a terminal) from
+    records, so a log file or a pipe gets plain text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\x1b[" in message:
+            record.msg, record.args = ANSI_ESCAPE.sub("", message), None
+        return True
+
+
 def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = False, top_k: int = 3, *,
                max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
-               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_threads: int | None = None,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
+               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+               queue_timeout: float = DEFAULT_QUEUE_TIMEOUT, num_threads: int | None = None,
                lazy: bool = False) -> Flask:
     """The Flask app serving ``ckpt`` (a carnet ``.ckpt``, or an ``.onnx`` file with ``backend="onnx"``).
 
     The model loads here, in the calling process (a gunicorn worker), unless ``lazy``: then on the first
     request or health check. ``num_threads`` caps the backend's intra-op threads per process (give
-    ``cores / workers`` to gunicorn workers so they do not oversubscribe the CPU).
+    ``cores / workers`` to gunicorn workers so they do not oversubscribe the CPU). ``max_concurrent`` requests
+    per process are handled at once (each may hold a decoded 40 MP image); the rest wait up to
+    ``queue_timeout`` seconds, then get 503.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: expected a positive integer")
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent={max_concurrent}: expected a positive integer")
+    if max_aspect_ratio < 1 or max_image_side < 1:
+        raise ValueError(f"max_aspect_ratio={max_aspect_ratio}, max_image_side={max_image_side}: expected a "
+                         "ratio >= 1 and a positive side in pixels")
+    limits = ImageLimits(max_image_pixels, max_image_side, max_aspect_ratio)
+    slots = threading.BoundedSemaphore(max_concurrent)
     ckpt = Path(ckpt)
     holder = ModelHolder(lambda: Classifier(ckpt, backend, tta, num_threads))
     if not lazy:
@@ -74,8 +127,10 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
 
     app = Flask(__name__)
     app.request_class = InMemoryRequest
+    # MAX_FORM_MEMORY_SIZE at the body limit: a text field cannot hit it before the body does, so a 413 from the
+    # form parser means the body (see InMemoryRequest), and too many fields are a 400 that says so.
     app.config.update(MAX_CONTENT_LENGTH=max_content_length, MAX_FORM_MEMORY_SIZE=max_content_length,
-                      MAX_IMAGE_PIXELS=max_image_pixels)
+                      MAX_FORM_PARTS=MAX_FORM_PARTS, MAX_IMAGE_PIXELS=max_image_pixels)
     app.json.sort_keys = False  # keep the documented key order: class_id, class_name, probability, ...
     app.extensions["carnet"] = holder
 
@@ -91,15 +146,22 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
                                + (f"; use {allowed}" if allowed else ""))
         return _error(code, f"{err.name}: {err.description}")
 
-    @app.errorhandler(BadImage)
-    def bad_image(err: BadImage) -> tuple[Any, int]:
+    @app.errorhandler(BadUpload)
+    def bad_upload(err: BadUpload) -> tuple[Any, int]:
         return _error(400, str(err))
+
+    @app.errorhandler(ModelUnavailable)
+    def model_unavailable(err: ModelUnavailable) -> tuple[Any, int]:
+        return _error(503, str(err))
 
     @app.errorhandler(Exception)
     def internal_error(err: Exception) -> tuple[Any, int]:
         # One broken request (model failure, out of memory) must not take the worker down: log, answer 500.
-        log.exception("error while serving %s %s", request.method, request.path)
-        return _error(500, f"internal error while predicting: {type(err).__name__}: {err}")
+        # The exception's text stays in the log: it can name server files and library internals.
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("error id %s while serving %s %s", error_id, request.method, request.path)
+        return _error(500, f"internal error while predicting (error id {error_id}); the server log has the "
+                           "details")
 
     @app.get("/")
     def index() -> tuple[str, int, dict[str, str]]:
@@ -111,7 +173,7 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
             model = holder.get()
         except Exception as err:
             log.exception("model failed to load")
-            return _error(503, f"model not loaded: {type(err).__name__}: {err}")
+            return _error(503, load_failure(err))
         return jsonify({"status": "ok", "model": model.model_name, "num_classes": len(model.class_names),
                         "class_names": model.class_names, "backend": model.backend.name, "tta": model.tta,
                         "image_size": model.meta["image_size"], "pid": os.getpid()}), 200
@@ -119,9 +181,23 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     @app.post("/predict")
     def predict() -> tuple[Any, int]:
         started = time.perf_counter()
-        image = decode_upload(upload_bytes(), app.config["MAX_IMAGE_PIXELS"])
-        model = holder.get()
-        probs = model.predict_proba(image)
+        # The slot is taken before the body is read: a waiting request holds no body and no decoded image.
+        if not slots.acquire(timeout=queue_timeout):
+            response, status = _error(503, f"server busy: {max_concurrent} request(s) in progress in this "
+                                           f"process and none finished within {queue_timeout:g} s; retry")
+            response.headers["Retry-After"] = "5"
+            return response, status
+        try:
+            image = decode_upload(upload_bytes(), limits)
+            try:
+                model = holder.get()
+            except Exception as err:
+                log.exception("model failed to load")
+                raise ModelUnavailable(load_failure(err)) from err
+            probs = model.predict_proba(image)
+            del image
+        finally:
+            slots.release()
         order = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
         names = model.class_names
         ranked = [{"class_id": int(k), "class_name": names[k], "probability": float(probs[k])} for k in order]
@@ -144,12 +220,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_CONTENT_LENGTH / 2**20,
                         help="largest accepted request body in MB (413 above)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads of the backend")
+    parser.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT,
+                        help="requests decoded and classified at once (others wait, then 503)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        logging.getLogger("werkzeug").addFilter(PlainText())
     backend = args.backend or ("onnx" if args.ckpt.endswith(".onnx") else "torch")
     try:
         app = create_app(args.ckpt, backend, args.tta, args.top_k, max_content_length=int(args.max_mb * 2**20),
-                         num_threads=args.threads)
+                         max_concurrent=args.max_concurrent, num_threads=args.threads)
     except (ModelLoadError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     app.run(host=args.host, port=args.port, threaded=True)

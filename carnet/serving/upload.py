@@ -5,34 +5,100 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
 from flask import Request, request
 from PIL import Image, UnidentifiedImageError
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from carnet.data.decode import pil_to_rgb
 from carnet.errors import CarnetError
 
 DEFAULT_MAX_CONTENT_LENGTH = 10 * 1024 * 1024  # bytes of one request body
 # A photo has a few megapixels; a tiny file that claims far more is a decompression bomb. 40 MP covers any
 # camera photo while keeping one decoded image under ~120 MB of RAM.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# The pixel count alone does not bound memory: the eval view resizes the *shorter* side to ~image_size, so a
+# 1,000,000 x 40 PNG (40 MP, 5 KB) would become a 1.8 M px wide strip (4,000,000 x 10 at 224 px: 16.7 GB).
+# Each side and the aspect ratio are bounded too; the resize's output is then at most S x (10 S) pixels.
+DEFAULT_MAX_IMAGE_SIDE = 16_384  # WebP's own limit; longer than a 100 MP sensor's long side
+DEFAULT_MAX_ASPECT_RATIO = 10  # panoramas stay under ~8:1
+# Requests decoded and classified at once in one process (others wait, up to the queue timeout): each one may
+# hold a decoded 40 MP image (~120 MB, several times that while converting). Workers x this bounds the memory.
+DEFAULT_MAX_CONCURRENT = 1
+DEFAULT_QUEUE_TIMEOUT = 30.0  # seconds a request waits for its turn before it is answered 503
+# The page sends one field; anything with more parts than this is not a carnet client (Flask allows 1,000).
+MAX_FORM_PARTS = 16
 RAW_BODY_TYPES = ("image/", "application/octet-stream")
 
 
-class BadImage(CarnetError):
+class BadUpload(CarnetError):
+    """The request does not carry a usable upload; the message says why (answered as 400)."""
+
+
+class BadImage(BadUpload):
     """The uploaded bytes are not a usable image; the message says why (answered as 400)."""
 
 
-class InMemoryRequest(Request):
-    """Multipart files stay in memory (Werkzeug spools parts over 500 KB to a temporary file on disk).
+class BodyTooLarge(RequestEntityTooLarge):
+    """The body is over MAX_CONTENT_LENGTH, also when it is chunked (no Content-Length to check up front)."""
 
-    The body is already bounded by MAX_CONTENT_LENGTH, so memory use per request is bounded too.
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an uploaded image may claim in its header: pixels, longest side, aspect ratio (checked undecoded)."""
+
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_side: int = DEFAULT_MAX_IMAGE_SIDE
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+
+    def check(self, width: int, height: int, fmt: str | None) -> None:
+        """Raise :class:`BadImage` naming the size if the image is over any limit."""
+        what = f"the {fmt or 'uploaded'} image claims {width}x{height}"
+        if width * height > self.max_pixels:
+            raise BadImage(f"decompression bomb: {what} = {width * height:,} pixels, more than the limit of "
+                           f"{self.max_pixels:,}")
+        if min(width, height) < 1 or max(width, height) / min(width, height) > self.max_aspect_ratio:
+            ratio = max(width, height) / max(1, min(width, height))
+            raise BadImage(f"unusable aspect ratio: {what} ({ratio:,.0f}:1); a car photo is at most "
+                           f"{self.max_aspect_ratio:g}:1")
+        if max(width, height) > self.max_side:
+            raise BadImage(f"image too large: {what}; each side must be at most {self.max_side:,} px")
+
+
+class InMemoryRequest(Request):
+    """Multipart files stay in memory (Werkzeug spools parts over 500 KB to a temporary file on disk), and the
+    body limits are enforced with messages that say which limit was hit.
+
+    The body is bounded by MAX_CONTENT_LENGTH, so memory use per request is bounded too.
     """
 
     def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
                          filename: str | None = None, content_length: int | None = None) -> IO[bytes]:
         return io.BytesIO()
+
+    def body_over_limit(self) -> bool:
+        """Whether the body is (or, chunked, reached) MAX_CONTENT_LENGTH: read up to the limit and no further."""
+        limit = self.max_content_length
+        if limit is None:
+            return False
+        if self.content_length is not None:
+            return self.content_length > limit
+        # Chunked: Werkzeug's stream stops at the limit without saying so (is_exhausted), and a read past it
+        # would raise 413; the rest of the body is never read.
+        return bool(getattr(self.__dict__.get("stream"), "is_exhausted", False))
+
+    def _load_form_data(self) -> None:
+        # Werkzeug answers every form limit with the same 413; only a body over the limit is "too large".
+        try:
+            super()._load_form_data()
+        except RequestEntityTooLarge:
+            if self.body_over_limit():
+                raise BodyTooLarge() from None
+            raise BadUpload(f"multipart upload with more than {self.max_form_parts} fields: send only the image, "
+                            "as the field 'file'") from None
 
 
 def upload_bytes() -> bytes:
@@ -45,19 +111,25 @@ def upload_bytes() -> bytes:
                            "send the image as `-F file=@car.jpg`")
         return upload.read()
     if request.mimetype.startswith(RAW_BODY_TYPES):
-        return request.get_data(cache=False)
+        data = request.get_data(cache=False)
+        if isinstance(request, InMemoryRequest) and request.body_over_limit():
+            raise BodyTooLarge()  # chunked and cut at the limit: never classify the first 10 MB of something
+        return data
     if not request.content_length and not request.mimetype:
         raise BadImage("empty request: expected a multipart field 'file' or an image body (Content-Type image/*)")
     raise BadImage(f"unsupported Content-Type {request.mimetype or '(none)'!r}: send multipart/form-data with a "
                    "field 'file', or the raw image with Content-Type image/jpeg (or another image/*)")
 
 
-def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode uploaded bytes to RGB uint8 HxWx3, exactly as :func:`carnet.data.decode.decode_image` does for files.
+def decode_upload(data: bytes, max_pixels: int | ImageLimits = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode uploaded bytes to RGB uint8 HxWx3 with :func:`carnet.data.decode.pil_to_rgb`, the function
+    training and predict decode files with (upright by EXIF, 16 bits scaled).
 
-    The size a file claims is checked from its header before any pixel is decoded, so a decompression bomb
-    costs nothing; a truncated file fails instead of being padded with grey (PIL's LOAD_TRUNCATED_IMAGES).
+    The size a file claims (pixels, sides, aspect ratio: ``max_pixels`` or an :class:`ImageLimits`) is checked
+    from its header before any pixel is decoded, so a decompression bomb costs nothing; a truncated file fails
+    instead of being padded with grey (PIL's LOAD_TRUNCATED_IMAGES).
     """
+    limits = max_pixels if isinstance(max_pixels, ImageLimits) else ImageLimits(max_pixels=max_pixels)
     if not data:
         raise BadImage("empty upload: expected the bytes of a JPEG/PNG/WebP/BMP image")
     try:
@@ -68,17 +140,13 @@ def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np
         raise BadImage(f"not an image: {len(data)} bytes that no image decoder recognises "
                        "(expected a JPEG, PNG, WebP or BMP file)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImage(f"decompression bomb: the image claims more than the {max_pixels:,} pixels allowed "
-                       f"(PIL: {err})") from None
+        raise BadImage(f"decompression bomb: the image claims more than the {limits.max_pixels:,} pixels "
+                       f"allowed (PIL: {err})") from None
     except Exception as err:  # PIL raises many types on malformed headers
         raise BadImage(f"truncated or corrupt image header ({type(err).__name__}: {err})") from None
     with img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise BadImage(f"decompression bomb: the {img.format} image claims {width}x{height} = "
-                           f"{width * height:,} pixels, more than the limit of {max_pixels:,}")
+        limits.check(*img.size, img.format)
         try:
-            img.load()
-            return np.asarray(img.convert("RGB"))
+            return pil_to_rgb(img)
         except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
             raise BadImage(f"truncated or corrupt {img.format} image ({type(err).__name__}: {err})") from None

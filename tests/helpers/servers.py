@@ -1,5 +1,5 @@
 """A real carnet HTTP server (gunicorn or carnet.serving.app) in a subprocess: start on a free loopback port, wait
-until healthy, stop with its whole process group; and the two kinds of POST a browser sends."""
+until healthy, stop with its whole process group, read its memory; and the two kinds of POST a browser sends."""
 
 from __future__ import annotations
 
@@ -71,3 +71,10 @@ def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
             f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """A live process's memory in kB from /proc/<pid>/status: VmRSS (now) and VmHWM (peak RSS so far)."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}

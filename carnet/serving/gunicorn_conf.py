@@ -1,0 +1,33 @@
+"""gunicorn settings for the carnet service, shipped with the package (docs/serving.md, "Production")::
+
+    gunicorn -c python:carnet.serving.gunicorn_conf 'carnet.serving.app:create_app(ckpt="best.ckpt", num_threads=2)'
+
+Flags on the command line override these (``-w 4 -b 0.0.0.0:8000``), and so does ``GUNICORN_CMD_ARGS``.
+
+Memory: each worker holds its own model (~1 GB with torch for EfficientNet-B0 and friends; an ONNX worker less)
+plus, per request in progress, the body (<= 10 MB) and one decoded image (<= 40 MP: ~120 MB, a few times that
+while it is converted). The app handles ``max_concurrent`` requests per worker at once (default 1); the
+threads below only accept connections and wait their turn, so the peak is about
+``workers x (model + max_concurrent x ~0.5 GB)`` however many clients upload at once.
+"""
+
+bind = "127.0.0.1:8000"
+# Two workers keep one model busy while the other reads and decodes the next upload; give each
+# create_app(num_threads=cores // workers) so their intra-op threads do not oversubscribe the CPU.
+workers = 2
+# gthread: a slow client ties up a thread, not the whole worker; the app's slots bound the real work.
+worker_class = "gthread"
+threads = 4
+# A worker imports torch and loads the model after the fork: that can take a minute on a small machine.
+timeout = 120
+graceful_timeout = 30
+keepalive = 5
+# The model loads in each worker, never in the master (create_app(lazy=True) if you turn this on).
+preload_app = False
+# Restart a worker now and then: large decoded images fragment the heap, and the RSS creeps up.
+max_requests = 2000
+max_requests_jitter = 200
+# An upload needs a short request line and a handful of headers.
+limit_request_line = 4094
+limit_request_fields = 50
+limit_request_field_size = 8190
