@@ -8,6 +8,8 @@ Resolvers are registered when ``carnet`` is imported, before Hydra composes a co
 ``${carnet.phases_dir:BASE}``: where phase runs hand their best checkpoint to the next phase. A single run uses
 ``BASE/phases`` (shared by the separate runs of a phase chain); a job of a multirun sweep uses
 ``<its own job dir>/phases`` so that the jobs of one sweep never overwrite each other's hand-off files.
+``carnet-pipeline`` bypasses it: it gives each phase ``paths.phases=<its own folder>/phases``
+(carnet/training/pipeline.py), for the same reason.
 """
 
 from __future__ import annotations

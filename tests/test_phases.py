@@ -3,6 +3,8 @@ the joined pipeline curves (carnet/phases.py, carnet/pipeline.py, conf/phase).""
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +12,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from rich.console import Console
 
 from carnet.artifacts import read_summary
 from carnet.training.builders import build_module
 from carnet.training.phases import Phase, PhaseError, join_phases, write_pipeline_report
+from carnet.training.pipeline import plan_pipeline, run_pipeline
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH
@@ -141,13 +145,108 @@ def test_pipeline_curves_join_phases_on_one_axis(two_phases: dict[str, Path], tm
 
 @pytest.mark.slow
 def test_pipeline_command_runs_phases_in_order(tiny_data: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "carnet.training.pipeline", "--phases", "head,unfreeze_half", f"data.root={tiny_data}",
-         *ONE_BATCH,
-         f"paths.output_dir={tmp_path}", "unfreeze_half:image_size=48"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = sorted((tmp_path / "pipeline").glob("*/*"))
+    """The command runs its phases in order in its own folder; --dir of that folder resumes it with later phases."""
+    def pipeline(*args: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "carnet.training.pipeline", *args, f"data.root={tiny_data}",
+                               *ONE_BATCH, f"paths.output_dir={tmp_path}", "unfreeze_half:image_size=48"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    pipeline("--phases", "head")
+    (folder,) = (tmp_path / "pipeline").iterdir()
+    pipeline("--dir", str(folder), "--phases", "unfreeze_half")  # as a stopped pipeline is resumed
+    runs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "phases")
     assert [r.name for r in runs] == ["1-head", "2-unfreeze_half"]
     assert read_summary(runs[1])["image_size"] == 48 and read_summary(runs[0])["image_size"] == 64
-    assert (tmp_path / "phases" / "curves.png").is_file()
+    assert read_summary(runs[1])["init_from"] == str(folder / "phases" / "head.ckpt")
+    report = json.loads((folder / "pipeline.json").read_text())
+    assert [r["run_dir"] for r in report["phases"]] == [str(r) for r in runs]
+    assert (folder / "curves.png").is_file() and not (tmp_path / "phases").exists()
+
+
+PHASES_LOG = "carnet.training.phases"
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == PHASES_LOG and r.levelname == "WARNING"]
+
+
+def test_frozen_phase_from_random_weights_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A frozen backbone from random weights trains a head on noise: accuracy stays at chance, so say so."""
+    caplog.set_level("WARNING", logger=PHASES_LOG)
+    for phase in ("head", "progressive"):  # frozen at epoch 0, no init_from
+        caplog.clear()
+        Phase.from_config(compose_cfg([f"phase={phase}", "model=test_efficientnet", "model.pretrained=false"]))
+        assert len(warnings_of(caplog)) == 1, phase
+        assert "random weights" in warnings_of(caplog)[0] and "model.pretrained" in warnings_of(caplog)[0]
+    weights_file = tmp_path / "backbone.safetensors"
+    weights_file.write_bytes(b"")  # only its name matters here: the config says where the weights come from
+    for fine in (["phase=head", "model=test_efficientnet", "model.pretrained=true"],
+                 ["phase=head", "model=test_efficientnet", "model.pretrained=false", f"model.weights={weights_file}"],
+                 ["model=test_efficientnet", "model.pretrained=false"],              # a plain run trains everything
+                 ["model=test_efficientnet", "model.pretrained=false", "unfreeze=1.0"]):
+        caplog.clear()
+        Phase.from_config(compose_cfg(fine))
+        assert warnings_of(caplog) == [], fine
+
+
+def test_phase_runs_say_what_they_load_and_where_they_write(tiny_data: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger=PHASES_LOG)
+    common = [f"data.root={tiny_data}", *ONE_BATCH, f"paths.output_dir={tmp_path / 'outputs'}",
+              "head_fit.enabled=false"]
+    phases = tmp_path / "outputs" / "phases"
+    train(compose_cfg([*common, "phase=head", f"run_dir={tmp_path / 'head'}"]))
+    said = "\n".join(r.getMessage() for r in caplog.records if r.name == PHASES_LOG)
+    assert "random weights" in said  # test_efficientnet has no pretrained weights (TINY: model.pretrained=false)
+    assert str(tmp_path / "head") in said and str(phases / "head.ckpt") in said
+    caplog.clear()
+    train(compose_cfg([*common, "phase=unfreeze_half", f"run_dir={tmp_path / 'half'}"]))
+    said = "\n".join(r.getMessage() for r in caplog.records if r.name == PHASES_LOG)
+    assert f"init_from={phases / 'head.ckpt'}" in said
+    assert str(tmp_path / "half") in said and str(phases / "unfreeze_half.ckpt") in said
+
+
+def test_pipeline_phases_hand_off_inside_the_pipeline_folder(tmp_path: Path) -> None:
+    """Each phase command of carnet-pipeline resolves ${paths.phases} to <pipeline folder>/phases, not the
+    shared <output_dir>/phases of single runs; a resumed pipeline (--dir) continues its folder's numbering."""
+    folder, commands = plan_pipeline([f"paths.output_dir={tmp_path}", "unfreeze_half:image_size=48"],
+                                     ["head", "unfreeze_half"])
+    assert folder.parent == tmp_path / "pipeline"
+    assert [(phase, run_dir) for phase, run_dir, _ in commands] == [("head", folder / "1-head"),
+                                                                   ("unfreeze_half", folder / "2-unfreeze_half")]
+    for phase, run_dir, command in commands:
+        overrides = [a for a in command if "=" in a and not a.startswith("hydra.")]
+        cfg = compose_cfg(overrides)
+        assert (cfg.phase, cfg.paths.phases) == (phase, str(folder / "phases"))
+        assert f"hydra.run.dir={run_dir}" in command
+    assert compose_cfg([a for a in commands[1][2] if "=" in a and not a.startswith("hydra.")]).image_size == 48
+    # a resumed pipeline takes the same overrides: one for a phase it does not run is left out
+    _, head_only = plan_pipeline([f"paths.output_dir={tmp_path}", "unfreeze_half:image_size=48"], ["head"])
+    assert not [a for a in head_only[0][2] if "image_size" in a]
+    (folder / "1-head").mkdir(parents=True)
+    (folder / "2-unfreeze_half").mkdir()
+    again, resumed = plan_pipeline([f"paths.output_dir={tmp_path}"], ["unfreeze_half"], folder=folder)
+    assert again == folder and [run_dir for _, run_dir, _ in resumed] == [folder / "3-unfreeze_half"]
+    # paths.phases given by the user wins (a chain that continues from single runs' hand-offs)
+    _, mine = plan_pipeline([f"paths.phases={tmp_path / 'mine'}"], ["head"])
+    assert compose_cfg([a for a in mine[0][2] if "=" in a and not a.startswith("hydra.")]).paths.phases == \
+        str(tmp_path / "mine")
+
+
+@pytest.mark.slow
+def test_pipeline_keeps_its_hand_offs_in_its_own_folder(tiny_data: Path, tmp_path: Path) -> None:
+    """carnet-pipeline never overwrites ${paths.phases} of the single runs (another chain's hand-offs)."""
+    shared = tmp_path / "phases" / "head.ckpt"
+    shared.parent.mkdir()
+    shared.write_bytes(b"another chain's head phase")
+    folder = run_pipeline([f"data.root={tiny_data}", *ONE_BATCH, f"paths.output_dir={tmp_path}",
+                           "head_fit.enabled=false"], ["head"], console=Console(file=io.StringIO()))
+    assert shared.read_bytes() == b"another chain's head phase"
+    assert folder.parent == tmp_path / "pipeline"
+    summary = read_summary(folder / "1-head")
+    assert summary["phase_checkpoint"] == str(folder / "phases" / "head.ckpt")
+    assert (folder / "phases" / "head.ckpt").is_file()
+    report = json.loads((folder / "pipeline.json").read_text())
+    assert [(r["phase"], r["run_dir"]) for r in report["phases"]] == [("head", str(folder / "1-head"))]
+    assert (folder / "curves.png").is_file()

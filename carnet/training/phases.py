@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from carnet.artifacts import SUMMARY_FILE, atomic_path, plot_curves, read_metrics, read_summary, write_json
 from carnet.errors import CarnetError
 from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from carnet.training.finetune import fraction_at, parse_schedule
 from carnet.training.module import CarClassifier
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,33 @@ def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: 
                          f"has {num_classes} (data.class_names)")
 
 
+def own_weights(cfg: DictConfig) -> str | None:
+    """What the backbone starts from without ``init_from``: a ``model.weights`` file, timm's pretrained weights, or
+    None (random weights)."""
+    if cfg.model.get("weights"):
+        return f"model.weights={cfg.model.weights}"
+    if cfg.model.get("pretrained"):
+        return f"timm's pretrained {cfg.model.name} weights (model.pretrained=true)"
+    return None
+
+
+def frozen_at_start(unfreeze: Any) -> bool:
+    """Does the run start with (part of) its backbone frozen (``unfreeze`` below 1 at epoch 0)?"""
+    return unfreeze is not None and fraction_at(parse_schedule(_plain(unfreeze)), 0) < 1.0
+
+
+def warn_if_frozen_random(cfg: DictConfig) -> None:
+    """A frozen backbone with random weights gives the head noise to learn from: every epoch stays at chance.
+    Nothing fails, so say it before the run spends its time."""
+    if cfg.get("resume") or cfg.get("init_from") or own_weights(cfg) or not frozen_at_start(cfg.get("unfreeze")):
+        return
+    what = f"phase {cfg.phase}" if cfg.get("phase") else "this run"
+    log.warning("%s trains on a frozen backbone (unfreeze=%s) with random weights: model %s has "
+                "model.pretrained=false, no model.weights file and no init_from, so its accuracy will stay at "
+                "chance; set model.pretrained=true, model.weights=PATH or init_from=PHASE|PATH", what,
+                _plain(cfg.unfreeze), cfg.model.name)
+
+
 class Phase(pl.Callback):
     """One fine-tuning phase (conf/phase) as one object: it starts from ``init_from``'s weights and hands its best
     checkpoint on to ``<phases_dir>/<name>.ckpt`` for the next phase.
@@ -88,7 +116,8 @@ class Phase(pl.Callback):
     """
 
     def __init__(self, name: str | None, init_from: str | os.PathLike | None, phases_dir: str | os.PathLike,
-                 model_name: str, head: Any, num_classes: int, monitor: str = "val/loss", mode: str = "min") -> None:
+                 model_name: str, head: Any, num_classes: int, monitor: str = "val/loss", mode: str = "min",
+                 starts_from: str | None = None) -> None:
         self.name = name
         self.phases_dir = Path(phases_dir)
         self.monitor, self.mode = monitor, mode
@@ -107,18 +136,30 @@ class Phase(pl.Callback):
                 raise PhaseError(f"init_from={init_from}: {err}") from err
             check_fits(self.init_checkpoint, self.init_path, model_name, head, num_classes)
             self.init_size = int(self.init_checkpoint["carnet"]["image_size"])
+        # What the log says this run starts from (from_config knows the other sources: model weights, resume=).
+        self.starts_from = f"init_from={self.init_path}" if self.init_path else (starts_from or "the model's weights")
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Phase | None:
         """The phase of ``cfg`` (``phase``, ``init_from``); None for a plain run. A resumed run (``resume=``) takes
-        its weights from its own checkpoint, so it loads no ``init_from``."""
+        its weights from its own checkpoint, so it loads no ``init_from``. Warns about a frozen backbone with random
+        weights (:func:`warn_if_frozen_random`)."""
+        warn_if_frozen_random(cfg)
         init_from = None if cfg.get("resume") else cfg.get("init_from")
         if not cfg.get("phase") and not init_from:
             return None
+        starts_from = (f"resume={cfg.resume} (its own checkpoint)" if cfg.get("resume") else own_weights(cfg)
+                       or "random weights (model.pretrained=false, no model.weights, no init_from)")
         return cls(cfg.get("phase"), init_from, cfg.paths.phases, cfg.model.name, cfg.head, len(cfg.data.class_names),
-                   monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
+                   monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, starts_from=starts_from)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            # One place that says what this run loads and where it writes (a chain of phases is hard to follow).
+            hand_off = (f"hands its best checkpoint on as {phase_checkpoint(self.phases_dir, self.name)}"
+                        if self.name else "hands nothing on (no phase name)")
+            log.info("phase %s: starts from %s; run directory %s; %s", self.name or "-", self.starts_from,
+                     trainer.default_root_dir, hand_off)
         if self.init_checkpoint is not None:
             load_init_weights(pl_module, self.init_path, self.init_checkpoint)
             self.init_checkpoint = None  # loaded once; free the memory
@@ -163,6 +204,8 @@ class Phase(pl.Callback):
         self._start_path(trainer).unlink(missing_ok=True)
         if self.name and best:
             self.published = publish_checkpoint(best, self.phases_dir, self.name)
+            log.info("phase %s: handed on %s as %s (init_from: %s for the next phase)", self.name, best,
+                     self.published, self.name)
 
     def summary_fields(self) -> dict[str, Any]:
         """What summary.json records of this phase (collected by :class:`carnet.training.run_dir.RunArtifacts`)."""

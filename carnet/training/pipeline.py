@@ -1,12 +1,14 @@
 """The fine-tuning recipe in one command: each phase of conf/phase as its own ``train.py`` run, in order.
 
-    carnet-pipeline [--phases head,unfreeze_half,...] [OVERRIDE ...] [PHASE:OVERRIDE ...]
+    carnet-pipeline [--phases head,unfreeze_half,...] [--dir FOLDER] [OVERRIDE ...] [PHASE:OVERRIDE ...]
 
 An ``OVERRIDE`` (Hydra syntax, e.g. ``data.root=DIR model=tf_efficientnet_lite0``) goes to every phase; one
-prefixed with a phase name goes to that phase only (``finetune_448:data.image_size=300``). Each phase starts
-from the previous one's best weights through ``${paths.phases}/<phase>.ckpt`` (the phases' ``init_from``), exactly
-as when the commands are typed one by one. Afterwards ``${paths.phases}/curves.png`` shows all phases on one
-epoch axis and ``${paths.phases}/pipeline.json`` lists their runs and results.
+prefixed with a phase name goes to that phase only (``finetune_448:data.image_size=300``). Everything a pipeline
+writes stays in its own folder, ``<paths.output_dir>/pipeline/<time>/`` (or ``--dir``): each phase's run directory
+``<i>-<phase>/``, and ``phases/<phase>.ckpt``, through which each phase starts from the previous one's best weights
+(the phases' ``init_from``, with ``paths.phases`` set to that folder), exactly as when the commands are typed one
+by one. Afterwards ``curves.png`` there shows all phases on one epoch axis and ``pipeline.json`` lists their runs
+and results. ``--dir`` of a stopped pipeline with ``--phases`` from the failed phase on resumes it.
 
 Why subprocesses: every phase is then literally ``carnet-train phase=NAME ...`` (fresh Hydra state, its own run
 directory, nothing carried over in memory that the hand-off through checkpoints would not carry).
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from rich.console import Console
 
 from carnet.config import config_dir
@@ -32,52 +35,94 @@ PHASES = ["head", "unfreeze_half", "unfreeze_3q", "unfreeze_all", "finetune_448"
 
 
 def split_overrides(args: list[str], phases: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Overrides for every phase, and ``PHASE:override`` ones per phase."""
+    """Overrides for every phase, and ``PHASE:override`` ones per phase. One for a phase of conf/phase that is not
+    run is left out, so that a resumed pipeline (``--phases`` from the failed one on) takes the same overrides."""
     common, per_phase = [], {p: [] for p in phases}
+    known = {p.stem for p in (config_dir() / "phase").glob("*.yaml")}
     for arg in args:
         head, sep, rest = arg.partition(":")
         if sep and head in per_phase and "=" in rest:
             per_phase[head].append(rest)
-        else:
+        elif not (sep and head in known and "=" in rest):
             common.append(arg)
     return common, per_phase
 
 
-def phases_dir_of(overrides: list[str]) -> Path:
-    """``paths.phases`` as train.py will resolve it with these overrides."""
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def compose_common(overrides: list[str]) -> DictConfig:
+    """The training config as train.py composes it with these overrides (Hydra's own keys left out)."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[o for o in overrides if not o.lstrip("+~").startswith("hydra.")])
-    return Path(cfg.paths.phases)
+        return compose(config_name="train", overrides=[o for o in overrides if not _key(o).startswith("hydra.")])
 
 
-def run_pipeline(overrides: list[str], phases: list[str] | None = None, console: Console | None = None) -> Path:
-    """Run ``phases`` in order; return ``${paths.phases}``. A failing phase stops the pipeline (SystemExit)."""
+def next_index(folder: Path) -> int:
+    """The number of the next run folder (``<i>-<phase>``): after those already in ``folder`` (a resumed pipeline)."""
+    numbers = [int(p.name.split("-", 1)[0]) for p in folder.glob("*-*") if p.name.split("-", 1)[0].isdigit()] \
+        if folder.is_dir() else []
+    return max(numbers, default=0) + 1
+
+
+def plan_pipeline(overrides: list[str], phases: list[str], folder: str | os.PathLike | None = None,
+                  ) -> tuple[Path, list[tuple[str, Path, list[str]]]]:
+    """The pipeline's folder and, per phase, ``(phase, run dir, command)``.
+
+    Everything a pipeline writes stays in its folder (``<paths.output_dir>/pipeline/<time>``, or ``folder``): its
+    phases' run directories ``<i>-<phase>``, and the hand-off checkpoints in ``phases/`` (``paths.phases`` of every
+    phase), so a pipeline never overwrites the ``${paths.phases}`` of single runs or of another pipeline. A
+    ``paths.phases=`` override of the user's wins.
+    """
+    common, per_phase = split_overrides(overrides, phases)
+    if folder is None:
+        folder = Path(compose_common(common).paths.output_dir) / "pipeline" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    folder = Path(folder)
+    given = [*common, *(o for extra in per_phase.values() for o in extra)]
+    hand_off = [] if any(_key(o) == "paths.phases" for o in given) else [f"paths.phases={folder / 'phases'}"]
+    commands = []
+    for i, phase in enumerate(phases, next_index(folder)):
+        run_dir = folder / f"{i}-{phase}"
+        commands.append((phase, run_dir, [sys.executable, "-m", "carnet.training.train", f"phase={phase}", *common,
+                                          *hand_off, *per_phase[phase], f"hydra.run.dir={run_dir}"]))
+    return folder, commands
+
+
+def earlier_runs(folder: Path, phases: list[str]) -> list[tuple[str, Path]]:
+    """The runs a resumed pipeline keeps from its folder's pipeline.json: those of phases it does not rerun."""
+    path = folder / PIPELINE_FILE
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text()).get("phases", [])
+    return [(row["phase"], Path(row["run_dir"])) for row in rows if row["phase"] not in phases]
+
+
+def run_pipeline(overrides: list[str], phases: list[str] | None = None, console: Console | None = None,
+                 folder: str | os.PathLike | None = None) -> Path:
+    """Run ``phases`` in order (:func:`plan_pipeline`); return the pipeline's folder. A failing phase stops the
+    pipeline (SystemExit with the command that resumes it)."""
     console = console or Console()
     phases = list(phases or PHASES)
     available = sorted(p.stem for p in (config_dir() / "phase").glob("*.yaml"))
     unknown = [p for p in phases if p not in available]
     if unknown:
         raise SystemExit(f"--phases: unknown phase(s) {unknown}; conf/phase has {available}")
-    common, per_phase = split_overrides(overrides, phases)
-    phases_dir = phases_dir_of(common)
-    root = phases_dir.parent / "pipeline" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    folder, commands = plan_pipeline(overrides, phases, folder)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    runs: list[tuple[str, Path]] = []
-    for i, phase in enumerate(phases, 1):
-        run_dir = root / f"{i}-{phase}"
-        command = [sys.executable, "-m", "carnet.training.train", f"phase={phase}", *common, *per_phase[phase],
-                   f"hydra.run.dir={run_dir}"]
-        console.rule(f"[bold]phase {i}/{len(phases)}: {phase}")
+    runs = earlier_runs(folder, phases)
+    for i, (phase, run_dir, command) in enumerate(commands):
+        console.rule(f"[bold]phase {i + 1}/{len(commands)}: {phase}")
         console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
         runs.append((phase, run_dir))
         code = subprocess.call(command, env=env)
-        write_pipeline_report(phases_dir, runs, title=" → ".join(p for p, _ in runs))
+        write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs))
         if code != 0:
             raise SystemExit(f"pipeline stopped: phase {phase} failed (exit {code}); its run directory is {run_dir}. "
-                             f"Fix it, then rerun from there with --phases {','.join(phases[i - 1:])}")
+                             f"Fix it, then resume with: carnet-pipeline --dir {folder} "
+                             f"--phases {','.join(phases[i:])} and the same overrides")
     console.rule("[bold]pipeline done")
-    console.print(f"{phases_dir / PIPELINE_FILE}, {phases_dir / 'curves.png'}")
-    return phases_dir
+    console.print(f"{folder / PIPELINE_FILE}, {folder / 'curves.png'}; runs and hand-offs (phases/) in {folder}")
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,10 +132,12 @@ def main(argv: list[str] | None = None) -> None:
                                             "finetune_448:data.image_size=300")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated phases to run in order (default: {','.join(PHASES)})")
+    parser.add_argument("--dir", default=None, help="the pipeline's folder (default: <paths.output_dir>/pipeline/"
+                        "<time>); a stopped pipeline's folder resumes it, with --phases from the failed one")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every phase, or PHASE:override for one")
     args = parser.parse_args(argv)
-    phases_dir = run_pipeline(args.overrides, [p for p in args.phases.split(",") if p])
-    for row in json.loads((phases_dir / PIPELINE_FILE).read_text())["phases"]:
+    folder = run_pipeline(args.overrides, [p for p in args.phases.split(",") if p], folder=args.dir)
+    for row in json.loads((folder / PIPELINE_FILE).read_text())["phases"]:
         acc = row["best_val_acc"]
         print(f"{row['phase']:>14}: best val/acc={acc:.4f}" if acc is not None else f"{row['phase']:>14}: -")
 
