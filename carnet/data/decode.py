@@ -17,6 +17,9 @@ import albumentations as A
 import numpy as np
 from PIL import Image, ImageOps
 
+# Bumped whenever decode_image gives different pixels for the same file (2: EXIF orientation, 16-bit scaling), so
+# that anything storing decoded images across runs (the data.cache=disk folder) can key on it.
+DECODE_VERSION = 2
 # 16-bit (and 32-bit integer) greyscale modes: PIL's convert("RGB") clips their samples at 255 instead of scaling.
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
