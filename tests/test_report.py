@@ -71,3 +71,41 @@ def test_cli_writes_to_out_and_rejects_empty_dirs(runs_dir: Path, tmp_path: Path
     assert "no runs under" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def visible_ticks(ax, axis: str = "x") -> list[float]:
+    """The tick values matplotlib draws inside the axis' limits."""
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    ticks = ax.get_xticks() if axis == "x" else ax.get_yticks()
+    return [float(t) for t in ticks if lo <= t <= hi]
+
+
+def test_one_epoch_sweep_plot_has_honest_axes_and_names_runs_by_overrides(tmp_path: Path) -> None:
+    """A 1-epoch sweep of two learning rates: epoch 0 alone on the x axis, accuracy up to 1 (a 0.007 gap must not
+    fill the plot), each run named by the override that differs."""
+    from carnet.tools.report import plot_runs
+
+    root = tmp_path / "sweep"
+    common = ["data.root=/data/cars", "model=test_efficientnet"]
+    make_run(root / "0", "completed", [0.100], [*common, "optimizer.lr=0.01"])
+    make_run(root / "1", "completed", [0.107], [*common, "optimizer.lr=0.001"])
+    fig = plot_runs(find_runs(root), tmp_path / "report.png")
+    (ax,) = fig.axes
+    assert ax.get_xlim() == (-0.5, 0.5) and visible_ticks(ax) == [0.0]
+    bottom, top = ax.get_ylim()
+    assert (bottom, top) == (0.0, 1.0)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["best: optimizer.lr=0.001 (0.1070)", "optimizer.lr=0.01 (0.1000)"]
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_report_plot_epochs_are_whole_numbers(runs_dir: Path, tmp_path: Path) -> None:
+    from carnet.tools.report import plot_runs
+
+    fig = plot_runs(find_runs(runs_dir), tmp_path / "report.png")
+    (ax,) = fig.axes
+    assert visible_ticks(ax) == [0.0, 1.0, 2.0] and ax.get_xlim() == (-0.5, 2.5)
+    assert ax.get_ylim() == (0.2, 1.0)  # lowest accuracy 0.3: a floor on the 0.1 grid below it, up to 1
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0] == "best: optimizer=sgd head=linear (0.9000)"
+    assert "optimizer=adam head=mlp (0.3000) [failed]" in labels

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from carnet.artifacts import read_summary
-from carnet.tools.report import write_report
+from carnet.tools.report import find_runs, plot_runs, write_report
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
 from tests.helpers.runs import run_script
@@ -61,6 +61,13 @@ def test_multirun_2x2_gives_four_runs_and_a_ranked_report(sweep: Sweep) -> None:
     rows = [line for line in (sweep_dir / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 5  # header + 4 runs
     assert (sweep_dir / "report.png").is_file()
+    # TINY runs one epoch: the plot shows epoch 0 alone, accuracy up to 1, runs named by what they tried
+    (ax,) = plot_runs(find_runs(sweep_dir), sweep_dir / "report.png").axes
+    assert ax.get_xlim() == (-0.5, 0.5) and [t for t in ax.get_xticks() if -0.5 <= t <= 0.5] == [0]
+    assert ax.get_ylim()[1] == 1.0
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == 4 and all(label.replace("best: ", "").startswith("optimizer=") and " head=" in label
+                                    for label in labels), labels
 
 
 def test_single_run_phases_dir_is_shared_under_output_dir(tmp_path: Path) -> None:

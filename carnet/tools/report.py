@@ -2,7 +2,8 @@
 
 Reads every ``summary.json`` + ``metrics.csv`` under DIR (carnet/artifacts.py's contract, never a logger's
 files), prints a table sorted by ``best_val_acc`` with the overrides that differ between runs, and writes
-``DIR/report.md`` and ``DIR/report.png`` (val accuracy per epoch of every run, the best one highlighted).
+``DIR/report.md`` and ``DIR/report.png`` (val accuracy per epoch of every run, named by its differing overrides,
+the best one highlighted).
 Failed, interrupted and still-running runs are listed with their status, below the ranked ones.
 """
 
@@ -22,11 +23,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import yaml
-from matplotlib.ticker import MaxNLocator
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from carnet.artifacts import SUMMARY_FILE, read_metrics, read_summary, write_text_atomic
+from carnet.artifacts import SUMMARY_FILE, accuracy_axis, epoch_axis, read_metrics, read_summary, write_text_atomic
 
 REPORT_MD, REPORT_PNG = "report.md", "report.png"
 # Overrides that name where a run lives, not what it tried: never a column.
@@ -146,31 +147,48 @@ def to_markdown(frame: pd.DataFrame, title: str, note: str | None = None) -> str
     return "\n".join(lines) + f"\n\n![val accuracy per epoch]({REPORT_PNG})\n"
 
 
-def plot_runs(runs: list[Run], path: str | os.PathLike, title: str = "") -> None:
-    """Val accuracy per epoch of every run; the best completed run bold and labelled, the others thin."""
+def run_label(run: Run, keys: list[str]) -> str:
+    """A run named by what it tried: its values of the overrides that differ between runs (else its folder)."""
+    tried = " ".join(f"{k}={run.overrides[k]}" for k in keys if k in run.overrides)
+    return tried or run.name
+
+
+def plot_runs(runs: list[Run], path: str | os.PathLike, title: str = "") -> Figure:
+    """Val accuracy per epoch of every run, named by its differing overrides; the best completed run bold and first
+    in the legend. Whole epochs, accuracy up to 1 (carnet.artifacts' axis rules, as in a run's curves.png).
+    Returns the (closed) figure, so that its axes can be read back."""
     ranked = rank_runs(runs)
     best = ranked[0] if ranked and ranked[0].best_val_acc is not None else None
+    keys = differing_keys(runs)
     fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    handles, epochs, accs = {}, [], []
     for run in reversed(ranked):  # best drawn last, on top
         metrics = run.metrics
         if "val/acc" not in metrics or not metrics["val/acc"].notna().any():
             continue
-        label = f"{run.name} ({_cell(run.best_val_acc)})" + ("" if run.status == "completed" else f" [{run.status}]")
+        label = f"{run_label(run, keys)} ({_cell(run.best_val_acc)})" + (
+            "" if run.status == "completed" else f" [{run.status}]")
         if run is best:
-            ax.plot(metrics["epoch"], metrics["val/acc"], "o-", color="tab:red", linewidth=2.5, markersize=4,
-                    label=f"best: {label}", zorder=3)
+            (handles[run.name],) = ax.plot(metrics["epoch"], metrics["val/acc"], "o-", color="tab:red", linewidth=2.5,
+                                           markersize=5, label=f"best: {label}", zorder=3, clip_on=False)
         else:
-            ax.plot(metrics["epoch"], metrics["val/acc"], marker=".", linewidth=1, alpha=0.6,
-                    linestyle="-" if run.status == "completed" else ":", label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            (handles[run.name],) = ax.plot(metrics["epoch"], metrics["val/acc"], marker="o", markersize=4, linewidth=1,
+                                           alpha=0.7, linestyle="-" if run.status == "completed" else ":",
+                                           label=label, clip_on=False)
+        epochs += list(metrics["epoch"])
+        accs += list(metrics["val/acc"])
+    epoch_axis(ax, epochs)
+    accuracy_axis(ax, accs)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val/acc")
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7, loc="lower right", ncol=1 if len(ax.lines) <= 12 else 2)
+    if handles:  # best first, then in rank order
+        ax.legend(handles=[handles[r.name] for r in ranked if r.name in handles], fontsize=7, loc="best",
+                  ncol=1 if len(handles) <= 12 else 2)
     ax.set_title(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def print_table(frame: pd.DataFrame, title: str, console: Console | None = None) -> None:
