@@ -1,8 +1,11 @@
 """Perceptual hashes of images and near-duplicate pairs: the audit's core, and ``data.dedup``.
 
-A 64-bit perceptual hash (``imagehash.phash``: DCT of a 32x32 grey thumbnail, robust to resizing and
-recompression) finds near-duplicates at Hamming distance <= a threshold; training can drop training images that
-are near-duplicates of validation images (``data.dedup=true``), so validation accuracy is not inflated by twins.
+Two stages. A 64-bit perceptual hash (``imagehash.phash``: DCT of a 32x32 grey thumbnail, robust to resizing and
+recompression) proposes candidate pairs at Hamming distance <= a threshold. The hash only sees the coarse layout,
+so different photos with the same composition collide (carnet-demo's cars: 4-6 bits apart); a pixel check then
+confirms each candidate: the correlation of small colour thumbnails, each channel normalised (brightness and
+contrast shifts cancel), best over slight crops of either image. Training can drop training images that are
+near-duplicates of validation images (``data.dedup=true``), so validation accuracy is not inflated by twins.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ import pandas as pd
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-DEFAULT_THRESHOLD = 6  # bits of 64; resized/recompressed copies measure 0-4, unrelated photos ~32
+DEFAULT_THRESHOLD = 12  # candidate bits of 64: resized/recompressed copies 0-4, copies cropped 3-5% per side
+# mostly 8-16, unrelated photos ~32; the pixel check, not this threshold, tells copies from look-alikes
+DEFAULT_SIMILARITY = 0.9  # pixel check: true copies score >= 0.93, distinct photos <= 0.8 (see docs/data.md)
+_SIDE = 32  # thumbnail side of the pixel check
+_GRID = 96  # crops are cut from a thumbnail of this side
+_SCALES = (1.0, 0.95, 0.9, 0.85)  # crops tried per axis (fraction kept), each at the start, centre and end
 
 
 def default_workers() -> int:
@@ -111,9 +119,104 @@ def nearest_distances(a: np.ndarray, budget: int = 1 << 22) -> np.ndarray:
     return nearest
 
 
+def _area_weights(start: float, stop: float, n_in: int = _GRID, n_out: int = _SIDE) -> np.ndarray:
+    """(n_out, n_in) matrix averaging the span [start, stop) (fractions of the side) of n_in pixels into n_out."""
+    edges = np.linspace(start * n_in, stop * n_in, n_out + 1)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    pixel = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(hi, pixel + 1) - np.maximum(lo, pixel), 0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
+# Spans of one side: the whole side first, then _SCALES of it at the start, centre and end.
+_SPANS = [(0.0, 1.0)] + [(o * (1 - s), o * (1 - s) + s) for s in _SCALES[1:] for o in (0.0, 0.5, 1.0)]
+_WEIGHTS = np.stack([_area_weights(a, b) for a, b in _SPANS]).astype(np.float32)
+
+
+def _views(path: str) -> np.ndarray:
+    """Normalised thumbnails of the image and of its slight crops: (views, _SIDE * _SIDE * 3) unit vectors,
+    the whole image first.
+
+    Each colour channel has zero mean, so a brightness shift or a colour cast changes nothing; the norm is taken
+    over all channels, so contrast does not either. Crops are area averages of one _GRID x _GRID thumbnail.
+    """
+    with Image.open(path) as img:
+        img.draft("RGB", (_GRID * 2, _GRID * 2))  # JPEG: decode at a fraction of the size
+        grid = np.asarray(img.convert("RGB").resize((_GRID, _GRID), Image.Resampling.BOX), dtype=np.float32)
+    n, weights = len(_SPANS), _WEIGHTS.reshape(-1, _GRID)  # (spans * _SIDE, _GRID)
+    rows = (weights @ grid.reshape(_GRID, -1)).reshape(n * _SIDE, _GRID, 3)  # each vertical span, all columns
+    cols = weights @ rows.transpose(1, 0, 2).reshape(_GRID, -1)  # then each horizontal span
+    views = cols.reshape(n, _SIDE, n, _SIDE, 3).transpose(2, 0, 3, 1, 4).reshape(n * n, _SIDE * _SIDE, 3)
+    views -= views.mean(axis=1, keepdims=True)
+    views = views.reshape(len(views), -1)
+    return views / (np.linalg.norm(views, axis=1, keepdims=True) + 1e-6)
+
+
+def pair_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """How alike two images' ``_views`` are: the best correlation of either whole image with a crop of the other
+    (a copy cropped by a few percent matches the original's crop), 1 for identical pixels."""
+    return float(max((b @ a[0]).max(), (a @ b[0]).max()))
+
+
+def pixel_similarity(paths: Sequence[str | os.PathLike], i: np.ndarray, j: np.ndarray, paths_b:
+                     Sequence[str | os.PathLike] | None = None, workers: int | None = None) -> np.ndarray:
+    """``pair_similarity`` of each candidate pair (paths[i[k]], paths_b[j[k]]); NaN where a file cannot be read.
+
+    Only the images in candidate pairs are decoded, once each (thumbnails are ~100 KB, so big candidate sets
+    are done in batches of images).
+    """
+    paths_b = paths if paths_b is None else paths_b
+    keys_a = [str(paths[k]) for k in i]
+    keys_b = [str(paths_b[k]) for k in j]
+    order = sorted(range(len(keys_a)), key=lambda k: (keys_a[k], keys_b[k]))
+    sims = np.full(len(keys_a), np.nan)
+    batch = 2000  # images per batch: ~200 MB of views
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        start = 0
+        while start < len(order):
+            wanted: dict[str, None] = {}
+            stop = start
+            while stop < len(order) and len(wanted) < batch:
+                wanted.update(dict.fromkeys((keys_a[order[stop]], keys_b[order[stop]])))
+                stop += 1
+
+            def views_or_none(path: str) -> np.ndarray | None:
+                try:
+                    return _views(path)
+                except Exception:  # unreadable here: hash_images already reported it
+                    return None
+
+            views = dict(zip(wanted, pool.map(views_or_none, wanted), strict=True))
+            for k in order[start:stop]:
+                va, vb = views[keys_a[k]], views[keys_b[k]]
+                if va is not None and vb is not None:
+                    sims[k] = pair_similarity(va, vb)
+            start = stop
+    return sims
+
+
+def confirmed_pairs(paths: Sequence[str | os.PathLike], phash: np.ndarray, threshold: int = DEFAULT_THRESHOLD,
+                    min_similarity: float = DEFAULT_SIMILARITY, paths_b: Sequence[str | os.PathLike] | None = None,
+                    phash_b: np.ndarray | None = None, workers: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Near-duplicate pairs: phash candidates (``near_pairs``) that pass the pixel check.
+
+    Returns (i, j, distance, similarity, number of candidates). ``min_similarity`` <= 0 skips the pixel check
+    (hash only; similarity NaN).
+    """
+    i, j, d = near_pairs(phash, phash_b, threshold)
+    if min_similarity <= 0 or not len(i):
+        return i, j, d, np.full(len(i), np.nan), len(i)
+    sims = pixel_similarity(paths, i, j, paths_b, workers)
+    keep = sims >= min_similarity
+    return i[keep], j[keep], d[keep], sims[keep], len(i)
+
+
 def drop_val_near_duplicates(frame: pd.DataFrame, root: str | os.PathLike, threshold: int = DEFAULT_THRESHOLD,
-                             workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Remove training rows that are (near-)duplicates of a validation row.
+                             workers: int | None = None, min_similarity: float = DEFAULT_SIMILARITY,
+                             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Remove training rows that are (near-)duplicates of a validation row: phash within ``threshold`` bits and
+    confirmed by the pixel check (``min_similarity``), so a different car with the same layout stays.
 
     ``frame`` has ``path`` (relative to root or absolute) and ``split``. Returns (kept frame, dropped rows with the
     ``val_twin`` each one matched). Unreadable images get no hash and are never dropped here.
@@ -125,7 +228,9 @@ def drop_val_near_duplicates(frame: pd.DataFrame, root: str | os.PathLike, thres
     val_rows = np.flatnonzero(is_val & ok)
     train_rows = np.flatnonzero(~is_val & ok)
     phash = hashes.phash.to_numpy()
-    i, j, _ = near_pairs(phash[train_rows].astype(np.uint64), phash[val_rows].astype(np.uint64), threshold)
+    files = hashes.path.to_numpy()
+    i, j, *_ = confirmed_pairs(files[train_rows], phash[train_rows].astype(np.uint64), threshold, min_similarity,
+                               files[val_rows], phash[val_rows].astype(np.uint64), workers)
     drop = pd.Series(frame.path.to_numpy()[val_rows[j]], index=train_rows[i]).groupby(level=0).first()
     dropped = frame.iloc[drop.index].assign(val_twin=drop.to_numpy())
     kept = frame.drop(index=frame.index[drop.index]).reset_index(drop=True)

@@ -1,4 +1,9 @@
-"""AUDITDOC"""
+"""Audit a car data set: exact and near-duplicate images, train/test leaks, label conflicts, class balance.
+
+``carnet-audit DATA [--extra SRC.yaml ...]`` hashes every image (SHA-1 and a perceptual hash), confirms each
+near-duplicate candidate with a pixel check (``carnet.data.dedup``) and writes audit.md, audit_pairs.csv and
+audit_classes.png.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +21,17 @@ import yaml
 
 from carnet.artifacts import write_csv_atomic, write_text_atomic
 from carnet.config import config_dir
-from carnet.data.dedup import DEFAULT_THRESHOLD, hash_images, near_pairs, nearest_distances
+from carnet.data.dedup import (
+    DEFAULT_SIMILARITY,
+    DEFAULT_THRESHOLD,
+    confirmed_pairs,
+    hash_images,
+    nearest_distances,
+)
 from carnet.data.layout import IMAGE_EXTENSIONS, DataError
 from carnet.data.sources import read_sources
 
-PAIR_COLUMNS = ["kind", "scope", "distance", "label_conflict", "group_a", "path_a", "label_a",
+PAIR_COLUMNS = ["kind", "scope", "distance", "similarity", "label_conflict", "group_a", "path_a", "label_a",
                 "group_b", "path_b", "label_b"]
 
 
@@ -86,28 +97,38 @@ def _group_key(group: str) -> int:
     return GROUP_ORDER.get(group, 1)
 
 
-def find_pairs(images: pd.DataFrame, threshold: int) -> pd.DataFrame:
-    """Exact (same SHA-1) and near (phash distance <= threshold, different bytes) pairs among ``images``."""
+def find_pairs(images: pd.DataFrame, threshold: int, min_similarity: float = DEFAULT_SIMILARITY,
+               workers: int | None = None) -> tuple[pd.DataFrame, int]:
+    """Exact (same SHA-1) and near (phash distance <= threshold, different bytes, confirmed by the pixel check at
+    ``min_similarity``) pairs among ``images``, and how many phash candidates the pixel check turned down."""
     records = []
     readable = images[images.sha1.notna()]
     for _, dup in readable.groupby("sha1"):
         idx = dup.index.to_list()
-        records += [("exact", a, b, 0) for k, a in enumerate(idx) for b in idx[k + 1:]]
+        records += [("exact", a, b, 0, 1.0) for k, a in enumerate(idx) for b in idx[k + 1:]]
     hashed = images[images.phash.notna()]
-    i, j, d = near_pairs(hashed.phash.to_numpy().astype(np.uint64), None, threshold)
-    a, b = hashed.index.to_numpy()[i], hashed.index.to_numpy()[j]
-    differ = images.sha1.to_numpy()[a] != images.sha1.to_numpy()[b]
-    records += [("near", x, y, int(z)) for x, y, z in zip(a[differ], b[differ], d[differ], strict=True)]
+    same_bytes = hashed.sha1.to_numpy()
+    phash = hashed.phash.to_numpy().astype(np.uint64)
+    # exact copies need no pixel check: one image per SHA-1 goes in, its copies get its near pairs below
+    first = ~pd.Series(same_bytes).duplicated().to_numpy()
+    i, j, d, sim, candidates = confirmed_pairs(hashed.path.to_numpy()[first], phash[first], threshold,
+                                               min_similarity, workers=workers)
+    kept = hashed.index.to_numpy()[first]
+    members = hashed.groupby("sha1").groups
+    for x, y, z, q in zip(kept[i], kept[j], d, sim, strict=True):
+        records += [("near", a, b, int(z), float(q)) for a in members[images.sha1[x]] for b in members[images.sha1[y]]]
     out = []
-    for kind, x, y, dist in records:
+    for kind, x, y, dist, similarity in records:
         ra, rb = images.loc[x], images.loc[y]
         if (_group_key(ra.group), ra.rel) > (_group_key(rb.group), rb.rel):
             ra, rb = rb, ra
         ga, gb = ("extra" if g.startswith("extra:") else g for g in (ra.group, rb.group))
         conflict = bool(pd.notna(ra.label) and pd.notna(rb.label) and ra.label != rb.label)
-        out.append((kind, f"{ga}/{gb}", dist, conflict, ra.group, ra.rel, ra.label, rb.group, rb.rel, rb.label))
+        out.append((kind, f"{ga}/{gb}", dist, round(similarity, 3), conflict, ra.group, ra.rel, ra.label,
+                    rb.group, rb.rel, rb.label))
     pairs = pd.DataFrame(out, columns=PAIR_COLUMNS)
-    return pairs.sort_values(["scope", "kind", "distance", "path_a"], kind="stable").reset_index(drop=True)
+    pairs = pairs.sort_values(["scope", "kind", "distance", "path_a"], kind="stable").reset_index(drop=True)
+    return pairs, candidates - len(i)
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -137,10 +158,11 @@ def _plot_classes(counts: pd.DataFrame, path: Path) -> None:
 
 def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out: str | os.PathLike | None = None,
           class_names: Sequence[str] = (), threshold: int = DEFAULT_THRESHOLD, workers: int | None = None,
-          progress: bool = True, examples: int = 30) -> dict[str, Any]:
+          progress: bool = True, examples: int = 30, min_similarity: float = DEFAULT_SIMILARITY) -> dict[str, Any]:
     """Audit ``root`` (+ extra sources); write audit.md, audit_pairs.csv, audit_classes.png to ``out``.
 
-    Returns the facts the report shows: ``pairs`` (frame), ``images`` (frame with hashes), ``layout``, ``paths``.
+    Returns the facts the report shows: ``pairs`` (frame), ``rejected`` (phash candidates the pixel check turned
+    down), ``images`` (frame with hashes), ``layout``, ``paths``.
     """
     started = time.time()
     root = Path(root).resolve()
@@ -149,7 +171,7 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
     images, layout = collect(root, extra, class_names)
     hashes = hash_images(images.path, workers, progress)
     images = pd.concat([images, hashes.drop(columns="path")], axis=1)
-    pairs = find_pairs(images, threshold)
+    pairs, rejected = find_pairs(images, threshold, min_similarity, workers)
 
     pairs_path, md_path, png_path = out / "audit_pairs.csv", out / "audit.md", out / "audit_classes.png"
     write_csv_atomic(pairs, pairs_path)
@@ -169,7 +191,9 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
     md = [f"# Data audit of `{root}`\n",
           f"{len(images)} images hashed in {time.time() - started:.0f} s. Exact duplicates: same SHA-1 of the bytes. "
           f"Near duplicates: perceptual hash (imagehash.phash, 64 bits) at Hamming distance <= {threshold}, "
-          f"different bytes. All pairs: `{pairs_path.name}`.\n",
+          f"different bytes, confirmed by a pixel check (similarity >= {min_similarity}: correlation of colour "
+          f"thumbnails, best over slight crops; {rejected} look-alike candidate pair(s) turned down). "
+          f"All pairs: `{pairs_path.name}`.\n",
           "## Images\n"]
     groups = images.groupby("group").agg(images=("path", "count"), unreadable=("error", lambda e: e.notna().sum()))
     md.append(_table(groups.reset_index()))
@@ -222,7 +246,7 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
     md.append(f"\n## Unreadable files ({len(unreadable)})\n")
     md.append(_table(unreadable.head(examples * 3)))
     write_text_atomic(md_path, "".join(md))
-    return {"images": images, "pairs": pairs, "layout": layout,
+    return {"images": images, "pairs": pairs, "rejected": rejected, "layout": layout,
             "paths": {"audit_md": md_path, "pairs_csv": pairs_path, "classes_png": png_path}}
 
 
@@ -237,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], metavar="SRC.yaml", help="extra sources (data.extra format)")
     ap.add_argument("--out", type=Path, default=Path("outputs/audit"), help="report folder (default outputs/audit)")
     ap.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
-                    help=f"near-duplicate Hamming distance of 64-bit phashes (default {DEFAULT_THRESHOLD})")
+                    help=f"near-duplicate candidates: Hamming distance of 64-bit phashes (default {DEFAULT_THRESHOLD})")
+    ap.add_argument("--similarity", type=float, default=DEFAULT_SIMILARITY,
+                    help=f"pixel check a candidate must pass, 0-1; 0 = hash only (default {DEFAULT_SIMILARITY})")
     ap.add_argument("--workers", type=int, default=None, help="hashing threads (default min(8, CPUs))")
     ap.add_argument("--data-config", type=Path, default=None,
                     help="YAML with class_names (default: conf/data/kaggle_cars.yaml)")
@@ -247,14 +273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = (list(yaml.safe_load(a.data_config.read_text())["class_names"]) if a.data_config
              else _default_class_names())
     try:
-        result = audit(a.root, a.extra, a.out, names, a.threshold, a.workers)
+        result = audit(a.root, a.extra, a.out, names, a.threshold, a.workers, min_similarity=a.similarity)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     pairs = result["pairs"]
     print(f"{len(result['images'])} images; {int((pairs.kind == 'exact').sum())} exact and "
           f"{int((pairs.kind == 'near').sum())} near duplicate pairs; {int(pairs.label_conflict.sum())} label "
-          f"conflicts; {int(result['images'].error.notna().sum())} unreadable")
+          f"conflicts; {int(result['images'].error.notna().sum())} unreadable; {result['rejected']} look-alike "
+          f"candidate(s) turned down by the pixel check")
     for scope, n in pairs.scope.value_counts().sort_index().items():
         print(f"  {scope}: {n} pairs")
     print(f"report: {result['paths']['audit_md']}\npairs:  {result['paths']['pairs_csv']}")
