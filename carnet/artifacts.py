@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,11 +89,31 @@ def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """A run's summary.json as a dict (a clear error if the run has none)."""
+    """A run's summary.json as a dict (a clear error if the run has none).
+
+    A run killed outright (kill -9, a lost machine) never writes its end, so its file still says ``running``: when
+    the process it names is gone from this host, the run is reported as ``interrupted``.
+    """
     path = Path(run_dir) / SUMMARY_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not a carnet run directory")
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text())
+    if summary.get("status") == "running" and not _process_alive(summary.get("pid"), summary.get("host")):
+        summary.update(status="interrupted", error="the run's process ended without finishing (killed?)")
+    return summary
+
+
+def _process_alive(pid: Any, host: Any) -> bool:
+    """Whether ``pid`` on ``host`` may still be running (True when this host cannot tell: another machine)."""
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:

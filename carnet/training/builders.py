@@ -21,6 +21,8 @@ from carnet.training.head_fit import HeadFit
 from carnet.training.loggers import LogConfig
 from carnet.training.module import CarClassifier
 from carnet.training.phases import Phase
+from carnet.training.resume import ResumeState
+from carnet.training.run_dir import AtomicCheckpointIO
 
 
 def resolve_precision(precision: Any, accelerator: str) -> str:
@@ -139,7 +141,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     # stale and `resume=last.ckpt` would restart from an old epoch. An unmonitored callback writes it every epoch.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
                            enable_version_counter=False)
-    callbacks = [checkpoints, last, *callbacks]
+    callbacks = [checkpoints, last, ResumeState(cfg.seed, resume=cfg.get("resume")), *callbacks]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -151,4 +153,4 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
                                                  str(trainer_cfg.get("accelerator", "auto")))
     trainer_cfg["benchmark"] = resolve_benchmark(trainer_cfg.get("benchmark"), str(trainer_cfg.get("accelerator")))
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
-                       default_root_dir=str(run_dir))
+                       default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])

@@ -1,21 +1,90 @@
-"""The run directory's writer: ``metrics.csv`` after every epoch, ``curves.png`` and ``summary.json``.
+"""The run directory's owner and writer: a lock while a run owns it, ``metrics.csv`` after every epoch,
+``curves.png`` and ``summary.json``.
 
-``summary.json`` exists from a run's first moment with ``status: running`` and ends as ``completed`` or ``failed``,
-so unfinished runs can be told apart. This callback is its only writer.
+``summary.json`` exists from a run's first moment with ``status: running`` (and the pid and host that run it) and
+ends as ``completed``, ``failed`` (with the reason) or ``interrupted``; a run killed outright stays ``running`` in
+the file, and :func:`carnet.artifacts.read_summary` reports it as ``interrupted`` once its process is gone.
+:class:`RunArtifacts` is the only writer of ``summary.json``.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from carnet.artifacts import CURVES_FILE, EPOCH_COLUMNS, METRICS_FILE, SUMMARY_FILE, plot_curves, write_json
+from carnet.artifacts import (
+    CURVES_FILE,
+    EPOCH_COLUMNS,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    atomic_path,
+    plot_curves,
+    write_csv_atomic,
+    write_json,
+)
+from carnet.errors import CarnetError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs then rely on unique run directory names alone
+    fcntl = None
+
+LOCK_FILE = ".lock"
+
+
+class RunDirBusy(CarnetError):
+    """Another live run owns this run directory."""
+
+
+@contextmanager
+def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Own ``run_dir`` for the block: a second run into the same folder stops at once instead of mixing its files
+    with ours. An advisory ``flock``, so the kernel releases it when the process dies, even by kill -9."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(run_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise RunDirBusy(f"run directory {run_dir} is in use by another run (pid {owner}): give this run its "
+                             "own folder (hydra.run.dir=DIR, or run_dir=DIR when calling train())") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: a temporary file beside the target, renamed over it when
+    complete. A full disk or a kill mid-write leaves the previous ``last.ckpt`` / ``best.ckpt`` (or none), never a
+    truncated file that fails to load at resume or in the next phase."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def _scalar(metrics: dict[str, Any], key: str) -> float:
@@ -34,9 +103,9 @@ class RunArtifacts(pl.Callback):
                  mode: str = "max") -> None:
         self.run_dir = Path(run_dir)
         self.monitor, self.mode = monitor, mode  # which epoch is "best": ModelCheckpoint's choice
-        self.summary = dict(summary)
+        self.summary = {**summary, "pid": os.getpid(), "host": socket.gethostname()}
         self.rows: list[dict[str, Any]] = []
-        self.started = time.time()
+        self.started = time.time()  # moved back by a resume, so that `seconds` counts the whole run
         self.trainer: pl.Trainer | None = None
 
     def _callback_fields(self) -> dict[str, Any]:
@@ -46,6 +115,23 @@ class RunArtifacts(pl.Callback):
             if callback is not self and callable(getattr(callback, "summary_fields", None)):
                 fields.update(callback.summary_fields())
         return fields
+
+    def start(self) -> None:
+        """Write ``status: running`` before anything can fail, so that every run directory has a summary."""
+        self._write_summary("running")
+
+    def finish(self, **fields: Any) -> None:
+        """Mark a run that did not train (``tune=lr_find``) completed, with what it found."""
+        self.summary.update(fields)
+        self._write_summary("completed")
+
+    def fail(self, error: BaseException) -> None:
+        """Record why the run stopped (``failed``, or ``interrupted`` for Ctrl-C) unless that is recorded already:
+        failures before training (bad data, bad weights) get a summary too, and report lists them."""
+        if self.summary.get("status") in ("failed", "interrupted"):
+            return
+        self.summary["error"] = f"{type(error).__name__}: {error}".strip()
+        self._write_summary("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
 
     def _write_summary(self, status: str, pl_module: pl.LightningModule | None = None) -> None:
         summary = {**self.summary, "status": status, "seconds": round(time.time() - self.started, 2)}
@@ -71,10 +157,17 @@ class RunArtifacts(pl.Callback):
             self._write_summary("running", pl_module)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.rows = list(state_dict.get("rows", []))  # a resumed run keeps its earlier epochs
+        """A resumed run keeps its earlier epochs and its clock: ``seconds`` goes on from the checkpoint's."""
+        self.rows = list(state_dict.get("rows", []))
+        self.started = time.time() - float(state_dict.get("seconds", 0.0))
+        if self.trainer is not None and self.trainer.is_global_zero and self.rows:
+            self._write_metrics()  # the resumed run's folder has the whole history from its first moment
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
+        return {"rows": self.rows, "seconds": time.time() - self.started}
+
+    def _write_metrics(self) -> None:
+        write_csv_atomic(pd.DataFrame(self.rows, columns=EPOCH_COLUMNS), self.run_dir / METRICS_FILE)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -92,7 +185,7 @@ class RunArtifacts(pl.Callback):
             "seconds": round(time.time() - self.started, 2),
         })
         if trainer.is_global_zero:
-            pd.DataFrame(self.rows, columns=EPOCH_COLUMNS).to_csv(self.run_dir / METRICS_FILE, index=False)
+            self._write_metrics()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -105,5 +198,4 @@ class RunArtifacts(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero:
-            self.summary["error"] = f"{type(exception).__name__}: {exception}"
-            self._write_summary("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed", pl_module)
+            self.fail(exception)

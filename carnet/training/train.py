@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -15,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from carnet.artifacts import SPLIT_FILE
 from carnet.config import config_dir
+from carnet.data.layout import scan_train
 from carnet.errors import exit_on_error
 from carnet.training.builders import (
     build_callbacks,
@@ -25,22 +28,41 @@ from carnet.training.builders import (
     plan_budget,
     run_dir_of,
 )
-from carnet.training.run_dir import RunArtifacts
+from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.tune import tune
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``)."""
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
-    if is_rank_zero:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    pl.seed_everything(cfg.seed, workers=True)
+    """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``).
 
-    callbacks = build_callbacks(cfg)  # first: a missing or mismatching predecessor phase fails before any build
+    The run owns its directory while it runs (:func:`run_dir_lock`), and the directory gets a summary whatever
+    happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it.
+    """
+    run_dir = run_dir_of(cfg)
+    is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
+    with run_dir_lock(run_dir) if is_rank_zero else nullcontext():
+        facts = {"run_dir": str(run_dir), "model": cfg.model.name, "image_size": int(cfg.image_size),
+                 "seed": int(cfg.seed), "data_root": str(cfg.data.root), "overrides": overrides_of(cfg)}
+        artifacts = RunArtifacts(run_dir, facts, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
+        if is_rank_zero:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            artifacts.start()
+        try:
+            return _train(cfg, run_dir, artifacts, is_rank_zero)
+        except BaseException as err:
+            if is_rank_zero:
+                artifacts.fail(err)
+                _log_to_files(f"run failed: {type(err).__name__}: {err}")
+            raise
+
+
+def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> dict[str, Any]:
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
+    # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
+    scan_train(cfg.data.root, len(cfg.data.class_names))
+    callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
@@ -48,26 +70,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if is_rank_zero:
         datamodule.write_split(run_dir / SPLIT_FILE)
     if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
-        return tune(cfg, module, datamodule, run_dir, callbacks)
+        result = tune(cfg, module, datamodule, run_dir, callbacks)
+        if is_rank_zero:
+            artifacts.finish(tune=result)
+        return result
     counts = datamodule.split.split.value_counts()
     budget = plan_budget(cfg, int(counts.get("train", 0)), datamodule.batch_size)
-    facts = {
-        "run_dir": str(run_dir),
-        "model": cfg.model.name,
+    artifacts.summary.update({
         "head": cfg.head.get("_target_", "").rsplit(".", 1)[-1],
-        "image_size": int(cfg.image_size),
-        "seed": int(cfg.seed),
         "data_root": str(datamodule.root),
         "num_train": int(counts.get("train", 0)),
         "num_val": int(counts.get("val", 0)),
         "num_excluded": len(datamodule.excluded),
         **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
-        "overrides": overrides_of(cfg),
         "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
         **budget,
         "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
-    }
-    artifacts = RunArtifacts(run_dir, facts, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
+    })
     trainer = build_trainer(cfg, run_dir, [*callbacks, artifacts])  # artifacts last: it records what they did
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
@@ -75,6 +94,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if summary.get("best_val_acc") is not None:
         print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
     return summary
+
+
+def _log_to_files(message: str) -> None:
+    """Put ``message`` in the run's log files only (Hydra's ``<job>.log``): the terminal gets the one-line error
+    from :func:`carnet.errors.exit_on_error`, and a failed run's log says why instead of staying empty."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -1,0 +1,139 @@
+"""A run's life in its directory: one owner at a time, a summary whatever happens (failed before or during
+training, killed outright), checkpoints that are whole or absent, and a resume that continues the same run."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from carnet.artifacts import read_metrics, read_summary, write_json
+from carnet.models.checkpoint import read_checkpoint
+from carnet.training.run_dir import run_dir_lock
+from carnet.training.train import train
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import ONE_BATCH, TINY
+from tests.helpers.paths import REPO
+from tests.helpers.runs import child_env
+
+
+def _train_py(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_run_into_a_busy_run_dir_stops_and_touches_nothing(tiny_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with run_dir_lock(run_dir):  # a live run owns the folder
+        write_json(run_dir / "summary.json", {"status": "running", "model": "the first run's"})
+        before = (run_dir / "summary.json").read_text()
+        proc = _train_py(f"data.root={tiny_data}", *ONE_BATCH, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert f"run directory {run_dir} is in use by another run (pid {os.getpid()})" in proc.stderr
+    assert (run_dir / "summary.json").read_text() == before
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "split.csv").exists()
+
+
+def test_default_run_dirs_differ_within_a_second() -> None:
+    """Two runs started in the same second get their own folders (Hydra's `now` at one-second resolution did not)."""
+    dirs = []
+    for _ in range(2):
+        GlobalHydra.instance().clear()
+        cfg = compose_cfg([], return_hydra_config=True)
+        dirs.append(OmegaConf.select(cfg, "hydra.run.dir"))
+    assert dirs[0] != dirs[1]
+
+
+def test_a_failure_before_training_leaves_a_failed_summary_and_a_log(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _train_py(f"data.root={tmp_path / 'missing'}", *TINY, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed"
+    assert f"data root {tmp_path / 'missing'} does not exist" in summary["error"]
+    assert "does not exist" in (run_dir / "train.log").read_text()
+
+
+def test_the_data_is_checked_before_the_model_is_built(tmp_path: Path) -> None:
+    """A wrong data.root fails at once, before the default model (B6, pretrained) is built or downloaded: with an
+    unreachable hub it would otherwise fail on the weights, after a long wait."""
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    proc = _train_py(f"data.root={tmp_path / 'missing'}", f"hydra.run.dir={run_dir}", "trainer=cpu")
+    assert proc.returncode == 1 and "data root" in proc.stderr and "does not exist" in proc.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_a_killed_run_reads_as_interrupted(tiny_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), f"data.root={tiny_data}", *TINY,
+                             "trainer.max_epochs=50", f"hydra.run.dir={run_dir}"], cwd=REPO, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "summary.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert read_summary(run_dir)["status"] == "running"  # alive: its own pid
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    summary = read_summary(run_dir)
+    assert summary["status"] == "interrupted" and summary["pid"] == proc.pid
+
+
+def test_a_full_disk_leaves_whole_checkpoints_and_a_failed_summary(tiny_data: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while the second epoch's checkpoint is written: the first epoch's last.ckpt survives whole
+    (Lightning wrote in place: a truncated file), and the summary says why the run stopped."""
+    import lightning_fabric.plugins.io.torch_io as torch_io
+
+    real_save, calls = torch_io._atomic_save, []
+
+    def save_until_the_disk_fills(checkpoint: dict, path: str) -> None:
+        calls.append(path)
+        if len(calls) <= 2:  # epoch 0: best.ckpt and last.ckpt
+            return real_save(checkpoint, path)
+        with open(path, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(torch_io, "_atomic_save", save_until_the_disk_fills)
+    run_dir = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", "trainer.max_epochs=3", f"run_dir={run_dir}"]))
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporary files left
+    assert read_checkpoint(checkpoints / "last.ckpt")["epoch"] == 0
+
+
+def test_resume_continues_the_run_as_if_never_stopped(tiny_data: Path, tmp_path: Path) -> None:
+    """Stopped after 2 of 3 epochs and resumed with `resume=` (as the README writes it) into a new folder: the
+    same epochs as an uninterrupted run (augmentation and shuffling included), one clock, and Lightning's CSV and
+    carnet's metrics.csv with the whole history."""
+    common = [*TINY, f"data.root={tiny_data}", "trainer.num_sanity_val_steps=0", "data.verify=false"]
+    train(compose_cfg([*common, "trainer.max_epochs=3", f"run_dir={tmp_path / 'full'}"]))
+    train(compose_cfg([*common, "trainer.max_epochs=2", f"run_dir={tmp_path / 'cut'}"]))
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    train(compose_cfg([*common, "trainer.max_epochs=3", f"resume={last}", f"run_dir={tmp_path / 'resumed'}"]))
+
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert list(resumed.epoch) == [0, 1, 2]
+    columns = ["train/loss", "val/loss", "val/acc"]
+    pd.testing.assert_frame_equal(resumed[columns], full[columns], rtol=1e-4)
+    cut_seconds = read_metrics(tmp_path / "cut").seconds.iloc[-1]
+    assert resumed.seconds.is_monotonic_increasing and resumed.seconds.iloc[2] > cut_seconds
+    assert read_summary(tmp_path / "resumed")["seconds"] > cut_seconds
+    lightning = [pd.read_csv(tmp_path / r / "csv" / "metrics.csv") for r in ("full", "resumed")]
+    assert sorted(lightning[1].epoch.dropna().unique()) == sorted(lightning[0].epoch.dropna().unique()) == [0, 1, 2]
