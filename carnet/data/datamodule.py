@@ -208,14 +208,22 @@ class CarDataModule(pl.LightningDataModule):
             drop_last=shuffle and len(dataset) > self.batch_size,  # no 1-image batch to upset BatchNorm
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            # Training workers start afresh each epoch and take their augmentation seeds from torch's RNG then
+            # (persistent workers would continue streams no checkpoint holds): a resumed run repeats the epochs
+            # it continues (carnet.training.resume). Evaluation loaders draw nothing random and keep theirs.
+            persistent_workers=self.num_workers > 0 and not shuffle,
             worker_init_fn=_seed_worker_augmentations,
             generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
         rows = self._rows("train")
-        return self._loader(self._dataset(rows.path, rows.label, self.train_transform()), shuffle=True)
+        transform = self.train_transform()
+        if self.trainer is not None:  # Lightning draws the first batch now: seed this epoch first (resume repeats it)
+            from carnet.training.resume import seed_epoch
+
+            seed_epoch(self.trainer, self.seed, transform)
+        return self._loader(self._dataset(rows.path, rows.label, transform), shuffle=True)
 
     def feature_loader(self, augmented: bool, seed: int = 0) -> DataLoader:
         """The training photos in order, for computing features once (carnet.training.head_fit): the eval view,

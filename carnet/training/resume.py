@@ -1,0 +1,109 @@
+"""What a resume needs beyond Lightning's checkpoint, so that ``resume=last.ckpt`` continues the run it stopped:
+
+- randomness per epoch: each epoch is seeded from (seed, epoch, rank), so the resumed epochs draw the same
+  shuffles, augmentations and dropout masks as an uninterrupted run (Lightning saves no random state);
+- Lightning's CSV log (``csv/metrics.csv``): its logger starts a resumed run's file empty (and deletes one in its
+  folder), so the history up to the checkpoint is written back first.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+
+def _train_transform(trainer: pl.Trainer) -> A.BaseCompose | None:
+    loader = getattr(trainer.fit_loop, "_combined_loader", None)
+    loaders = loader.flattened if loader is not None else []
+    transform = getattr(getattr(loaders[0], "dataset", None), "transform", None) if loaders else None
+    return transform if isinstance(transform, A.BaseCompose) else None
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one rank: a function of these alone, so a resumed epoch draws what it drew before."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def seed_epoch(trainer: pl.Trainer, seed: int, transform: A.BaseCompose | None = None) -> None:
+    """Seed Python, NumPy, torch (CUDA too) and the training pipeline's albumentations generators for
+    ``trainer.current_epoch``, once per epoch, before its first batch is drawn.
+
+    Called from two places because Lightning draws an epoch's first batch at two different moments: for the first
+    epoch of a fit (epoch 0, or the first resumed one) while it builds the loaders, before ``on_train_epoch_start``
+    (:meth:`carnet.data.datamodule.CarDataModule.train_dataloader` calls this); for later epochs after it
+    (:class:`ResumeState` calls this).
+    """
+    epoch = trainer.current_epoch
+    if getattr(trainer, "_carnet_seeded_epoch", None) == epoch:
+        return
+    trainer._carnet_seeded_epoch = epoch
+    value = epoch_seed(seed, epoch, trainer.global_rank)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    if (transform := transform or _train_transform(trainer)) is not None:
+        transform.set_random_seed(value)
+
+
+class ResumeState(pl.Callback):
+    """Seeds every epoch from (seed, epoch, rank) alone, and continues Lightning's CSV log when a run resumes.
+
+    Why reseed instead of saving the random state in the checkpoint: the state at a checkpoint is not the state at
+    the next epoch's start (validation's loader draws a seed in between, in an order Lightning does not promise),
+    while a seed per epoch makes each epoch's shuffle, augmentation (albumentations' own generators, and loader
+    workers, which take their seeds from torch's when an epoch starts) and dropout masks independent of what ran
+    before: a run resumed from ``last.ckpt`` repeats the epochs an uninterrupted run would have had.
+    """
+
+    def __init__(self, seed: int, resume: str | None = None) -> None:
+        self.seed = int(seed)
+        self.resume = resume  # the checkpoint a resumed run continues
+        self.csv_history: dict[int, pd.DataFrame] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.resume and trainer.is_global_zero:
+            # Now: Lightning's CSV writer deletes a metrics.csv in its folder when it starts (a resume in place).
+            self.csv_history = read_csv_logs(trainer, Path(self.resume))
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        for index, history in self.csv_history.items():
+            writer = trainer.loggers[index].experiment
+            rows = history[history["step"] <= checkpoint.get("global_step", 0)].to_dict("records")
+            writer.metrics = [{k: v for k, v in row.items() if pd.notna(v)} for row in rows]
+            writer.save()
+        self.csv_history = {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(trainer, "_carnet_seeded_epoch", None) == trainer.current_epoch:
+            return  # seeded before its first batch was drawn (the first epoch of a fresh run)
+        first_of_fit = getattr(trainer, "_carnet_seeded_epoch", None) is None or trainer.fit_loop.is_resuming
+        seed_epoch(trainer, self.seed)
+        if first_of_fit:
+            # A resumed run: Lightning drew this epoch's first batch while estimating the step count (before the
+            # checkpoint restored the epoch number), under epoch 0's seed, and keeps that iterator for the first
+            # resumed epoch. Draw it again, now seeded for this epoch. (A private attribute: Lightning has no hook
+            # between restoring the epoch and drawing the first batch.)
+            iter(trainer.fit_loop._data_fetcher)
+
+
+def read_csv_logs(trainer: pl.Trainer, checkpoint: Path) -> dict[int, pd.DataFrame]:
+    """The CSV log of the run a resume continues, for each of ``trainer``'s CSV loggers (by index): read from the
+    checkpoint's run directory (``<run>/checkpoints/last.ckpt``), at the place the logger has in this run's."""
+    checkpoint_run_dir = checkpoint.resolve().parent.parent
+    run_dir = Path(trainer.default_root_dir).resolve()
+    histories = {}
+    for index, logger in enumerate(trainer.loggers):
+        if isinstance(logger, CSVLogger):
+            previous = checkpoint_run_dir / Path(logger.log_dir).resolve().relative_to(run_dir) / "metrics.csv"
+            if previous.is_file():
+                histories[index] = pd.read_csv(previous)
+    return histories
