@@ -137,3 +137,19 @@ def test_resume_continues_the_run_as_if_never_stopped(tiny_data: Path, tmp_path:
     assert read_summary(tmp_path / "resumed")["seconds"] > cut_seconds
     lightning = [pd.read_csv(tmp_path / r / "csv" / "metrics.csv") for r in ("full", "resumed")]
     assert sorted(lightning[1].epoch.dropna().unique()) == sorted(lightning[0].epoch.dropna().unique()) == [0, 1, 2]
+
+
+def test_pretrained_weights_offline_fail_at_once_with_what_to_do(tiny_data: Path, tmp_path: Path) -> None:
+    """The README's command with an unreachable hub and an empty cache: one line naming model.weights=, in seconds
+    (timm's download retried for about a minute, then a 100-line traceback)."""
+    env = {**child_env(), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "TORCH_HOME": str(tmp_path / "torch")}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"data.root={tiny_data}", "trainer=cpu",
+                           "model=tf_efficientnet_lite0", "model.pretrained=true", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "model.weights=PATH" in proc.stderr and "model.pretrained=false" in proc.stderr
+    assert time.monotonic() - started < 30
+    assert read_summary(tmp_path / "run")["status"] == "failed"

@@ -19,6 +19,7 @@ from carnet.artifacts import SPLIT_FILE
 from carnet.config import config_dir
 from carnet.data.layout import scan_train
 from carnet.errors import exit_on_error
+from carnet.models.hub import check_pretrained_available
 from carnet.training.builders import (
     build_callbacks,
     build_datamodule,
@@ -62,6 +63,8 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))
+    if cfg.model.pretrained and not cfg.model.get("weights"):
+        check_pretrained_available(cfg.model.name)  # offline: one line in a second, not a minute of retries
     callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
