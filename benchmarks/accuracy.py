@@ -81,6 +81,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 from carnet.config import config_dir  # noqa: E402
+from carnet.data.decode import decode_image  # noqa: E402
 from carnet.data.layout import read_test, scan_train  # noqa: E402
 from carnet.data.transforms import build_eval_transform  # noqa: E402
 from carnet.training.head_fit import choose_l2, fit_logistic, photo_folds, single_thread  # noqa: E402
@@ -126,8 +127,7 @@ class Photos(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as img:
-            image = img.convert("RGB")
+        image = Image.fromarray(decode_image(self.paths[index]))  # carnet's decoding: EXIF orientation, 16-bit
         return self.transform(image), self.labels[index]
 
 

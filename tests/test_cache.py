@@ -11,7 +11,7 @@ import pytest
 
 from carnet.data.cache import CacheError, ImageCache, decode_resized
 from carnet.data.datamodule import CarDataModule
-from carnet.data.decode import decode_image
+from carnet.data.decode import DECODE_VERSION, decode_image
 from tests.helpers.images import train_jpegs
 
 
@@ -66,7 +66,20 @@ def test_disk_cache_is_shared_across_instances(photos: list[Path], tmp_path: Pat
     image = later.get(photos[0], 300)
     assert (later.hits, later.misses) == (1, 0)
     assert image.shape == (300, 400, 3)
-    assert sorted(p.parent.name for p in (tmp_path / "cache").rglob("*.npy")) == ["s300"]
+    assert sorted(p.parent.name for p in (tmp_path / "cache").rglob("*.npy")) == [f"s300-d{DECODE_VERSION}"]
+
+
+def test_disk_entries_of_an_older_decoder_are_not_served(photos: list[Path], tmp_path: Path) -> None:
+    """A cache folder written before a decoding fix (EXIF orientation, 16-bit scaling) is not read again."""
+    cache = ImageCache("disk", tmp_path / "cache")
+    cache.get(photos[0], 300)
+    [entry] = (tmp_path / "cache").rglob("*.npy")
+    old = tmp_path / "cache" / "s300" / entry.name  # where the previous decoder kept the same image
+    old.parent.mkdir()
+    entry.rename(old)
+    np.save(old, np.zeros((300, 400, 3), np.uint8))
+    fresh = ImageCache("disk", tmp_path / "cache")
+    assert fresh.get(photos[0], 300).any() and (fresh.hits, fresh.misses) == (0, 1)
 
 
 def test_disk_cache_recovers_from_a_truncated_entry(photos: list[Path], tmp_path: Path) -> None:

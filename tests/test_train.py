@@ -36,7 +36,8 @@ def test_one_epoch_run_leaves_every_artifact(train_run):
     assert f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}" in proc.stdout
 
     split = pd.read_csv(run_dir / "split.csv")
-    assert len(split) == 40 and (split.split == "val").sum() == summary["num_val"] == 10
+    val = split[split.split == "val"]
+    assert len(split) == 40 and len(val) == summary["num_val"] and set(val.label) == set(range(10))
 
     net, meta = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
     assert meta["image_size"] == 64 and len(meta["class_names"]) == 10

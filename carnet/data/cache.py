@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from carnet.artifacts import atomic_path
-from carnet.data.decode import decode_image
+from carnet.data.decode import DECODE_VERSION, decode_image
 from carnet.errors import CarnetError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class ImageCache:
 
     def _disk_path(self, path: str, min_side: int | None, stamp: tuple[int, int]) -> tuple[Path, str]:
         key = hashlib.sha1(path.encode()).hexdigest()[:20]
-        folder = self.cache_dir / f"s{min_side or 'full'}"
+        folder = self.cache_dir / f"s{min_side or 'full'}-d{DECODE_VERSION}"  # a new decoder: new entries
         return folder / f"{key}-{stamp[0]}-{stamp[1]}.npy", key
 
     def get(self, path: str | os.PathLike, min_side: int | None) -> np.ndarray:

@@ -24,6 +24,8 @@ import pandas as pd
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from carnet.data.decode import pil_to_rgb
+
 DEFAULT_THRESHOLD = 12  # candidate bits of 64: resized/recompressed copies 0-4, copies cropped 3-5% per side
 # mostly 8-16, unrelated photos ~32; the pixel check, not this threshold, tells copies from look-alikes
 DEFAULT_SIMILARITY = 0.9  # pixel check: true copies score >= 0.93, distinct photos <= 0.8 (see docs/data.md)
@@ -46,7 +48,8 @@ def _hash_one(path: str) -> dict[str, Any]:
         with Image.open(io.BytesIO(data)) as img:
             info.update(width=img.width, height=img.height, format=img.format, mode=img.mode)
             img.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; phash only looks at a 32x32 thumbnail
-            bits = imagehash.phash(img.convert("RGB")).hash.flatten()
+            # As training sees it (EXIF orientation applied, 16-bit scaled): a rotated copy is still a copy.
+            bits = imagehash.phash(Image.fromarray(pil_to_rgb(img))).hash.flatten()
         info["phash"] = int(np.packbits(bits).view(">u8")[0])
     except Exception as err:  # PIL raises many types for bad files; all mean "unreadable"
         info["error"] = f"{type(err).__name__}: {err}"
