@@ -29,6 +29,7 @@ from carnet.training.builders import (
     plan_budget,
     run_dir_of,
 )
+from carnet.training.console import quiet_lightning
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.tune import tune
 
@@ -60,6 +61,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> dict[str, Any]:
+    quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))

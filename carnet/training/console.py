@@ -1,0 +1,100 @@
+"""What a run prints: a Rich progress bar on a terminal and one line per epoch elsewhere (logs, CI, nohup), the model
+summary without an empty FLOPs column, and none of Lightning's adverts or deprecation notes of its own internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelSummary, RichModelSummary, RichProgressBar
+from pytorch_lightning.utilities.model_summary.model_summary import _format_summary_table
+
+# Lightning's messages that say nothing about the run: an advert, and notes about its own internals or about short
+# runs (a dataset smaller than the logging interval is normal for small fine-tuning sets).
+QUIET = ("try installing [litlogger]", "is smaller than the logging interval")
+
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in QUIET)
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's advert and internal notes from the log and the warnings (idempotent)."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _Quiet) for f in target.filters):
+            target.addFilter(_Quiet())
+    # Lightning's pytree shim on torch >= 2.10; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
+
+
+def _drop_empty_flops(summary_data: list[tuple[str, list[str]]], total_flops: int) -> list[tuple[str, list[str]]]:
+    """FLOPs are counted only for a module with ``example_input_array``; without one the column is all zeros."""
+    return [column for column in summary_data if total_flops or column[0] != "FLOPs"]
+
+
+class PlainSummary(ModelSummary):
+    """Lightning's text model summary, without the FLOPs column and total when nothing was counted."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *_drop_empty_flops(summary_data, total_flops))
+        if not total_flops:
+            table = "\n".join(line for line in table.splitlines() if not line.startswith("Total FLOPs"))
+        logging.getLogger("pytorch_lightning.callbacks.model_summary").info("\n" + table)
+
+
+class RichSummary(RichModelSummary):
+    """Lightning's Rich model summary (on a terminal), without the FLOPs column when nothing was counted."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        RichModelSummary.summarize(_drop_empty_flops(summary_data, total_flops), total_parameters,
+                                   trainable_parameters, model_size, total_training_modes, total_flops,
+                                   **summarize_kwargs)
+
+
+class EpochLines(pl.Callback):
+    """One line per epoch where there is no terminal to redraw a progress bar on (a Rich bar there wraps every epoch
+    into a block of lines)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream
+        self.started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        shown = []
+        for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc"):
+            if key in metrics:
+                shown.append(f"{key.removesuffix('_epoch')} {float(metrics[key]):.4f}")
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {'  '.join(shown)}  "
+              f"({time.time() - self.started:.1f} s)", file=self.stream or sys.stdout, flush=True)
+
+
+def console_callbacks(progress: bool, summary: bool, tty: bool | None = None) -> list[pl.Callback]:
+    """The progress display and model summary of a run: Rich on a terminal, plain lines elsewhere."""
+    tty = sys.stdout.isatty() if tty is None else tty
+    callbacks: list[pl.Callback] = []
+    if progress:
+        callbacks.append(RichProgressBar(leave=True) if tty else EpochLines())
+    if summary:
+        callbacks.append(RichSummary() if tty else PlainSummary())
+    return callbacks
