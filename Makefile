@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 demo: install
 	test -f $(DEMO_DATA)/sample-submission.csv || $(VENV)/bin/carnet-demo $(DEMO_DATA)
 	$(PY) train.py experiment=demo data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUN) $(DEMO_ARGS)
+	@echo "demo run: $(DEMO_RUN)/ (checkpoints/best.ckpt, curves.png, summary.json). The model has seen drawn cars"
+	@echo "only: it does not know real ones. Next: carnet-serve --ckpt $(DEMO_RUN)/checkpoints/best.ckpt, or the"
+	@echo "real data: make data, then README 'Quick start on the real data'."
 
 # The competition data via the official kaggle client (needs ~/.kaggle/kaggle.json; says how when missing).
 # Idempotent: an unpacked $(DATA) is left alone. The credentials check runs before installing the client.
