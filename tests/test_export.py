@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 from carnet.inference.export import export_onnx
-from carnet.inference.onnx_meta import META_KEY, ExportError, read_onnx_meta
+from carnet.inference.onnx_meta import META_KEY, ExportError, add_onnx_meta, read_onnx_meta
 from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint
 from carnet.serving.app import create_app
+from carnet.serving.classifier import Classifier
 from tests.helpers.images import photo
 from tests.helpers.reference import eval_batch
 
@@ -30,11 +33,12 @@ def onnx_file(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_onnx_metadata_is_the_checkpoints(onnx_file: Path, tiny_checkpoint: Path) -> None:
     assert META_KEY == CHECKPOINT_KEY  # onnx_meta spells the key out: importing the checkpoint module imports torch
     _, meta = load_checkpoint(tiny_checkpoint)
-    assert read_onnx_meta(onnx_file) == meta
+    assert read_onnx_meta(onnx_file) == {**meta, "input_dtype": "uint8"}  # the graph normalises uint8 pixels
     props = {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
     stored = json.loads(props["carnet"])
     for key in ("image_size", "mean", "std", "interpolation", "crop_pct", "class_names", "model_name"):
         assert stored[key] == meta[key] == json.loads(props[key])
+    assert json.loads(props["input_dtype"]) == "uint8"
 
 
 def test_onnx_matches_torch_on_images_with_dynamic_batch(onnx_file: Path, tiny_checkpoint: Path) -> None:
@@ -42,8 +46,10 @@ def test_onnx_matches_torch_on_images_with_dynamic_batch(onnx_file: Path, tiny_c
     batch = eval_batch(meta, [photo(s) for s in range(5)])
     with torch.no_grad():
         expected = torch.softmax(net(batch).double(), 1).numpy()
+    assert batch.dtype == torch.uint8  # pixels: the exported graph normalises them as the network does
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "images" and session.get_outputs()[0].name == "logits"
+    assert session.get_inputs()[0].type == "tensor(uint8)"
     for chunk in (slice(0, 1), slice(0, 5), slice(1, 4)):  # batch sizes 1, 5 and 3 from one file
         logits = torch.from_numpy(session.run(None, {"images": batch[chunk].numpy()})[0]).double()
         np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), expected[chunk], atol=1e-4, rtol=0)
@@ -63,6 +69,24 @@ def test_served_onnx_equals_served_torch(onnx_file: Path, tiny_checkpoint: Path)
         pb = {k["class_id"]: k["probability"] for k in b["top_k"]}
         assert [pb[k] for k in range(10)] == pytest.approx([pa[k] for k in range(10)], abs=1e-4)
     assert onnx_client.post("/predict", data=b"nope", content_type="image/jpeg").status_code == 400
+
+
+def test_onnx_of_normalised_float_input_is_still_served(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A file exported before the graph took uint8 pixels (float32 normalised input, no ``input_dtype``): the ONNX
+    backend normalises for it, and serves what the checkpoint serves."""
+    net, meta = load_checkpoint(tiny_checkpoint)
+    old = tmp_path / "old.onnx"
+    size = meta["image_size"]
+    body = torch.nn.Sequential(net.backbone, net.head).eval()  # the network as it was: no normalisation
+    torch.onnx.export(body, (torch.randn(1, 3, size, size),), str(old), input_names=["images"],
+                      output_names=["logits"], dynamic_axes={"images": {0: "batch"}}, opset_version=17, dynamo=False)
+    model = onnx.load(str(old))
+    add_onnx_meta(model, meta)
+    onnx.save(model, str(old))
+    assert "input_dtype" not in read_onnx_meta(old)
+    image = np.asarray(Image.open(io.BytesIO(photo(5))).convert("RGB"))
+    expected = Classifier(tiny_checkpoint).predict_proba(image)
+    np.testing.assert_allclose(Classifier(old, backend="onnx").predict_proba(image), expected, atol=1e-4, rtol=0)
 
 
 def test_onnx_without_carnet_metadata_is_refused(onnx_file: Path, tmp_path: Path) -> None:

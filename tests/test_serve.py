@@ -27,17 +27,17 @@ from carnet.serving.upload import DEFAULT_MAX_CONTENT_LENGTH
 from tests.helpers.devtools import DevTools, find_browser
 from tests.helpers.images import photo
 from tests.helpers.paths import REPO
-from tests.helpers.reference import eval_batch
+from tests.helpers.reference import eval_batch, reference_logits
 from tests.helpers.servers import free_port, multipart, post, start_server, stop_server, wait_healthy
 
 RESPONSE_KEYS = ["class_id", "class_name", "probability", "top_k", "model", "ms"]
 
 
 def in_process_probs(ckpt: Path, data: bytes) -> np.ndarray:
-    """The reference: load_checkpoint + the training eval transform on the decoded image, no service code."""
+    """The reference: load_checkpoint + the training eval transform on the decoded image, normalised by hand (the
+    old float pipeline), no service code."""
     net, meta = load_checkpoint(ckpt)
-    with torch.no_grad():
-        return torch.softmax(net(eval_batch(meta, [data])).double(), 1)[0].numpy()
+    return torch.softmax(reference_logits(net, eval_batch(meta, [data]), meta).double(), 1)[0].numpy()
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -138,8 +138,8 @@ def test_tta_averages_image_and_mirror(tiny_checkpoint: Path) -> None:
         "/predict", data=data, content_type="image/jpeg").get_json()
     net, meta = load_checkpoint(tiny_checkpoint)
     x = eval_batch(meta, [data])
-    with torch.no_grad():
-        expected = (torch.softmax(net(x).double(), 1) + torch.softmax(net(x.flip(3)).double(), 1))[0] / 2
+    expected = (torch.softmax(reference_logits(net, x, meta).double(), 1)
+                + torch.softmax(reference_logits(net, x.flip(3), meta).double(), 1))[0] / 2
     got = {k["class_id"]: k["probability"] for k in body["top_k"]}
     assert [got[k] for k in range(10)] == pytest.approx(expected.tolist(), abs=1e-6)
 
@@ -275,7 +275,7 @@ def test_onnx_backend_imports_no_torch(tiny_checkpoint: Path, tmp_path: Path) ->
             "from carnet.serving.backends import load_backend\n"
             f"backend = load_backend({str(onnx_file)!r}, 'onnx')\n"
             "size = backend.meta['image_size']\n"
-            "assert backend(np.zeros((2, 3, size, size), np.float32)).shape == (2, 10)\n"
+            "assert backend(np.zeros((2, 3, size, size), np.uint8)).shape == (2, 10)\n"
             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm'))\n"
             "assert not loaded, loaded\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

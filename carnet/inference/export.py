@@ -4,12 +4,13 @@
 
     carnet-export --ckpt best.ckpt --out model.onnx [--torchscript model.pt]
 
-The ONNX graph maps ``images`` (N, 3, H, W float32, normalised; N is dynamic) to ``logits`` (N, C). Everything
-needed to feed it is stored in the file's metadata (:mod:`carnet.inference.onnx_meta`), so
+The ONNX graph maps ``images`` (N, 3, H, W uint8 pixels, RGB; N is dynamic) to ``logits`` (N, C): the
+normalisation is part of the graph, as it is part of the network in training, predict and serving. Everything
+needed to feed it is stored in the file's metadata (:mod:`carnet.inference.onnx_meta`, with ``input_dtype``), so
 :func:`carnet.inference.onnx_meta.read_onnx_meta` and :func:`carnet.data.transforms.build_eval_transform` rebuild
-the exact eval view. After writing, the export runs the file with onnxruntime and checks its probabilities against
-torch's. Files are written under a temporary name and renamed (:func:`carnet.artifacts.atomic_path`), so a failed
-export leaves no half file.
+the exact eval view. The TorchScript module takes the same uint8 batch (or float 0..255). After writing, the
+export runs the file with onnxruntime and checks its probabilities against torch's. Files are written under a
+temporary name and renamed (:func:`carnet.artifacts.atomic_path`), so a failed export leaves no half file.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from carnet.inference.onnx_meta import ExportError, add_onnx_meta
 from carnet.models.checkpoint import load_checkpoint
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_DTYPE = "uint8"  # what the exported files take: pixels, as the loaders hand them over
 DEFAULT_OPSET = 17
+
+
+def example_pixels(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    """A random uint8 (batch, 3, size, size) pixel batch: the input every exported file takes."""
+    return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
@@ -42,7 +50,8 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DE
     out = Path(out)
     net, meta = load_checkpoint(ckpt)
     size = int(meta["image_size"])
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    meta = {**meta, "input_dtype": INPUT_DTYPE}
+    example = example_pixels(2, size)
     with atomic_path(out) as tmp:
         # dynamo=False: the TorchScript-based exporter handles timm models without onnxscript and is stable
         # across torch versions; the batch axis stays dynamic so one file serves any batch size.
@@ -53,7 +62,8 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DE
         onnx.checker.check_model(model)
         add_onnx_meta(model, meta)
         model.producer_name = "carnet"
-        model.doc_string = f"carnet {meta['model_name']}: {INPUT_NAME} (N,3,{size},{size}) -> {OUTPUT_NAME} (N,C)"
+        model.doc_string = (f"carnet {meta['model_name']}: {INPUT_NAME} (N,3,{size},{size}) {INPUT_DTYPE} RGB "
+                            f"pixels -> {OUTPUT_NAME} (N,C)")
         onnx.save(model, str(tmp))
         result = dict(meta)
         if check:
@@ -65,7 +75,7 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DE
 
 
 def compare_onnx(net: torch.nn.Module, onnx_path: str | os.PathLike, batch: torch.Tensor) -> float:
-    """Largest absolute difference between torch's and onnxruntime's softmax probabilities on ``batch``."""
+    """Largest absolute difference between torch's and onnxruntime's softmax probabilities on ``batch`` (uint8)."""
     import onnxruntime as ort
 
     with torch.inference_mode():
@@ -84,10 +94,11 @@ def export_torchscript(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict[
     """
     out = Path(out)
     net, meta = load_checkpoint(ckpt)
+    meta = {**meta, "input_dtype": INPUT_DTYPE}
     size = int(meta["image_size"])
     with atomic_path(out) as tmp:
         with torch.inference_mode(False), torch.no_grad():
-            traced = torch.jit.trace(net, torch.zeros(1, 3, size, size))
+            traced = torch.jit.trace(net, example_pixels(1, size))
         torch.jit.save(traced, str(tmp), _extra_files={"carnet.json": json.dumps(meta)})
     return meta
 

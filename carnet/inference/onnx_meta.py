@@ -1,8 +1,9 @@
 """The carnet metadata of an ONNX file, written by ``carnet-export`` and read without PyTorch or timm.
 
-Everything needed to feed the graph (image size, mean, std, interpolation, crop_pct, class names, model name)
-is stored in the file's ``metadata_props`` under ``carnet`` as JSON: the same dict as a checkpoint's
-``checkpoint["carnet"]`` (and each field again under its own key, for tools that only look for, say, ``mean``).
+Everything needed to feed the graph (image size, interpolation, crop_pct, the input dtype, class names, model
+name; mean and std, which the graph applies itself since ``input_dtype`` is ``uint8``) is stored in the file's
+``metadata_props`` under ``carnet`` as JSON: the same dict as a checkpoint's ``checkpoint["carnet"]`` (and each
+field again under its own key, for tools that only look for, say, ``mean``).
 This module imports only the standard library and, when a file is read or written, ``onnx`` (the ``serve``
 extra), so the ONNX backend of :mod:`carnet.serving.backends` stays free of torch.
 """
@@ -20,6 +21,8 @@ from carnet.errors import CarnetError
 # (carnet.models.checkpoint.CHECKPOINT_KEY, which imports torch; tests/test_export.py checks they agree).
 META_KEY = "carnet"
 REQUIRED_META = ("model_name", "class_names", "image_size", "mean", "std", "interpolation", "crop_pct")
+# Written since the graph normalises uint8 pixels itself ("uint8"); files without it take normalised float32.
+INPUT_DTYPE_KEY = "input_dtype"
 
 
 class ExportError(CarnetError):
@@ -29,7 +32,8 @@ class ExportError(CarnetError):
 def add_onnx_meta(model: Any, meta: dict[str, Any]) -> None:
     """Store ``meta`` in an ``onnx.ModelProto``'s ``metadata_props``: all of it under :data:`META_KEY` (what
     carnet reads), plus one entry per preprocessing field (each value JSON-encoded)."""
-    for key, value in {META_KEY: meta, **{k: meta[k] for k in REQUIRED_META}}.items():
+    extra = [INPUT_DTYPE_KEY] if INPUT_DTYPE_KEY in meta else []
+    for key, value in {META_KEY: meta, **{k: meta[k] for k in (*REQUIRED_META, *extra)}}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
 

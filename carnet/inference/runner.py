@@ -51,7 +51,7 @@ class _CheckedDataset(ImageDataset):
             image, label = super().__getitem__(index)
             return image, label, ""
         except Exception as err:  # PIL and OpenCV raise many types for bad files
-            return torch.zeros(3, self.image_size, self.image_size), self.labels[index], \
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), self.labels[index], \
                 f"{type(err).__name__}: {err}"
 
 
@@ -93,6 +93,7 @@ class Runner:
                           pin_memory=self.device.startswith("cuda"))
 
     def prepare(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The net on the device, in eval mode and memory format (a channels_last net converts its input too)."""
         net = net.to(self.device).eval()
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
@@ -111,9 +112,7 @@ class Runner:
                 raise DataError(f"cannot decode {images.what} image {path} ({why}); replace or remove the file"
                                 + (f" and its row in {images.root / 'sample-submission.csv'}"
                                    if images.what == "test" else ""))
-            batch = batch.to(self.device, non_blocking=True)
-            if self.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = batch.to(self.device, non_blocking=True)  # uint8: the net normalises it on the device
             with self._autocast():
                 logits = view_logits(net, batch, views)
             outs.append(logits.softmax(-1).cpu())

@@ -1,7 +1,10 @@
 """Test-time augmentation: label-preserving views of an image batch, and the merge of their probabilities.
 
-Views work on the already decoded, resized and normalised batch (tensor ops on the model's device), so an image
-is decoded once whatever the number of views and n views cost about n forward passes. The functions here only
+Views work on the already decoded and resized pixel batch (uint8 or float 0..255 NCHW, tensor ops on the model's
+device; the network normalises), so an image is decoded once whatever the number of views and n views cost about n
+forward passes. A view that resamples turns uint8 pixels into float 0..255 ones rather than rounding them back:
+the network takes both, and since its normalisation is affine per channel, resampling before it equals resampling
+after it. The functions here only
 need a network and a batch: predict (files) and the web service (one uploaded image) share them.
 
 Only views that keep a car a car of the same model are offered: horizontal flip, zoom, multi-scale and corner
@@ -71,6 +74,8 @@ class View:
             out = _window(out, "center", 1 / self.zoom)
         if out.shape[-2:] != (height, width) or self.scale != 1:
             size = (max(1, round(height * self.scale)), max(1, round(width * self.scale)))
+            if not out.is_floating_point():  # interpolate has no uint8 kernel on CUDA; 0..255 floats lose nothing
+                out = out.float()
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False, antialias=self.scale < 1)
         if self.hflip:
             out = out.flip(-1)
@@ -117,16 +122,12 @@ def view_logits(net: nn.Module, images: torch.Tensor, views: Sequence[View],
                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Logits of every view, stacked: a (views, batch, classes) float32 tensor.
 
-    ``forward`` wraps the call (autocast, channels_last) when the caller has its own; default ``net(x)``.
+    ``images``: uint8 (or float 0..255) NCHW pixels; the network normalises them and matches its memory format
+    (:class:`carnet.models.network.CarNet`). ``forward`` wraps the call (autocast) when the caller has its own;
+    default ``net(x)``.
     """
     forward = forward or net
-    outs = []
-    for view in views:
-        x = view(images)
-        if images.is_contiguous(memory_format=torch.channels_last) and not view.is_identity:
-            x = x.contiguous(memory_format=torch.channels_last)
-        outs.append(forward(x).float())
-    return torch.stack(outs)
+    return torch.stack([forward(view(images)).float() for view in views])
 
 
 def merge_probs(probs: torch.Tensor, merge: str = "mean", beta: float | None = None,
@@ -200,7 +201,7 @@ class TTA:
 @torch.inference_mode()
 def tta_predict(net: nn.Module, images: torch.Tensor, tta: TTA | Sequence[View] | None = None,
                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Merged class probabilities (batch, classes) of ``net`` on a normalised NCHW batch under ``tta``."""
+    """Merged class probabilities (batch, classes) of ``net`` on a pixel batch (uint8 NCHW) under ``tta``."""
     tta = tta if isinstance(tta, TTA) else TTA(tuple(tta)) if tta else TTA()
     probs = view_logits(net, images, tta.forward_views, forward).softmax(-1)
     return tta.combine(probs)

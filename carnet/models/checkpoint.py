@@ -55,7 +55,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[CarNet, dict[str, Any]]:
     checkpoint = read_checkpoint(path)
     meta = checkpoint[CHECKPOINT_KEY]
     backbone = create_backbone(meta["model_name"], pretrained=False)
-    net = CarNet(backbone, build_head(meta["head"], backbone.num_features, len(meta["class_names"])))
+    net = CarNet(backbone, build_head(meta["head"], backbone.num_features, len(meta["class_names"])),
+                 mean=meta["mean"], std=meta["std"])  # the normalisation it was trained with
     state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
     return net.eval(), meta

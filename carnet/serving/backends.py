@@ -1,4 +1,8 @@
-"""Backends: a model file -> a callable mapping a normalised (N, 3, H, W) float32 batch to (N, C) logits.
+"""Backends: a model file -> a callable mapping a uint8 (N, 3, H, W) pixel batch to (N, C) logits.
+
+The model normalises the pixels itself (:class:`carnet.models.network.Normalize`, exported into the ONNX graph).
+An ONNX file exported before that (its input is float32, already normalised) is fed what it expects: the
+backend normalises with the file's mean and std.
 
 ``torch`` runs a carnet checkpoint with PyTorch; ``onnx`` runs a file written by ``carnet-export`` with
 onnxruntime. Importing this module, and building and running an :class:`OnnxBackend`, imports no torch
@@ -55,6 +59,7 @@ class TorchBackend:
         self.net, self.meta = load_checkpoint(path)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of a uint8 (or float 0..255) (N, 3, H, W) pixel batch; the network normalises it."""
         with self._torch.inference_mode():
             return self.net(self._torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
 
@@ -74,8 +79,19 @@ class OnnxBackend:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
+        self.input_type = self.session.get_inputs()[0].type  # tensor(uint8); tensor(float) in older exports
+        if self.input_type == "tensor(float)":
+            mean, std = np.asarray(self.meta["mean"], np.float32), np.asarray(self.meta["std"], np.float32)
+            self._offset, self._scale = (mean * 255).reshape(1, -1, 1, 1), (1 / (std * 255)).reshape(1, -1, 1, 1)
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        """Logits of a uint8 (or float 0..255) (N, 3, H, W) pixel batch."""
+        if self.input_type == "tensor(uint8)":
+            if batch.dtype != np.uint8:  # float 0..255 (a resampled TTA view): the graph takes bytes
+                batch = np.clip(np.rint(batch), 0, 255).astype(np.uint8)
+            return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+        x = (batch.astype(np.float32) - self._offset) * self._scale  # an older file: normalised float32 input
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 def load_backend(path: str | os.PathLike, backend: str = "torch", num_threads: int | None = None) -> Backend:

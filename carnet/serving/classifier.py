@@ -2,9 +2,9 @@
 and the holder that loads the classifier once per process.
 
 Preprocessing is the training evaluation view: the decoded RGB image fed through
-:func:`carnet.data.transforms.build_eval_transform` with the model's own size / normalisation / interpolation /
-crop. (albumentations imports torch itself, so this module does too; only :mod:`carnet.serving.backends` is
-torch-free.)
+:func:`carnet.data.transforms.build_eval_transform` with the model's own size / interpolation / crop, to a uint8
+(1, 3, H, W) batch; the model normalises it (the checkpoint's network and the exported ONNX graph alike).
+(albumentations imports torch itself, so this module does too; only :mod:`carnet.serving.backends` is torch-free.)
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Classifier:
         return list(self.meta["class_names"])
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """The eval view of one RGB uint8 image as a uint8 (1, 3, H, W) batch (the backend normalises)."""
         # albumentations keeps per-call state on its transform objects; the dev server is threaded, and the
         # lock costs nothing next to the forward pass.
         with self._transform_lock:

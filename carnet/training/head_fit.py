@@ -134,18 +134,17 @@ class HeadFit(pl.Callback):
     @torch.no_grad()
     def features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
         """Pooled features of the training photos: the eval view, then ``views`` augmented views of each."""
-        backbone, was_training = pl_module.backbone, pl_module.backbone.training
+        net, backbone = pl_module.net, pl_module.backbone
+        was_training = backbone.training
         backbone.eval()
         rows, labels, groups = [], [], []
         for view in range(self.views + 1):
             loader = trainer.datamodule.feature_loader(augmented=view > 0, seed=view)
             start = 0
             for images, targets in loader:
-                images = images.to(pl_module.device)
-                if getattr(pl_module.hparams, "channels_last", False):
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images = images.to(pl_module.device)  # uint8: the net normalises (and sets the memory format)
                 with trainer.precision_plugin.forward_context():
-                    rows.append(backbone(images).float())
+                    rows.append(net.features(images).float())
                 labels.append(targets.to(pl_module.device))
                 groups.append(np.arange(start, start + len(targets)))
                 start += len(targets)

@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from carnet.models.checkpoint import CHECKPOINT_KEY
 from carnet.models.heads import build_head
 from carnet.models.network import CarNet, create_backbone
+from carnet.training.optim import resolve_fused
 
 
 def _plain(value: Any) -> Any:
@@ -58,8 +59,11 @@ class CarClassifier(pl.LightningModule):
         }, logger=False)  # carnet.training.loggers.LogConfig logs the whole run config instead
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if drop_path_rate or drop_rate else {}
         backbone = create_backbone(model_name, pretrained=pretrained, weights=weights, **kwargs)
+        # CarNet normalises the uint8 batches itself (carnet.models.network.Normalize), with the backbone's timm
+        # mean/std (data_config, which inference_meta records), on the device and in the run's precision.
         self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)))
-        if channels_last:
+        if channels_last:  # the net converts its input to match
+
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and load_checkpoint unchanged
             self.net.compile()
@@ -100,8 +104,7 @@ class CarClassifier(pl.LightningModule):
         }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        """Logits of uint8 (or float 0..255) NCHW pixels: the net normalises them (and matches its memory format)."""
         return self.net(images)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +145,7 @@ class CarClassifier(pl.LightningModule):
         ]
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer)(self.param_groups())
+        optimizer = instantiate(resolve_fused(self.hparams.optimizer, self.device))(self.param_groups())
         if not self.hparams.scheduler:
             return optimizer
         steps = max(1, int(self.trainer.estimated_stepping_batches))
