@@ -21,6 +21,20 @@ def exit_on_error(prog: str) -> Iterator[None]:
     """Entry points: our errors become one line on stderr and exit status 1; anything else keeps its traceback."""
     try:
         yield
-    except CarnetError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        ours = _carnet_error(err)
+        if ours is None:
+            raise
+        print(f"{prog}: error: {ours}", file=sys.stderr)
         sys.exit(1)
+
+
+def _carnet_error(err: BaseException | None) -> CarnetError | None:
+    """``err`` if it is ours, or ours that it wraps (Hydra's ``instantiate`` wraps errors raised in constructors)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, CarnetError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

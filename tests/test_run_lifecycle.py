@@ -153,3 +153,11 @@ def test_pretrained_weights_offline_fail_at_once_with_what_to_do(tiny_data: Path
     assert "model.weights=PATH" in proc.stderr and "model.pretrained=false" in proc.stderr
     assert time.monotonic() - started < 30
     assert read_summary(tmp_path / "run")["status"] == "failed"
+
+
+def test_our_errors_raised_inside_hydra_instantiate_are_one_line(tiny_data: Path, tmp_path: Path) -> None:
+    """A bad value caught by a class Hydra builds (`_target_`) reaches the user as our one line, not Hydra's
+    'Error in call to target' block."""
+    proc = _train_py(f"data.root={tiny_data}", *TINY, "data.cache=bogus", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "train: error: data.cache='bogus': expected one of none, memory, disk"
