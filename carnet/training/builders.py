@@ -25,6 +25,28 @@ from carnet.training.resume import ResumeState
 from carnet.training.run_dir import AtomicCheckpointIO
 
 
+class QuietProgressBar(RichProgressBar):
+    """Lightning's Rich bar, reading the logged metrics only every ``metrics_every`` steps and at the epoch's end.
+
+    Reading them turns the step's loss into a Python float: on a GPU a device-to-host copy that waits for every
+    queued kernel, once a step, so the GPU idles while Python launches the next step. The bar's position still
+    moves every step (no read involved).
+    """
+
+    def __init__(self, metrics_every: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metrics_every = max(1, int(metrics_every))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # a mid-epoch resume, as Lightning's own bar does
+        self._update(self.train_progress_bar_id, batch_idx + 1)
+        if trainer.global_step % self.metrics_every == 0:
+            self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+
 def resolve_precision(precision: Any, accelerator: str) -> str:
     """``auto``: bf16-mixed on GPUs that support it, 16-mixed on older GPUs, 32 on the CPU."""
     if str(precision) != "auto":
@@ -143,7 +165,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
                            enable_version_counter=False)
     callbacks = [checkpoints, last, ResumeState(cfg.seed, resume=cfg.get("resume")), *callbacks]
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar(leave=True))
+        # Metrics at Lightning's logging cadence: it reads (and syncs) them then anyway.
+        callbacks.append(QuietProgressBar(metrics_every=cfg.trainer.get("log_every_n_steps") or 50, leave=True))
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c, save_dir=str(run_dir)) for c in (cfg.get("logger") or {}).values() if c is not None]
     if loggers:
