@@ -355,12 +355,13 @@ def run_carnet(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1", **ctx["thread_env"]}
     commands, seconds = [], {}
     if args.via == "pipeline":
-        command = [sys.executable, "-m", "carnet.training.pipeline", "--phases", ",".join(args.phases), *common,
-                   *extra]
+        shutil.rmtree(out / "pipeline", ignore_errors=True)  # the pipeline keeps runs and hand-offs in --dir
+        command = [sys.executable, "-m", "carnet.training.pipeline", "--dir", str(out / "pipeline"), "--phases",
+                   ",".join(args.phases), *common, *extra]
         shown, seconds["pipeline"] = run_command(command, out / "logs" / "pipeline.log", env)
         commands.append(shown)
         run_dirs = {row["phase"]: Path(row["run_dir"])
-                    for row in json.loads((phases_dir / "pipeline.json").read_text())["phases"]}
+                    for row in json.loads((out / "pipeline" / "pipeline.json").read_text())["phases"]}
     else:
         everywhere, per_phase = split_overrides(extra, args.phases)
         run_dirs = {}
