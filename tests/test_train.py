@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
+from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
-from carnet.artifacts import EPOCH_COLUMNS
-from carnet.models.checkpoint import load_checkpoint
-from tests.helpers.overrides import TINY
+from carnet.artifacts import EPOCH_COLUMNS, read_summary
+from carnet.models.checkpoint import load_checkpoint, read_checkpoint
+from carnet.training.builders import build_trainer
+from carnet.training.run_dir import AtomicCheckpointIO
+from carnet.training.train import train
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import ONE_BATCH, TINY
 from tests.helpers.paths import REPO
 from tests.helpers.runs import child_env
 
@@ -67,3 +74,42 @@ def test_our_errors_are_one_line_and_exit_1(tmp_path):
     assert last.startswith("train: error: data root") and "nowhere" in last, proc.stderr
     assert proc.stderr.count("error:") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_best_checkpoint_is_weights_and_metadata_last_keeps_the_optimizer(tiny_data: Path, tmp_path: Path) -> None:
+    """best.ckpt (phase hand-off, predict, serve, export) has no optimizer state (B6 + AdamW: 3x the weights);
+    it still has carnet's metadata and the weights callbacks checkpoint (EMA's average); last.ckpt resumes."""
+    train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", "ema.decay=0.5", f"run_dir={tmp_path}"]))
+    best = read_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not {"optimizer_states", "lr_schedulers", "callbacks", "current_model_state"} & set(best)
+    assert {"optimizer_states", "lr_schedulers", "callbacks", "current_model_state"} <= set(last)
+    assert best["carnet"]["model_name"] == "test_efficientnet" and best["carnet"]["image_size"] == 64
+    assert best["state_dict"].keys() == last["state_dict"].keys()  # one epoch: best is the last, EMA-averaged
+    assert all(torch.equal(v, last["state_dict"][k]) for k, v in best["state_dict"].items())
+    net, _ = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    assert net(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, 10)
+
+
+@pytest.mark.parametrize(("setting", "wrapped"), [("auto", False), ("false", False), ("true", True)])
+def test_async_save_wraps_the_atomic_writer(setting: str, wrapped: bool, tmp_path: Path) -> None:
+    """checkpoint.async_save: auto is synchronous on the CPU (GPU runs only); true writes in a thread, still
+    through the atomic writer."""
+    trainer = build_trainer(compose_cfg([*TINY, f"checkpoint.async_save={setting}"]), tmp_path, [])
+    io = trainer.strategy.checkpoint_io
+    assert isinstance(io, AsyncCheckpointIO) is wrapped
+    assert isinstance(io.checkpoint_io if wrapped else io, AtomicCheckpointIO)
+
+
+def test_async_checkpoints_are_whole_and_a_failed_write_fails_the_run(tiny_data: Path, tmp_path: Path) -> None:
+    common = [*ONE_BATCH, f"data.root={tiny_data}", "checkpoint.async_save=true", "trainer.max_epochs=2"]
+    train(compose_cfg([*common, f"run_dir={tmp_path / 'ok'}"]))
+    assert sorted(p.name for p in (tmp_path / "ok" / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert read_checkpoint(tmp_path / "ok" / "checkpoints" / "last.ckpt")["epoch"] == 1
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "checkpoints").write_text("a file where the checkpoint folder goes: every write fails")
+    with pytest.raises(OSError):
+        train(compose_cfg([*common, f"run_dir={broken}"]))
+    assert read_summary(broken)["status"] == "failed"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import pytorch_lightning as pl
 import torch
@@ -13,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
 from carnet.data.datamodule import CarDataModule
 from carnet.errors import CarnetError
@@ -45,6 +47,43 @@ class QuietProgressBar(RichProgressBar):
         if trainer.global_step % self.metrics_every == 0:
             self._update_metrics(trainer, pl_module)
         self.refresh()
+
+
+class WeightsCheckpoint(ModelCheckpoint):
+    """``best.ckpt``: the weights, carnet's metadata and hyper-parameters, without the optimizer state (for B6 and
+    AdamW twice the weights again) that only a resume needs (``last.ckpt`` has it).
+
+    Not Lightning's plain ``save_weights_only``: that skips the callbacks' ``on_save_checkpoint``, so with
+    ``ema.decay`` the file would hold the raw weights instead of the average that validation chose. The whole
+    checkpoint is built as usual (references, no copies), then the resume-only entries are left out.
+    """
+
+    RESUME_ONLY = ("optimizer_states", "lr_schedulers", "callbacks", "current_model_state", "averaging_state")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(save_weights_only=True, **kwargs)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        for key in self.RESUME_ONLY:
+            checkpoint.pop(key, None)
+        trainer.strategy.save_checkpoint(checkpoint, filepath)
+        trainer.strategy.barrier("WeightsCheckpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+def resolve_async_save(async_save: Any, accelerator: str) -> bool:
+    """``auto``: checkpoints written in a background thread for GPU runs (the GPU goes on training meanwhile);
+    on the CPU the thread would only compete with training for the same cores."""
+    if str(async_save).lower() == "auto":
+        return accelerator != "cpu" and torch.cuda.is_available()
+    if isinstance(async_save, bool):
+        return async_save
+    raise CarnetError(f"checkpoint.async_save={async_save!r}: expected true, false or auto")
 
 
 def resolve_precision(precision: Any, accelerator: str) -> str:
@@ -155,7 +194,7 @@ def plan_budget(cfg: DictConfig, num_train: int, batch_size: int) -> dict[str, i
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
     """The Trainer of ``cfg.trainer`` with carnet's checkpointing, progress bar and loggers."""
-    checkpoints = ModelCheckpoint(
+    checkpoints = WeightsCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
         auto_insert_metric_name=False, enable_version_counter=False,
     )
@@ -175,5 +214,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"),
                                                  str(trainer_cfg.get("accelerator", "auto")))
     trainer_cfg["benchmark"] = resolve_benchmark(trainer_cfg.get("benchmark"), str(trainer_cfg.get("accelerator")))
+    # Atomic either way: in the background thread too, a checkpoint file is whole or absent. A failed background
+    # write is raised by Lightning at the next save or at the end of fit, so it fails the run.
+    checkpoint_io = AtomicCheckpointIO()
+    if resolve_async_save(cfg.checkpoint.get("async_save", "auto"), str(trainer_cfg.get("accelerator", "auto"))):
+        checkpoint_io = AsyncCheckpointIO(checkpoint_io)
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
-                       default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+                       default_root_dir=str(run_dir), plugins=[checkpoint_io])
