@@ -1,4 +1,7 @@
 """The LightningDataModule: the split, albumentations pipelines and loaders over a Kaggle-layout folder.
+
+``data.decode`` picks where photos are decoded and augmented: in the loader workers (``cpu``), or on the training
+device from file bytes (``gpu``, :mod:`carnet.data.device_pipeline`); ``auto`` is ``gpu`` for a run on CUDA.
 """
 
 from __future__ import annotations
@@ -20,12 +23,18 @@ from torch.utils.data import DataLoader, Dataset
 from carnet.data.cache import ImageCache
 from carnet.data.decode import decode_image, decode_min_side, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
+from carnet.data.device_pipeline import EncodedDataset, collate_encoded, unsupported
 from carnet.data.layout import DataError, read_test, scan_train
 from carnet.data.sources import merge_sources, read_sources
 from carnet.data.splits import assign_split
 from carnet.data.transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger(__name__)
+
+# data.decode: cpu = workers decode and augment (the default without CUDA); gpu = workers read bytes, the run's
+# CUDA device decodes and augments; auto = gpu when the run is on CUDA; device = the byte path on whatever device
+# the run uses, the CPU included (tests, and measuring the device pipeline without a GPU).
+DECODE_MODES = ("cpu", "gpu", "auto", "device")
 
 
 class ImageDataset(Dataset):
@@ -100,6 +109,7 @@ class CarDataModule(pl.LightningDataModule):
         dedup_threshold: int = 6,
         cache: str = "none",
         cache_dir: str | os.PathLike | None = None,
+        decode: str = "auto",
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -126,6 +136,10 @@ class CarDataModule(pl.LightningDataModule):
         self.source_stats: dict[str, Any] = {}
         self.dedup_dropped: pd.DataFrame | None = None
         self.cache = ImageCache(cache, cache_dir)  # data.cache=none|memory|disk, see carnet/cache.py
+        if decode not in DECODE_MODES:
+            raise DataError(f"data.decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
+        self.decode = decode
+        self._on_device: bool | None = None  # data.decode resolved, once the run's device is known
 
     @property
     def num_classes(self) -> int:
@@ -193,8 +207,51 @@ class CarDataModule(pl.LightningDataModule):
     def eval_transform(self) -> A.Compose:
         return build_eval_transform(self.image_size, self.mean, self.std, self.interpolation, self.crop_pct)
 
-    def _dataset(self, paths: Sequence[str], labels: Sequence[int] | None, transform: A.Compose) -> ImageDataset:
-        """Decode at the reduced scale the transform allows; pre-fill a memory cache before workers fork."""
+    def decode_on_device(self) -> bool:
+        """Whether loaders hand over encoded photos that the run's device decodes and augments (data.decode).
+
+        Resolved once, when the first loader is built: Lightning has attached the trainer by then, and its device
+        decides (``auto``/``gpu`` need CUDA there; with no trainer, ``auto`` is ``cpu``). ``gpu`` without CUDA says
+        once that the CPU pipeline runs; ``gpu`` with an augmentation the device cannot do is an error, ``auto``
+        then keeps the CPU pipeline and says why.
+        """
+        if self._on_device is None:
+            self._on_device = self._resolve_decode()
+        return self._on_device
+
+    def _resolve_decode(self) -> bool:
+        if self.decode == "cpu":
+            return False
+        if self.decode in ("gpu", "auto"):
+            # The run's device; without a trainer (tools, benchmarks) auto keeps the CPU pipeline they expect.
+            device = self.trainer.strategy.root_device if self.trainer is not None else None
+            cuda = device.type == "cuda" if device is not None else self.decode == "gpu" and torch.cuda.is_available()
+            if not cuda:
+                if self.decode == "gpu":
+                    log.warning("data.decode=gpu: this run has no CUDA device; photos are decoded and augmented "
+                                "in the loader workers on the CPU (data.decode=cpu)")
+                return False
+        names = sorted({n for t in (self.train_transform(), self.eval_transform()) for n in unsupported(t)})
+        why = (f"augment has {', '.join(names)}, which the device pipeline does not do (it does RandomResizedCrop, "
+               "HorizontalFlip, RandomBrightnessContrast: augment=light or none)") if names else (
+            f"data.cache={self.cache.mode} keeps decoded images") if self.cache.mode != "none" else None
+        if why is None:
+            log.info("data.decode=%s: loader workers read file bytes; photos are decoded and augmented on the run's "
+                     "device", self.decode)
+            return True
+        if self.decode == "auto":
+            log.info("data.decode=auto: decoding and augmenting on the CPU: %s", why)
+            return False
+        raise DataError(f"data.decode={self.decode}: {why}; use data.decode=cpu")
+
+    def _dataset(self, paths: Sequence[str], labels: Sequence[int] | None,
+                 transform: A.Compose) -> ImageDataset | EncodedDataset:
+        """Decode at the reduced scale the transform allows; pre-fill a memory cache before workers fork.
+
+        With data.decode on the device: a dataset of file bytes, whose views the same transform draws.
+        """
+        if self.decode_on_device():
+            return EncodedDataset(self.root, paths, labels, transform)
         min_side = decode_min_side(transform)
         if self.cache.mode == "memory":
             self.cache.warm([self.root / p for p in paths], min_side, workers=max(2, self.num_workers))
@@ -214,6 +271,7 @@ class CarDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0 and not shuffle,
             worker_init_fn=_seed_worker_augmentations,
             generator=generator,
+            collate_fn=collate_encoded if isinstance(dataset, EncodedDataset) else None,
         )
 
     def train_dataloader(self) -> DataLoader:
