@@ -106,7 +106,7 @@ class CarDataModule(pl.LightningDataModule):
         num_folds: int = 5,
         fold: int | None = None,
         dedup: bool = False,
-        dedup_threshold: int = 6,
+        dedup_threshold: int = 12,
         cache: str = "none",
         cache_dir: str | os.PathLike | None = None,
         decode: str = "auto",
