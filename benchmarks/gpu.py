@@ -235,6 +235,8 @@ def train_cfg(a: argparse.Namespace, root: Path, batch_size: int, run_dir: Path,
         f"+trainer.max_steps={a.warmup + a.steps}", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "logger=none", "scheduler=none", f"run_dir={run_dir}",
     ]
+    if a.decode:
+        overrides.append(f"data.decode={a.decode}")
     cfg = compose_cfg(overrides)
     if timer is not None:
         cfg.callbacks = {"timer": timer}
@@ -243,6 +245,8 @@ def train_cfg(a: argparse.Namespace, root: Path, batch_size: int, run_dir: Path,
 
 def loader_rate(a: argparse.Namespace, root: Path, batch_size: int, tmp: Path) -> float:
     """images/s of carnet's training loader alone: every worker, batches copied to the device, no model."""
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
     from carnet.training.builders import build_datamodule, build_module
 
     cfg = train_cfg(a, root, batch_size, tmp / "loader")
@@ -256,7 +260,7 @@ def loader_rate(a: argparse.Namespace, root: Path, batch_size: int, tmp: Path) -
         except StopIteration:
             batches = iter(dm.train_dataloader())
             x, y = next(batches)
-        x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)
+        move_data_to_device((x, y), torch.device(DEVICE))  # what Lightning does with a batch (any type)
         if i == a.warmup - 1:
             sync()
             start = time.perf_counter()
@@ -335,7 +339,8 @@ def end_to_end(a: argparse.Namespace) -> None:
     variant = Variant(f"{a.precision}+channels_last", low, True, False)
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{card}, torch {torch.__version__}; {a.model} at {a.image_size} px, {a.precision}, channels_last, eager; "
-          f"batches {a.batch_size}, {a.workers} loader workers, {a.steps} timed steps after {a.warmup}", flush=True)
+          f"batches {a.batch_size}, {a.workers} loader workers, data.decode={a.decode or 'default'}, {a.steps} timed "
+          f"steps after {a.warmup}", flush=True)
     with tempfile.TemporaryDirectory(prefix="carnet_gpu_") as tmp_name:
         tmp = Path(tmp_name)
         root = a.data
@@ -360,7 +365,8 @@ def end_to_end(a: argparse.Namespace) -> None:
                   flush=True)
             predicts.append((batch_size, pr))
             free()
-    print(f"\n### {a.model} at {a.image_size} px, {a.precision}, channels_last, eager, {a.workers} loader workers\n")
+    print(f"\n### {a.model} at {a.image_size} px, {a.precision}, channels_last, eager, {a.workers} loader workers, "
+          f"data.decode={a.decode or 'auto'}\n")
     print("| card | batch | model-only img/s | loader img/s | end-to-end img/s | end-to-end / model-only "
           "| loader / model-only |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -396,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="loader workers (all cores)")
     ap.add_argument("--views", type=int, nargs="+", default=[4], help="--end-to-end: TTA view counts to time")
     ap.add_argument("--predict-images", type=int, default=1024, help="--end-to-end: photos predict times")
+    ap.add_argument("--decode", choices=["cpu", "gpu", "auto", "device"],
+                    help="--end-to-end: data.decode (default: the config's). With gpu, 'loader alone' is the workers "
+                         "reading bytes, and the decoding and augmentation count in end-to-end")
     ap.add_argument("--precision", help="--end-to-end: bf16-mixed / 16-mixed (default: the card's) or 32")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: fp32 on the CPU, to smoke-test this script only (its rates mean nothing)")
