@@ -40,6 +40,7 @@ from omegaconf import DictConfig  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from carnet.training.builders import build_module, build_trainer  # noqa: E402
+from carnet.training.optim import resolve_fused  # noqa: E402
 from carnet.training.run_dir import RunArtifacts  # noqa: E402
 from tests.helpers.config import compose_cfg  # noqa: E402
 
@@ -130,7 +131,7 @@ def bench_model(model: str, data: Path, image_size: int, batch_size: int, steps:
     torch.manual_seed(0)
     plain_module = build_module(cfg)
     net = plain_module.net
-    optimizer = instantiate(cfg.optimizer)(plain_module.param_groups())
+    optimizer = instantiate(resolve_fused(dict(cfg.optimizer), torch.device("cpu")))(plain_module.param_groups())
     torch.manual_seed(0)
     module = build_module(cfg)
 
