@@ -3,6 +3,7 @@ and a progress bar that reads the step's loss (a host-device sync) only when it 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,11 @@ def test_fused_auto_is_on_for_cuda_weights() -> None:
         resolve_fused({**ADAMW, "fused": "yes"}, torch.device("cpu"))
 
 
-def test_progress_bar_reads_the_loss_only_every_log_every_n_steps(tiny_data: Path, tmp_path: Path) -> None:
+def test_progress_bar_reads_the_loss_only_every_log_every_n_steps(tiny_data: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading the logged loss for the bar copies it to the host: on a GPU, a sync that drains the queue of
     kernels each step. The bar reads it at Lightning's logging cadence and at the epoch's end instead."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the Rich bar is for terminals
     cfg = compose_cfg([*TINY, f"data.root={tiny_data}", "data.batch_size=4", "data.verify=false",
                        "trainer.enable_progress_bar=true", "trainer.log_every_n_steps=3",
                        "trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=1", f"run_dir={tmp_path}"])

@@ -13,11 +13,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint, ProgressBar
 from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
 from carnet.data.datamodule import CarDataModule
 from carnet.errors import CarnetError
+from carnet.training.console import console_callbacks
 from carnet.training.finetune import ProgressiveUnfreezing
 from carnet.training.head_fit import HeadFit
 from carnet.training.loggers import LogConfig
@@ -25,28 +26,6 @@ from carnet.training.module import CarClassifier
 from carnet.training.phases import Phase
 from carnet.training.resume import ResumeState
 from carnet.training.run_dir import AtomicCheckpointIO
-
-
-class QuietProgressBar(RichProgressBar):
-    """Lightning's Rich bar, reading the logged metrics only every ``metrics_every`` steps and at the epoch's end.
-
-    Reading them turns the step's loss into a Python float: on a GPU a device-to-host copy that waits for every
-    queued kernel, once a step, so the GPU idles while Python launches the next step. The bar's position still
-    moves every step (no read involved).
-    """
-
-    def __init__(self, metrics_every: int = 1, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.metrics_every = max(1, int(metrics_every))
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()  # a mid-epoch resume, as Lightning's own bar does
-        self._update(self.train_progress_bar_id, batch_idx + 1)
-        if trainer.global_step % self.metrics_every == 0:
-            self._update_metrics(trainer, pl_module)
-        self.refresh()
 
 
 class WeightsCheckpoint(ModelCheckpoint):
@@ -203,9 +182,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
                            enable_version_counter=False)
     callbacks = [checkpoints, last, ResumeState(cfg.seed, resume=cfg.get("resume")), *callbacks]
-    if cfg.trainer.get("enable_progress_bar", True):
-        # Metrics at Lightning's logging cadence: it reads (and syncs) them then anyway.
-        callbacks.append(QuietProgressBar(metrics_every=cfg.trainer.get("log_every_n_steps") or 50, leave=True))
+    # A Rich bar on a terminal (metrics read at Lightning's logging cadence), one line per epoch elsewhere.
+    callbacks += console_callbacks(progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+                                   summary=bool(cfg.trainer.get("enable_model_summary", True)),
+                                   metrics_every=cfg.trainer.get("log_every_n_steps") or 50)
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c, save_dir=str(run_dir)) for c in (cfg.get("logger") or {}).values() if c is not None]
     if loggers:
@@ -213,6 +193,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"),
                                                  str(trainer_cfg.get("accelerator", "auto")))
+    # Lightning adds its own bar when enabled and none is given (as without a terminal, where EpochLines prints).
+    trainer_cfg["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
     trainer_cfg["benchmark"] = resolve_benchmark(trainer_cfg.get("benchmark"), str(trainer_cfg.get("accelerator")))
     # Atomic either way: in the background thread too, a checkpoint file is whole or absent. A failed background
     # write is raised by Lightning at the next save or at the end of fit, so it fails the run.

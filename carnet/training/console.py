@@ -66,6 +66,28 @@ class RichSummary(RichModelSummary):
                                    **summarize_kwargs)
 
 
+class QuietProgressBar(RichProgressBar):
+    """Lightning's Rich bar, reading the logged metrics only every ``metrics_every`` steps and at the epoch's end.
+
+    Reading them turns the step's loss into a Python float: on a GPU a device-to-host copy that waits for every
+    queued kernel, once a step, so the GPU idles while Python launches the next step. The bar's position still
+    moves every step (no read involved).
+    """
+
+    def __init__(self, metrics_every: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metrics_every = max(1, int(metrics_every))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # a mid-epoch resume, as Lightning's own bar does
+        self._update(self.train_progress_bar_id, batch_idx + 1)
+        if trainer.global_step % self.metrics_every == 0:
+            self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+
 class EpochLines(pl.Callback):
     """One line per epoch where there is no terminal to redraw a progress bar on (a Rich bar there wraps every epoch
     into a block of lines)."""
@@ -89,12 +111,13 @@ class EpochLines(pl.Callback):
               f"({time.time() - self.started:.1f} s)", file=self.stream or sys.stdout, flush=True)
 
 
-def console_callbacks(progress: bool, summary: bool, tty: bool | None = None) -> list[pl.Callback]:
+def console_callbacks(progress: bool, summary: bool, metrics_every: int = 50,
+                      tty: bool | None = None) -> list[pl.Callback]:
     """The progress display and model summary of a run: Rich on a terminal, plain lines elsewhere."""
     tty = sys.stdout.isatty() if tty is None else tty
     callbacks: list[pl.Callback] = []
     if progress:
-        callbacks.append(RichProgressBar(leave=True) if tty else EpochLines())
+        callbacks.append(QuietProgressBar(metrics_every=metrics_every, leave=True) if tty else EpochLines())
     if summary:
         callbacks.append(RichSummary() if tty else PlainSummary())
     return callbacks

@@ -1,0 +1,23 @@
+"""What a run prints without a terminal (logs, CI, nohup): one line per epoch, a plain model summary, no adverts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.helpers.overrides import TINY
+from tests.helpers.runs import run_script
+
+
+def test_a_run_without_a_terminal_prints_one_line_per_epoch(tiny_data: Path, tmp_path: Path) -> None:
+    overrides = [o for o in TINY if not o.startswith(("trainer.enable_progress_bar", "trainer.enable_model_summary"))]
+    proc = run_script("train.py", f"data.root={tiny_data}", *overrides, "trainer.max_epochs=2",
+                      "trainer.num_sanity_val_steps=0", f"hydra.run.dir={tmp_path / 'run'}")
+    output = proc.stdout + proc.stderr
+    epochs = re.findall(r"^epoch (\d)/2: train/loss [\d.]+  train/acc [\d.]+  val/loss [\d.]+  val/acc [\d.]+  "
+                        r"\([\d.]+ s\)$", proc.stdout, flags=re.MULTILINE)
+    assert epochs == ["1", "2"], output
+    assert "━" not in output and "\x1b[" not in output  # no progress bar drawn into a file
+    assert "Trainable params" in output and "FLOPs" not in output  # the summary, without an empty FLOPs column
+    for noise in ("litlogger", "LeafSpec", "Seed set to", "logging interval"):
+        assert noise not in output, noise
