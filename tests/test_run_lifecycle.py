@@ -161,3 +161,15 @@ def test_our_errors_raised_inside_hydra_instantiate_are_one_line(tiny_data: Path
     proc = _train_py(f"data.root={tiny_data}", *TINY, "data.cache=bogus", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "train: error: data.cache='bogus': expected one of none, memory, disk"
+
+
+def test_resume_from_a_weights_only_checkpoint_says_which_file_to_use(tiny_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", f"run_dir={run_dir}"]))
+    best = run_dir / "checkpoints" / "best.ckpt"
+    proc = _train_py(f"data.root={tiny_data}", *ONE_BATCH, f"resume={best}", f"hydra.run.dir={tmp_path / 'again'}")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "holds weights only" in proc.stderr and "checkpoints/last.ckpt" in proc.stderr
+    train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", "trainer.max_epochs=2",
+                       f"resume={run_dir / 'checkpoints' / 'last.ckpt'}", f"run_dir={tmp_path / 'resumed'}"]))
+    assert read_summary(tmp_path / "resumed")["epochs_run"] == 2

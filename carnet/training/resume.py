@@ -19,6 +19,23 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
+from carnet.errors import CarnetError
+
+
+def check_resumable(path: str | Path) -> None:
+    """A one-line error, before anything is built, for a ``resume=`` that cannot continue a run: a missing file, or
+    a weights-only checkpoint (``best.ckpt``, a phase hand-off) that has no optimizer state to continue from."""
+    path = Path(path)
+    if not path.is_file():
+        raise CarnetError(f"resume={path}: file not found (expected a run's checkpoints/last.ckpt)")
+    try:  # mmap: only the keys are read, not gigabytes of tensors
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a truncated or foreign file: whatever torch raises
+        raise CarnetError(f"resume={path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
+        raise CarnetError(f"resume={path} holds weights only (a best.ckpt or a phase hand-off): resume from the run's "
+                          "checkpoints/last.ckpt, or start a new run from these weights with init_from=PATH")
+
 
 def _train_transform(trainer: pl.Trainer) -> A.BaseCompose | None:
     loader = getattr(trainer.fit_loop, "_combined_loader", None)

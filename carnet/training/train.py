@@ -30,6 +30,7 @@ from carnet.training.builders import (
     run_dir_of,
 )
 from carnet.training.console import quiet_lightning
+from carnet.training.resume import check_resumable
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.tune import tune
 
@@ -65,6 +66,8 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))
+    if cfg.get("resume"):
+        check_resumable(cfg.resume)
     if cfg.model.pretrained and not cfg.model.get("weights"):
         check_pretrained_available(cfg.model.name)  # offline: one line in a second, not a minute of retries
     callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
