@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from carnet.tools.demo import CLASS_NAMES
 from carnet.training.builders import build_datamodule, build_module, build_trainer, resolve_precision
 from carnet.training.module import CarClassifier
+from carnet.training.optim import resolve_fused
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
 from tests.helpers.paths import CONF
@@ -51,7 +52,7 @@ def test_every_model_option_composes(name):
 def test_heads_and_optimizers_build(head, optimizer):
     cfg = compose_cfg([*TINY, f"head={head}", f"optimizer={optimizer}", "scheduler=none"])
     module = build_module(cfg)
-    opt = instantiate(module.hparams.optimizer)(module.param_groups())
+    opt = instantiate(resolve_fused(module.hparams.optimizer, module.device))(module.param_groups())
     assert [g["name"] for g in opt.param_groups] == ["head", "backbone"]
     assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"] * cfg.backbone_lr_mult)
 
@@ -60,7 +61,7 @@ def test_heads_and_optimizers_build(head, optimizer):
 def test_every_scheduler_builds_and_steps(scheduler):
     cfg = compose_cfg([*TINY, f"scheduler={scheduler}"])
     module = build_module(cfg)
-    opt = instantiate(module.hparams.optimizer)(module.param_groups())
+    opt = instantiate(resolve_fused(module.hparams.optimizer, module.device))(module.param_groups())
     config = instantiate(module.hparams.scheduler)(opt, total_steps=20, steps_per_epoch=5)
     if scheduler == "none":
         assert config is None
@@ -81,7 +82,7 @@ def test_every_augment_builds_a_training_pipeline(augment, tiny_data):
     datamodule = build_datamodule(cfg, build_module(cfg))
     datamodule.setup("fit")
     images, labels = next(iter(datamodule.train_dataloader()))
-    assert images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
+    assert images.shape == (8, 3, 64, 64) and images.dtype == torch.uint8  # the network normalises on its device
     assert labels.dtype == torch.int64
 
 
