@@ -86,7 +86,7 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool =
 def stage_split(module: CarDataModule, batch_size: int, limit: int) -> dict[str, float]:
     """ms per image of carnet's decode, augment and collate, timed one after another in this process.
 
-    With one torch thread, as in a loader worker (collating 32 float images with two threads on freshly
+    With one torch thread, as in a loader worker (collating 32 images with two threads on freshly
     allocated memory is many times slower on this sandboxed machine, and workers never do that).
     """
     dataset = module.train_dataloader().dataset
@@ -161,6 +161,7 @@ def bench_size(root: Path, size: int, workers: int, batch_size: int, repeats: in
         "size": size, "images": len(train_rows), "rates": median, "ratio": statistics.median(ratios),
         "ratio_range": (min(ratios), max(ratios)), "warm_s": warm_s,
         "min_side": module.train_dataloader().dataset.min_side,
+        "tensor": module.train_dataloader().dataset[0][0],  # one image as the loader hands it over
         "stages": stage_split(module, batch_size, stage_images),
         "baseline_stages": baseline_stage_split(folder, stage_images),
     }
@@ -188,6 +189,11 @@ def print_report(results: list[dict], workers: int, batch_size: int) -> None:
               f"{s['augment']:.2f} ({s['augment'] / total:.0%}), collate {s['collate']:.2f} "
               f"({s['collate'] / total:.0%}), decode min side {r['min_side']}, cache fill {r['warm_s']:.1f} s | "
               f"baseline decode {b['decode']:.2f}, augment {b['augment']:.2f}")
+    print("\nper image handed over (carnet: uint8 pixels, normalised by the network on its device):")
+    for r in results:
+        t = r["tensor"]
+        print(f"{r['size']:>5}: {t.dtype} {tuple(t.shape)}, {t.nelement() * t.element_size() / 2**20:.2f} MB "
+              f"(float32 would be {t.nelement() * 4 / 2**20:.2f} MB)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,7 +66,7 @@ def cpu_seconds() -> float:
 
 
 def preload(meta: dict, root: Path) -> torch.Tensor:
-    """Every test image decoded and transformed as predict's loader does, stacked in memory."""
+    """Every test image decoded and transformed as predict's loader does (uint8 pixels), stacked in memory."""
     transform = eval_transform(meta)
     return torch.stack([transform(image=decode_image(root / p))["image"] for p in read_test(root).path])
 
@@ -83,9 +83,7 @@ def raw_forward(ckpt: Path, images: torch.Tensor, batch_size: int, channels_last
     with torch.inference_mode(), torch.autocast(device, enabled=device == "cuda"):
         cpu, start = cpu_seconds(), time.perf_counter()
         for i in range(0, len(images), batch_size):
-            batch = images[i:i + batch_size].to(device)
-            if channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = images[i:i + batch_size].to(device)  # uint8 pixels: the net normalises (and goes channels_last)
             net(batch).float().softmax(-1).cpu()
         if device == "cuda":
             torch.cuda.synchronize()

@@ -83,7 +83,7 @@ def test_channels_last_gives_the_same_logits() -> None:
     fast.net.load_state_dict(plain.net.state_dict())
     conv = next(m for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(plain(images), fast(images), atol=1e-4)
 

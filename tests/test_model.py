@@ -21,7 +21,8 @@ NAMES = [f"car {k}" for k in range(10)]
 @pytest.mark.parametrize("head", HEADS)
 def test_forward_and_backward_with_each_head(head):
     module = CarClassifier("test_efficientnet", NAMES, HEADS[head], image_size=64)
-    images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)  # pixels: the net normalises
+    labels = torch.tensor([0, 1, 2, 3])
     logits = module(images)
     assert logits.shape == (4, 10)
     torch.nn.functional.cross_entropy(logits, labels).backward()
@@ -69,7 +70,7 @@ def test_checkpoint_carries_everything_inference_needs(tmp_path):
     assert meta["model_name"] == "test_efficientnet" and meta["head"]["_target_"] == "carnet.models.heads.MLPHead"
     assert meta["mean"] == list(module.data_config["mean"]) and meta["interpolation"] == "bicubic"
     module.eval()
-    images = torch.randn(3, 3, 72, 72)
+    images = torch.randint(0, 256, (3, 3, 72, 72), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(net(images), module(images))
 

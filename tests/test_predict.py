@@ -79,7 +79,7 @@ def test_identity_only_tta_equals_plain_prediction(trained: Path, tiny_data: Pat
 
 def test_tta_merges_of_identical_views_equal_the_view(trained: Path) -> None:
     net, _ = load_checkpoint(trained)
-    images = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     flip = View("flip", hflip=True)
     plain = tta_predict(net, images)
     alone = tta_predict(net, images, [flip])

@@ -48,10 +48,12 @@ def test_network_on_uint8_equals_the_float_path() -> None:
     module = CarClassifier("test_efficientnet", list("abcd"), HEAD, image_size=64).eval()
     meta, batch = module.inference_meta(), pixels(3, 64)
     expected = reference_logits(module.net, batch, meta)
+    floats = batch.float()
     with torch.no_grad():
-        got, from_float = module(batch), module(batch.float())
+        got, from_float = module(batch), module(floats)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(from_float, got)
+    assert torch.equal(floats, batch.float())  # a float input is not normalised in place
     assert not any("normalize" in key for key in module.state_dict())  # checkpoint keys unchanged
 
 

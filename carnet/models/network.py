@@ -83,7 +83,10 @@ class Normalize(nn.Module):
     def forward(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        x = (images.to(self.scale.dtype) - self.offset) * self.scale
+        # A fresh copy (uint8 -> float) is normalised in place: no further batch-sized allocation, 2x faster on a
+        # CPU. A tensor already in that dtype is the caller's: never written.
+        x = images.to(self.scale.dtype)
+        x = (x - self.offset) * self.scale if x is images else x.sub_(self.offset).mul_(self.scale)
         kind = x.device.type
         if torch.is_autocast_enabled(kind):
             x = x.to(torch.get_autocast_dtype(kind))
