@@ -64,13 +64,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     module = CarClassifier("test_efficientnet", [f"car {k}" for k in range(10)],
                            head={"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0}, image_size=64,
                            optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2})
-    images = F.interpolate(torch.randn(32, 3, 4, 4), size=64, mode="bilinear")  # smooth colour fields
+    images = F.interpolate(torch.rand(32, 3, 4, 4) * 255, size=64, mode="bilinear")  # smooth colour fields, 0..255
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(TensorDataset(images, torch.arange(32) % 10), batch_size=8))
     module.eval()
     with torch.no_grad():
-        features = module.backbone(images)
+        features = module.net.features(images)  # normalised as the network sees pixels
         linear = module.head[-1]
         linear.weight.copy_(torch.randn_like(linear.weight) / (features.std(0).norm() + 1e-8) * 3)
         linear.bias.copy_(-linear.weight @ features.mean(0))

@@ -86,7 +86,8 @@ def default_num_workers() -> int:
 class CarDataModule(pl.LightningDataModule):
     """Train/val/test loaders for a dataset in the Kaggle layout, with albumentations pipelines.
 
-    Normalisation and eval interpolation come from ``data_config`` (timm's data config of the model).
+    Eval interpolation and crop come from ``data_config`` (timm's data config of the model); batches are uint8 pixels
+    and the network normalises them on its device (:class:`carnet.models.network.Normalize`).
     """
 
     def __init__(
