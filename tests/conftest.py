@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,7 +68,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = F.interpolate(torch.rand(32, 3, 4, 4) * 255, size=64, mode="bilinear")  # smooth colour fields, 0..255
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, DataLoader(TensorDataset(images, torch.arange(32) % 10), batch_size=8))
+    with warnings.catch_warnings():  # no validation in these two steps, by design
+        warnings.filterwarnings("ignore", message=".*no `val_dataloader`")
+        trainer.fit(module, DataLoader(TensorDataset(images, torch.arange(32) % 10), batch_size=8))
     module.eval()
     with torch.no_grad():
         features = module.net.features(images)  # normalised as the network sees pixels

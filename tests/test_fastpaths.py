@@ -96,6 +96,7 @@ def test_compile_is_in_place_and_keeps_checkpoint_keys() -> None:
     assert compiled.hparams.compile is True
 
 
+@pytest.mark.filterwarnings("ignore:.*could not find the monitored key")  # no validation in this run, by design
 def test_gradient_accumulation_steps_the_optimizer_less_often(tiny_data: Path, tmp_path: Path) -> None:
     cfg = compose_cfg([*TINY, f"data.root={tiny_data}", "data.verify=false", "trainer.accumulate_grad_batches=2",
                        "trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0", "scheduler=none", "~logger"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,10 @@ def export_torchscript(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict[
     net, meta = load_checkpoint(ckpt)
     meta = {**meta, "input_dtype": INPUT_DTYPE}
     size = int(meta["image_size"])
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # torch 2.10+ marks TorchScript deprecated in favour of torch.export; the format is what this option is for
+        # (C++ and mobile runtimes load it), and ONNX is the recommended export.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
         with torch.inference_mode(False), torch.no_grad():
             traced = torch.jit.trace(net, example_pixels(1, size))
         torch.jit.save(traced, str(tmp), _extra_files={"carnet.json": json.dumps(meta)})

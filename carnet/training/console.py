@@ -33,6 +33,8 @@ def quiet_lightning() -> None:
     # Lightning's pytree shim on torch >= 2.10; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
+    # A resumed run writes into its own new folder by design (carnet.training.resume): not a problem to report.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 
 
 def _drop_empty_flops(summary_data: list[tuple[str, list[str]]], total_flops: int) -> list[tuple[str, list[str]]]:
