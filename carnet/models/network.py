@@ -10,6 +10,7 @@ No Lightning import here: a web-service worker saves ~300 MB and seconds of star
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,97 @@ class CarNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.compile: whole network or per block, and where its caches live
+
+COMPILE_MODES = ("regional", "full")
+# Containers of a backbone's stages or blocks, in timm's names (EfficientNet/MobileNet/ViT `blocks`, ConvNeXt/
+# NFNet `stages`, Swin `layers`); ResNet-likes name their stages layer1..layer4, RegNet s1..s4.
+_STAGE_CONTAINERS = ("blocks", "stages", "layers")
+_STAGE_NAMES = re.compile(r"(layer|s|stage)\d+")
+
+
+def compile_regions(backbone: nn.Module) -> list[nn.Module]:
+    """The modules regional compilation compiles, input side first: each block of each stage where the stages are
+    plain containers (EfficientNet's ``blocks.S.R``, ResNet's ``layerN.K``, ViT's ``blocks.K``), else each stage
+    (ConvNeXt's, RegNet's), else the whole backbone. Stem and head conv stay eager (one call each per step).
+    """
+    stages: list[nn.Module] = []
+    for name in _STAGE_CONTAINERS:
+        container = getattr(backbone, name, None)
+        if isinstance(container, (nn.Sequential, nn.ModuleList)) and len(container):
+            stages = list(container)
+            break
+    else:
+        stages = [m for n, m in backbone.named_children() if _STAGE_NAMES.fullmatch(n)]
+    regions: list[nn.Module] = []
+    for stage in stages:
+        if isinstance(stage, (nn.Sequential, nn.ModuleList)):
+            regions.extend(stage.children())
+        else:
+            regions.append(stage)
+    return regions or [backbone]
+
+
+def use_compile_cache(path: str | os.PathLike | None = None) -> Path:
+    """Point inductor's on-disk caches (FX graphs, AOTAutograd, Triton kernels: TORCHINDUCTOR_CACHE_DIR) at a folder
+    that outlives the machine's /tmp, so that a second run finds its compiled code; return the folder.
+
+    ``path`` (``model.compile_cache``) names it outright; else a TORCHINDUCTOR_CACHE_DIR the user set is kept; else
+    ``$XDG_CACHE_HOME/carnet/inductor`` (``~/.cache/carnet/inductor``). Set before the first compilation.
+    """
+    if path is None:
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+            return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "carnet" / "inductor"
+    path = Path(path).expanduser()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+def _raise_recompile_limit(entries: int) -> None:
+    """Regional compilation shares one code object (the block class's forward) between blocks of different shapes
+    and modes (train/eval, frozen/not), each a cache entry: dynamo's default limit of 8 would send the rest of
+    the blocks back to eager, silently but for a warning."""
+    import torch._dynamo  # here, not at the top: 1.3 s of import a serving worker never needs
+
+    config = torch._dynamo.config
+    for name, value in (("recompile_limit", entries), ("cache_size_limit", entries),
+                        ("accumulated_recompile_limit", 2 * entries),
+                        ("accumulated_cache_size_limit", 2 * entries)):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), value))
+
+
+def compile_network(net: CarNet, mode: bool | str, backend: Any = "inductor") -> list[nn.Module]:
+    """Compile ``net`` in place (``nn.Module.compile``: state-dict keys, checkpoints and load_checkpoint unchanged);
+    return the compiled modules. ``mode``: ``True``/``"full"``, the whole network, one graph (fastest steps, the
+    longest warm-up); ``"regional"``, each backbone block (:func:`compile_regions`) with static shapes: the blocks
+    that repeat share compiled code, so the warm-up is a fraction of the whole network's.
+    """
+    import torch._dynamo
+
+    if isinstance(backend, str) and backend not in (names := torch._dynamo.list_backends(exclude_tags=())):
+        raise CarnetError(f"model.compile_backend={backend!r}: expected one of {', '.join(names)}")
+    use_compile_cache()
+    if mode is True or mode == "full":
+        net.compile(backend=backend)
+        return [net]
+    if mode != "regional":
+        raise CarnetError(f"model.compile={mode!r}: expected true, false or regional")
+    regions = compile_regions(net.backbone)
+    _raise_recompile_limit(16 * len(regions))
+    for module in regions:
+        module.compile(backend=backend, dynamic=False)
+    return regions
+
+
+def compile_status(net: nn.Module) -> str | None:
+    """``"full"`` if ``net`` itself is compiled, ``"regional"`` if only modules inside it are, else None."""
+    if getattr(net, "_compiled_call_impl", None) is not None:
+        return "full"
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in net.modules()):
+        return "regional"
+    return None

@@ -81,13 +81,17 @@ def resolve_benchmark(benchmark: Any, accelerator: str) -> bool:
     return accelerator != "cpu" and torch.cuda.is_available()
 
 
-def resolve_compile(compile_: Any, accelerator: str) -> bool:
-    """``auto``: torch.compile for GPU runs only (on the CPU, compiling costs more than it saves in short runs)."""
+def resolve_compile(compile_: Any, accelerator: str) -> bool | str:
+    """``model.compile`` -> False (eager), True (the whole network) or ``"regional"`` (each backbone block: a
+    fraction of the whole network's warm-up, carnet.models.network.compile_network). ``auto``: regional for GPU
+    runs, eager on the CPU (there compiling costs more than it saves in short runs)."""
     if str(compile_).lower() == "auto":
-        return accelerator != "cpu" and torch.cuda.is_available()
+        return "regional" if accelerator != "cpu" and torch.cuda.is_available() else False
     if isinstance(compile_, bool) or compile_ is None:
         return bool(compile_)
-    raise CarnetError(f"model.compile={compile_!r}: expected true, false or auto")
+    if str(compile_).lower() == "regional":
+        return "regional"
+    raise CarnetError(f"model.compile={compile_!r}: expected true, false, regional or auto")
 
 
 def run_dir_of(cfg: DictConfig) -> Path:

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from carnet.models.checkpoint import CHECKPOINT_KEY
 from carnet.models.heads import build_head
-from carnet.models.network import CarNet, create_backbone
+from carnet.models.network import CarNet, compile_network, create_backbone
 from carnet.training.optim import resolve_fused
 
 
@@ -42,7 +42,8 @@ class CarClassifier(pl.LightningModule):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
+        compile_backend: str = "inductor",
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         backbone_lr_mult: float = 0.1,
@@ -54,6 +55,7 @@ class CarClassifier(pl.LightningModule):
             "model_name": model_name, "class_names": list(class_names), "head": head, "image_size": image_size,
             "pretrained": pretrained, "weights": weights, "drop_rate": drop_rate,
             "drop_path_rate": drop_path_rate, "channels_last": channels_last, "compile": compile,
+            "compile_backend": compile_backend,
             "optimizer": optimizer, "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult,
             "label_smoothing": label_smoothing,
         }, logger=False)  # carnet.training.loggers.LogConfig logs the whole run config instead
@@ -66,7 +68,7 @@ class CarClassifier(pl.LightningModule):
 
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and load_checkpoint unchanged
-            self.net.compile()
+            compile_network(self.net, compile, compile_backend)  # True: the whole net; "regional": each block
         # Where this model was trained (run_dir, data_root), set by carnet.training.train: predict's split=val finds the
         # run's split.csv through it even after the checkpoint was copied out of <run dir>/checkpoints/.
         self.provenance: dict[str, str] = {}
