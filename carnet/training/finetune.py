@@ -22,11 +22,13 @@ from itertools import chain
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from timm.models._manipulate import group_with_matcher
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from carnet.errors import CarnetError
+from carnet.models.network import compile_status
 
 Schedule = list[tuple[int, float]]
 # What BatchNorm layers do while the backbone is (partly) frozen; see ProgressiveUnfreezing.
@@ -38,6 +40,10 @@ BN_POLICIES = ("frozen", "per_block", "train")
 
 def _tensor_names(module: nn.Module) -> Iterator[tuple[str, Any]]:
     return chain(module.named_parameters(), module.named_buffers())
+
+
+def _trainable(module: nn.Module) -> frozenset[str]:
+    return frozenset(name for name, param in module.named_parameters() if param.requires_grad)
 
 
 def backbone_blocks(backbone: nn.Module) -> list[list[str]]:
@@ -145,7 +151,13 @@ class ProgressiveUnfreezing(pl.Callback):
         self.fraction = fraction_at(self.schedule, epoch)
         previous = self.frozen_norms
         backbone = getattr(pl_module, self.attribute)
+        trainable = _trainable(backbone)
         self.frozen_norms = freeze_backbone(backbone, self.fraction, self.train_bn)
+        if _trainable(backbone) != trainable and compile_status(pl_module) is not None:
+            # pytorch#139476: dynamo (before torch 2.12's guard on requires_grad, pytorch#177158) may reuse a graph
+            # compiled for the old frozen set: no gradient for a newly unfrozen block, or one for a frozen block.
+            # Every graph recompiles at the next step instead (from the on-disk cache where it has them).
+            torch.compiler.reset()
         if self.freeze_bn_stats:
             self.frozen_norms = [m for m in backbone.modules() if isinstance(m, _BatchNorm)]
         still_frozen = {id(m) for m in self.frozen_norms}
