@@ -1,8 +1,9 @@
 """GPU fast paths for the competition recipe: tf_efficientnet_b6 training at 448 px, fp32 vs bf16 vs channels_last
-vs torch.compile.
+vs torch.compile (the whole network, and regional: each backbone block).
 
     python benchmarks/gpu.py [--model tf_efficientnet_b6] [--image-size 448] [--batch-size 16] [--steps 20]
                              [--no-compile] [--no-max-batch] [--train-images 15561]
+                             [--variants fp32 amp channels_last compile regional]
 
 For each variant: training images/s (forward, label-smoothed cross-entropy, backward, AdamW step; the network is
 carnet's CarNet with its linear head and the B6 config's dropout / drop path), peak GPU memory at
@@ -10,7 +11,11 @@ carnet's CarNet with its linear head and the B6 config's dropout / drop path), p
 variant, whose every new batch size recompiles), and the epoch time this rate gives for ``--train-images``
 (15,561: the competition's training set). Batches are random tensors already on the GPU, so these are the
 model's rates: the loader must deliver as many images/s (see benchmarks/loader.py for images/s per CPU core).
-cudnn.benchmark is on, as carnet turns it on for GPU runs. Needs a CUDA GPU; exits with a message otherwise.
+cudnn.benchmark is on, as carnet turns it on for GPU runs. Needs a CUDA GPU; exits with a message otherwise
+(``--device cpu``: fp32 on the CPU, no largest-batch search). The compiled variants' warm-up is the time of their
+untimed steps, compilation included: compiled code goes to carnet's persistent cache (``TORCHINDUCTOR_CACHE_DIR``,
+default ~/.cache/carnet/inductor), so run the script twice with the same folder to see a second run's warm-up
+(benchmarks/gpu_suite.sh does, with an empty folder first).
 
     python benchmarks/gpu.py --end-to-end [--batch-size 32 64] [--data DIR] [--workers N] [--views 4]
 
@@ -52,11 +57,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from carnet.models.heads import build_head  # noqa: E402
-from carnet.models.network import CarNet, create_backbone  # noqa: E402
+from carnet.models.network import CarNet, compile_network, create_backbone  # noqa: E402
 
 NUM_CLASSES = 10
 DEVICE = "cuda"  # a module constant so the step code can be smoke-tested on a CPU
 HEAD = {"_target_": "carnet.models.heads.LinearHead", "dropout": 0.5}
+
+
+VARIANTS = ("fp32", "amp", "channels_last", "compile", "regional")
 
 
 @dataclass
@@ -64,7 +72,7 @@ class Variant:
     name: str
     dtype: torch.dtype | None  # autocast dtype; None = fp32
     channels_last: bool
-    compile: bool
+    compile: bool | str  # False, True (the whole network) or "regional" (each backbone block)
 
 
 def build_net(model: str, variant: Variant) -> CarNet:
@@ -73,7 +81,7 @@ def build_net(model: str, variant: Variant) -> CarNet:
     if variant.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if variant.compile:
-        net.compile()  # in place, as carnet's model.compile=true does
+        compile_network(net, variant.compile)  # in place, as carnet's model.compile=true / regional does
     return net
 
 
@@ -393,7 +401,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="batch size (--end-to-end: one row per size)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile needs them)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="which variants to measure (amp: bf16, or fp16 on cards without it; compile: the whole "
+                         "network; regional: each backbone block; both with amp and channels_last)")
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
     ap.add_argument("--train-images", type=int, default=15561, help="images per epoch for the epoch-time estimate")
     ap.add_argument("--end-to-end", action="store_true",
@@ -424,24 +435,33 @@ def main(argv: list[str] | None = None) -> None:
         end_to_end(a)
         return
     a.batch_size = a.batch_size[0]
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit(f"benchmarks/gpu.py needs a CUDA GPU, and torch {torch.__version__} sees none here "
                  f"(torch.cuda.is_available() is False). Run it on a GPU machine: python benchmarks/gpu.py")
 
-    torch.backends.cudnn.benchmark = True  # what carnet's trainer.benchmark=null gives on a GPU
-    low = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    low_name = "bf16" if low is torch.bfloat16 else "fp16"
-    variants = [
-        Variant("fp32", None, False, False),
-        Variant(low_name, low, False, False),
-        Variant(f"{low_name}+channels_last", low, True, False),
-    ]
-    if not a.no_compile:
-        variants.append(Variant(f"{low_name}+channels_last+compile", low, True, True))
-    name = torch.cuda.get_device_name()
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    print(f"{name} ({total:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}; {a.model} at "
-          f"{a.image_size} px, batch {a.batch_size}, AdamW, label smoothing 0.1", flush=True)
+    if DEVICE == "cuda":
+        torch.backends.cudnn.benchmark = True  # what carnet's trainer.benchmark=null gives on a GPU
+        low = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        low_name = "bf16" if low is torch.bfloat16 else "fp16"
+        name = torch.cuda.get_device_name()
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        card = f"{name} ({total:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:  # fp32 throughout, no memory figures
+        low, low_name, a.no_max_batch = None, "fp32", True
+        card = f"CPU ({len(os.sched_getaffinity(0))} cores), torch {torch.__version__}"
+    fast = f"{low_name}+channels_last"
+    table = {
+        "fp32": Variant("fp32", None, False, False),
+        "amp": Variant(low_name, low, False, False),
+        "channels_last": Variant(fast, low, True, False),
+        "compile": Variant(f"{fast}+compile", low, True, True),
+        "regional": Variant(f"{fast}+regional", low, True, "regional"),
+    }
+    variants = [table[key] for key in a.variants
+                if not (a.no_compile and table[key].compile) and not (key == "amp" and low is None)]
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "~/.cache/carnet/inductor"
+    print(f"{card}; {a.model} at {a.image_size} px, batch {a.batch_size}, AdamW, label smoothing 0.1; compile "
+          f"cache {cache}", flush=True)
 
     rows = []
     for variant in variants:
@@ -454,15 +474,16 @@ def main(argv: list[str] | None = None) -> None:
               f"warm-up {result['warmup_s']:.0f} s", flush=True)
 
     base = rows[0][1]["rate"]
-    print(f"\n{'variant':<28} {'images/s':>9} {'vs fp32':>8} {'peak GiB':>9} {'max batch':>10} "
-          f"{'epoch (' + str(a.train_images) + ' img)':>20}")
+    print(f"\n{'variant':<30} {'images/s':>9} {'vs ' + rows[0][0].name:>12} {'warm-up s':>10} {'peak GiB':>9} "
+          f"{'max batch':>10} {'epoch (' + str(a.train_images) + ' img)':>20}")
     for variant, r in rows:
         epoch = a.train_images / r["rate"]
         max_batch = str(r.get("max_batch", "-"))
-        print(f"{variant.name:<28} {r['rate']:>9.1f} {r['rate'] / base:>7.2f}x {r['peak_gib']:>9.1f} "
-              f"{max_batch:>10} {f'{epoch / 60:.1f} min':>20}")
+        print(f"{variant.name:<30} {r['rate']:>9.1f} {r['rate'] / base:>11.2f}x {r['warmup_s']:>10.1f} "
+              f"{r['peak_gib']:>9.1f} {max_batch:>10} {f'{epoch / 60:.1f} min':>20}")
     print(f"peak GiB at batch {a.batch_size}; max batch: largest that trains (multiple of 8); epoch: training "
-          f"images / rate, model only (no loader stalls, no validation); compile warm-up includes compilation")
+          f"images / rate, model only (no loader stalls, no validation); warm-up: the untimed steps "
+          f"({a.warmup}, +10 for compiled variants), compilation included")
 
 
 if __name__ == "__main__":

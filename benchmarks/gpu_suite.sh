@@ -44,4 +44,16 @@ fi
 start=$(date +%s)
 timeout "${SUITE_TIMEOUT:-480}" "$PY" "$REPO/benchmarks/gpu.py" --end-to-end --model tf_efficientnet_b6 \
     --image-size 448 --batch-size 32 64 --steps 20 --warmup 5 --views 4 "$@"
+# torch.compile, GPU only: the model-only step eager vs regional compilation, and the warm-up of a first run (an
+# empty compile cache) and of a second process that finds the first one's cache (goal: <= 60 s).
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    COMPILE_CACHE="$(mktemp -d -t carnet_inductor_XXXXXX)"
+    for run in "first run, empty cache" "second run, warm cache"; do
+        echo "gpu_suite.sh: regional compile, $run"
+        TORCHINDUCTOR_CACHE_DIR="$COMPILE_CACHE" timeout "${COMPILE_TIMEOUT:-240}" "$PY" "$REPO/benchmarks/gpu.py" \
+            --model tf_efficientnet_b6 --image-size 448 --batch-size 32 --steps 20 --warmup 3 --no-max-batch \
+            --variants channels_last regional "$@" || echo "gpu_suite.sh: the $run stopped (exit $?)"
+    done
+    rm -rf "$COMPILE_CACHE"
+fi
 echo "gpu_suite.sh: $(( $(date +%s) - start )) s"

@@ -35,8 +35,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` 
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    """Each test starts with no compiled code (as a new process would), whatever ran before it."""
+def fresh_dynamo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Each test starts with no compiled code (as a new process would), whatever ran before it, and its own compile
+    cache folder (never the user's ~/.cache)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.compiler.reset()
     yield
     torch.compiler.reset()
