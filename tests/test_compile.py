@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from carnet.models.checkpoint import load_checkpoint, read_checkpoint
 from carnet.models.network import compile_regions, compile_status, use_compile_cache
-from carnet.training.builders import resolve_compile
+from carnet.training.builders import build_module, resolve_compile
 from carnet.training.finetune import ProgressiveUnfreezing, backbone_blocks, unfrozen_block_count
 from carnet.training.module import CarClassifier
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import TINY
 
 HEAD = {"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0}
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2, "weight_decay": 1e-2}
@@ -253,3 +255,13 @@ def test_unfreezing_with_inductor_on_the_cpu() -> None:
     assert rec.with_grad[2:] == [unfrozen, unfrozen]
     assert all(torch.equal(start[n], end[n]) for n in frozen)
     torch.testing.assert_close(torch.tensor(rec.losses), torch.tensor(eager_rec.losses), rtol=1e-3, atol=1e-4)
+
+
+def test_the_run_config_reaches_the_compiled_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.compile_backend and model.compile_cache of a run's config are what build_module compiles with."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cfg = compose_cfg([*TINY, "model.compile=regional", "model.compile_backend=aot_eager",
+                       f"model.compile_cache={tmp_path / 'cache'}"])
+    module = build_module(cfg)
+    assert module.hparams.compile_backend == "aot_eager"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")

@@ -64,7 +64,7 @@ def test_benchmark_and_compile_resolve_per_device(fake_gpu: callable) -> None:
     assert resolve_benchmark(True, "cpu") is True and resolve_benchmark(False, "gpu") is False
     fake_gpu()
     assert resolve_benchmark(None, "auto") is True and resolve_benchmark(None, "cpu") is False
-    assert resolve_compile("auto", "gpu") is True and resolve_compile("auto", "cpu") is False
+    assert resolve_compile("auto", "gpu") == "regional" and resolve_compile("auto", "cpu") is False
     with pytest.raises(ValueError, match=r"model\.compile='fast'"):
         resolve_compile("fast", "gpu")
 

@@ -18,6 +18,7 @@ from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
 from carnet.data.datamodule import CarDataModule
 from carnet.errors import CarnetError
+from carnet.models.network import use_compile_cache
 from carnet.training.console import console_callbacks
 from carnet.training.finetune import ProgressiveUnfreezing
 from carnet.training.head_fit import HeadFit
@@ -110,6 +111,9 @@ def overrides_of(cfg: DictConfig) -> list[str]:
 
 def build_module(cfg: DictConfig) -> CarClassifier:
     """The LightningModule for ``cfg`` (model, head, optimizer, scheduler)."""
+    compile_ = resolve_compile(cfg.model.get("compile", False), str(cfg.trainer.get("accelerator", "auto")))
+    if compile_ and cfg.model.get("compile_cache"):
+        use_compile_cache(cfg.model.compile_cache)  # before the first compilation
     return CarClassifier(
         model_name=cfg.model.name,
         class_names=list(cfg.data.class_names),
@@ -120,7 +124,8 @@ def build_module(cfg: DictConfig) -> CarClassifier:
         drop_rate=cfg.model.drop_rate,
         drop_path_rate=cfg.model.drop_path_rate,
         channels_last=cfg.model.channels_last,
-        compile=resolve_compile(cfg.model.get("compile", False), str(cfg.trainer.get("accelerator", "auto"))),
+        compile=compile_,
+        compile_backend=cfg.model.get("compile_backend", "inductor"),
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
         backbone_lr_mult=cfg.backbone_lr_mult,

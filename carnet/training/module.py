@@ -65,7 +65,6 @@ class CarClassifier(pl.LightningModule):
         # mean/std (data_config, which inference_meta records), on the device and in the run's precision.
         self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)))
         if channels_last:  # the net converts its input to match
-
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and load_checkpoint unchanged
             compile_network(self.net, compile, compile_backend)  # True: the whole net; "regional": each block
