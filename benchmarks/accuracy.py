@@ -139,9 +139,13 @@ class EvalView:
         self.transform = build_eval_transform(image_size, data_config["mean"], data_config["std"],
                                               data_config.get("interpolation", "bicubic"),
                                               float(data_config.get("crop_pct", 1.0)))
+        # carnet's view ends in uint8 pixels (its network normalises them); the baselines' plain timm models
+        # take normalised floats, so normalise here, as carnet's Normalize does.
+        self.mean = torch.tensor(data_config["mean"]).view(3, 1, 1) * 255
+        self.std = torch.tensor(data_config["std"]).view(3, 1, 1) * 255
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image=np.asarray(image))["image"]
+        return (self.transform(image=np.asarray(image))["image"].float() - self.mean) / self.std
 
 
 def train_view(data_config: dict[str, Any], image_size: int) -> v2.Compose:

@@ -107,5 +107,8 @@ def test_lr_find_writes_plot_and_a_positive_rate(train_run: Callable, tmp_path: 
     assert result["suggested_lr"] > 0 and result["steps"] == 24
     assert f"suggested lr={result['suggested_lr']:.3g}" in proc.stdout
     assert (run_dir / "lr_find.png").stat().st_size > 10_000
-    assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()  # no training
+    assert not (run_dir / "checkpoints").exists()  # no training
+    summary = read_summary(run_dir)  # every run directory has one: this run completed, found a rate, trained nothing
+    assert summary["status"] == "completed" and summary["tune"]["suggested_lr"] == result["suggested_lr"]
+    assert summary["best_val_acc"] is None
     assert not list(run_dir.glob(".lr_find*.ckpt"))  # the finder's temporary checkpoint is gone
