@@ -56,11 +56,16 @@ class WeightsCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
 
+def gpu_run(accelerator: str) -> bool:
+    """Whether a run with ``trainer.accelerator`` trains on a CUDA GPU: what every ``auto`` default below asks."""
+    return accelerator != "cpu" and torch.cuda.is_available()
+
+
 def resolve_async_save(async_save: Any, accelerator: str) -> bool:
     """``auto``: checkpoints written in a background thread for GPU runs (the GPU goes on training meanwhile);
     on the CPU the thread would only compete with training for the same cores."""
     if str(async_save).lower() == "auto":
-        return accelerator != "cpu" and torch.cuda.is_available()
+        return gpu_run(accelerator)
     if isinstance(async_save, bool):
         return async_save
     raise CarnetError(f"checkpoint.async_save={async_save!r}: expected true, false or auto")
@@ -70,7 +75,7 @@ def resolve_precision(precision: Any, accelerator: str) -> str:
     """``auto``: bf16-mixed on GPUs that support it, 16-mixed on older GPUs, 32 on the CPU."""
     if str(precision) != "auto":
         return str(precision)
-    if accelerator in ("cpu",) or not torch.cuda.is_available():
+    if not gpu_run(accelerator):
         return "32"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
@@ -79,7 +84,7 @@ def resolve_benchmark(benchmark: Any, accelerator: str) -> bool:
     """``null``: cudnn.benchmark (fastest conv algorithms for fixed input shapes) on for GPU runs only."""
     if benchmark is not None:
         return bool(benchmark)
-    return accelerator != "cpu" and torch.cuda.is_available()
+    return gpu_run(accelerator)
 
 
 def resolve_compile(compile_: Any, accelerator: str) -> bool | str:
@@ -87,7 +92,7 @@ def resolve_compile(compile_: Any, accelerator: str) -> bool | str:
     fraction of the whole network's warm-up, carnet.models.network.compile_network). ``auto``: regional for GPU
     runs, eager on the CPU (there compiling costs more than it saves in short runs)."""
     if str(compile_).lower() == "auto":
-        return "regional" if accelerator != "cpu" and torch.cuda.is_available() else False
+        return "regional" if gpu_run(accelerator) else False
     if isinstance(compile_, bool) or compile_ is None:
         return bool(compile_)
     if str(compile_).lower() == "regional":

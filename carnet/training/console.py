@@ -94,8 +94,7 @@ class EpochLines(pl.Callback):
     """One line per epoch where there is no terminal to redraw a progress bar on (a Rich bar there wraps every epoch
     into a block of lines)."""
 
-    def __init__(self, stream: Any = None) -> None:
-        self.stream = stream
+    def __init__(self) -> None:
         self.started = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -110,7 +109,7 @@ class EpochLines(pl.Callback):
             if key in metrics:
                 shown.append(f"{key.removesuffix('_epoch')} {float(metrics[key]):.4f}")
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {'  '.join(shown)}  "
-              f"({time.time() - self.started:.1f} s)", file=self.stream or sys.stdout, flush=True)
+              f"({time.time() - self.started:.1f} s)", flush=True)
 
 
 def console_callbacks(progress: bool, summary: bool, metrics_every: int = 50,
