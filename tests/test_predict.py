@@ -23,6 +23,7 @@ from carnet.models.checkpoint import CheckpointError, load_checkpoint, read_chec
 from tests.helpers.overrides import PREDICT, TINY
 from tests.helpers.reference import reference_probs
 from tests.helpers.runs import run_predict, run_script
+from tests.helpers.tolerances import PROBS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -73,7 +74,7 @@ def test_identity_only_tta_equals_plain_prediction(trained: Path, tiny_data: Pat
                           "data.draft=false", "tta='true'")
     expected = reference_probs(trained, tiny_data, [f"test_upload/{i}" for i in plain["ids"]])
     torch.testing.assert_close(plain["probs"], expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(identity["probs"], plain["probs"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(identity["probs"], plain["probs"], **PROBS)
     assert not torch.allclose(flipped["probs"], plain["probs"], atol=1e-6), "hflip TTA changed nothing"
 
 
@@ -88,7 +89,7 @@ def test_tta_merges_of_identical_views_equal_the_view(trained: Path) -> None:
         torch.testing.assert_close(plain, net(images).softmax(-1))
     twice = (flip, View("flip2", hflip=True))
     for merge in ("mean", "gmean"):
-        torch.testing.assert_close(tta_predict(net, images, TTA(twice, merge)), alone, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(tta_predict(net, images, TTA(twice, merge)), alone, **PROBS)
     # fastai's beta: 1 keeps the plain prediction, 0 the augmented views only
     torch.testing.assert_close(tta_predict(net, images, TTA((IDENTITY, flip), beta=1.0)), plain)
     torch.testing.assert_close(tta_predict(net, images, TTA((IDENTITY, flip), beta=0.0)), alone)
@@ -102,8 +103,8 @@ def test_ensemble_of_one_checkpoint_equals_it(trained: Path, tiny_data: Path, tm
     listed = run_predict(f"ckpt=[{trained}]", f"data.root={tiny_data}", f"out={tmp_path / 'b.csv'}")
     weighted = run_predict(f"ckpt=[{trained},{trained}]", "weights=[0.3,0.7]", f"data.root={tiny_data}",
                            f"out={tmp_path / 'c.csv'}")
-    torch.testing.assert_close(listed["probs"], single["probs"], atol=1e-6, rtol=0)
-    torch.testing.assert_close(weighted["probs"], single["probs"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(listed["probs"], single["probs"], **PROBS)
+    torch.testing.assert_close(weighted["probs"], single["probs"], **PROBS)
 
     other = tmp_path / "other_classes.ckpt"
     checkpoint = read_checkpoint(trained)
@@ -188,4 +189,4 @@ def test_predict_script_with_tta_true(trained: Path, tiny_data: Path, tmp_path: 
     assert "mean(identity+hflip)" in proc.stderr
     in_process = run_predict(f"ckpt={trained}", f"data.root={tiny_data}", f"out={tmp_path / 'b.csv'}", "tta='true'")
     written = pd.read_csv(out.with_name("submission.probs.csv")).drop(columns="Id").to_numpy()
-    np.testing.assert_allclose(written, in_process["probs"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(written, in_process["probs"].numpy(), **PROBS)

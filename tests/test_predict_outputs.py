@@ -16,6 +16,7 @@ import torch
 
 from carnet.errors import CarnetError
 from tests.helpers.runs import run_predict
+from tests.helpers.tolerances import PROBS
 
 
 def test_probs_file_is_named_after_the_submission() -> None:
@@ -59,7 +60,7 @@ def test_two_predictions_into_one_folder_keep_their_probabilities(tiny_checkpoin
         assert result["probs_csv"] == path
         written = pd.read_csv(path, dtype={"Id": str})
         assert list(written.Id) == result["ids"]
-        np.testing.assert_allclose(written.drop(columns="Id").to_numpy(), result["probs"].numpy(), atol=1e-6)
+        np.testing.assert_allclose(written.drop(columns="Id").to_numpy(), result["probs"].numpy(), **PROBS)
     assert not (tmp_path / "probs.csv").exists()
 
 

@@ -29,6 +29,7 @@ from tests.helpers.images import photo
 from tests.helpers.paths import REPO
 from tests.helpers.reference import eval_batch, reference_logits
 from tests.helpers.servers import free_port, multipart, post, start_server, stop_server, wait_healthy
+from tests.helpers.tolerances import PROBS_ABS
 
 RESPONSE_KEYS = ["class_id", "class_name", "probability", "top_k", "model", "ms"]
 
@@ -141,7 +142,7 @@ def test_tta_averages_image_and_mirror(tiny_checkpoint: Path) -> None:
     expected = (torch.softmax(reference_logits(net, x, meta).double(), 1)
                 + torch.softmax(reference_logits(net, x.flip(3), meta).double(), 1))[0] / 2
     got = {k["class_id"]: k["probability"] for k in body["top_k"]}
-    assert [got[k] for k in range(10)] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert [got[k] for k in range(10)] == pytest.approx(expected.tolist(), abs=PROBS_ABS)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
