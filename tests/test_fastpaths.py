@@ -12,6 +12,7 @@ from carnet.training.builders import (
     build_datamodule,
     build_module,
     build_trainer,
+    resolve_async_save,
     resolve_benchmark,
     resolve_compile,
     resolve_precision,
@@ -67,6 +68,23 @@ def test_benchmark_and_compile_resolve_per_device(fake_gpu: callable) -> None:
     assert resolve_compile("auto", "gpu") == "regional" and resolve_compile("auto", "cpu") is False
     with pytest.raises(ValueError, match=r"model\.compile='fast'"):
         resolve_compile("fast", "gpu")
+
+
+def test_gpu_paths_not_yet_measured_on_a_gpu_are_opt_in(fake_gpu: callable) -> None:
+    """On a CUDA machine the default config turns on only what was measured there (docs/performance.md, "Measured
+    where"): bf16 and cudnn.benchmark, not GPU decoding, regional compile or background checkpoint writes."""
+    import inspect
+
+    from carnet.data.datamodule import CarDataModule
+
+    cfg = compose_cfg()
+    fake_gpu()
+    accelerator = cfg.trainer.accelerator
+    assert resolve_precision(cfg.trainer.precision, accelerator) == "bf16-mixed"
+    assert resolve_benchmark(cfg.trainer.benchmark, accelerator) is True
+    assert resolve_async_save(cfg.checkpoint.async_save, accelerator) is False
+    assert resolve_compile(cfg.model.compile, accelerator) is False
+    assert cfg.data.decode == "cpu" and inspect.signature(CarDataModule).parameters["decode"].default == "cpu"
 
 
 def test_trainer_on_this_cpu_gets_fp32_and_no_cudnn_benchmark(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from carnet.data.transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger(__name__)
 
-# data.decode: cpu = workers decode and augment (the default without CUDA); gpu = workers read bytes, the run's
+# data.decode: cpu = workers decode and augment (the default); gpu = workers read bytes, the run's
 # CUDA device decodes and augments; auto = gpu when the run is on CUDA; device = the byte path on whatever device
 # the run uses, the CPU included (tests, and measuring the device pipeline without a GPU).
 DECODE_MODES = ("cpu", "gpu", "auto", "device")
@@ -110,7 +110,7 @@ class CarDataModule(pl.LightningDataModule):
         dedup_threshold: int = 12,
         cache: str = "none",
         cache_dir: str | os.PathLike | None = None,
-        decode: str = "auto",
+        decode: str = "cpu",
     ) -> None:
         super().__init__()
         self.root = Path(root)
