@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from carnet.data.cache import ImageCache
+from carnet.data.corrections import apply_corrections, read_corrections
 from carnet.data.decode import decode_image, decode_min_side, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
 from carnet.data.device_pipeline import EncodedDataset, collate_encoded, unsupported
@@ -111,6 +112,7 @@ class CarDataModule(pl.LightningDataModule):
         cache: str = "none",
         cache_dir: str | os.PathLike | None = None,
         decode: str = "cpu",
+        corrections: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -140,6 +142,9 @@ class CarDataModule(pl.LightningDataModule):
         if decode not in DECODE_MODES:
             raise DataError(f"data.decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
         self.decode = decode
+        # data.corrections: a label_issues.csv of carnet-inspect with the user's keep/drop/relabel verdicts
+        self.corrections = Path(corrections) if corrections else None
+        self.correction_stats: dict[str, Any] | None = None
         self._on_device: bool | None = None  # data.decode resolved, once the run's device is known
 
     @property
@@ -174,6 +179,11 @@ class CarDataModule(pl.LightningDataModule):
         split, fold = assign_split(frame.path[own], frame.label[own], self.seed, self.val_fraction, self.num_folds,
                                    self.fold)
         frame.loc[own, "split"], frame.loc[own, "fold"] = split, fold
+        if self.corrections is not None:  # after the split: no other photo changes side
+            frame, self.correction_stats = apply_corrections(
+                frame, read_corrections(self.corrections, self.class_names), self.corrections)
+            log.info("data.corrections=%s: %d photo(s) dropped, %d relabelled", self.corrections,
+                     self.correction_stats["dropped"], self.correction_stats["relabelled"])
         if self.dedup:
             frame, self.dedup_dropped = drop_val_near_duplicates(frame, self.root, self.dedup_threshold,
                                                                  max(2, self.num_workers))
@@ -185,10 +195,11 @@ class CarDataModule(pl.LightningDataModule):
         self.split = frame[list(columns)].astype(columns).reset_index(drop=True)
 
     def data_summary(self) -> dict[str, Any]:
-        """Facts about the data for summary.json: extra sources (images used from each), fold, dedup."""
+        """Facts about the data for summary.json: extra sources (images used from each), fold, dedup, corrections."""
         return {"extra_sources": self.source_stats, "fold": self.fold,
                 "num_folds": self.num_folds if self.fold is not None else None,
-                "num_dedup_excluded": None if self.dedup_dropped is None else len(self.dedup_dropped)}
+                "num_dedup_excluded": None if self.dedup_dropped is None else len(self.dedup_dropped),
+                "corrections": self.correction_stats}
 
     def write_split(self, path: str | os.PathLike) -> None:
         """Write split.csv (``path,label,split,fold,source``) so later tools validate on exactly these images."""
