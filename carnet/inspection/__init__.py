@@ -1,0 +1,1 @@
+"""The inspection page (``carnet-inspect``): the model's mistakes, suspected label errors, duplicates and leaks."""
