@@ -10,7 +10,7 @@ DEMO_DATA ?= demo_data
 DEMO_RUN ?= outputs/demo
 DATA ?= data
 
-.PHONY: install demo data pipeline test test-all lint clean
+.PHONY: install demo data pipeline inspect test test-all lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,13 @@ MODEL ?=
 ARGS ?=
 pipeline: install
 	$(VENV)/bin/carnet-pipeline data.root=$(DATA) $(if $(MODEL),model=$(MODEL)) $(ARGS)
+
+# The inspection page (carnet-inspect, docs/inspection.md): mistakes, suspected label errors, duplicates and leaks.
+# RUN=a run directory, a k-fold sweep folder or a .ckpt; INSPECT_ARGS adds options, e.g. INSPECT_ARGS='--data DIR'.
+RUN ?= $(DEMO_RUN)
+INSPECT_ARGS ?=
+inspect: install
+	$(VENV)/bin/carnet-inspect $(RUN) $(INSPECT_ARGS)
 
 # Test accuracy on labelled photos (benchmarks/accuracy.py): a linear probe, a plain PyTorch fine-tune and carnet's
 # phases, over seeds. DATA=Kaggle-layout folder with test_labels.csv (and classes.txt), WEIGHTS=local timm weights;

@@ -156,6 +156,8 @@ def test_inspect_a_checkpoint_with_a_data_root(tiny_checkpoint: Path, tiny_data:
     (["--data", "{tmp}/gone", "--model", "test_efficientnet"], r"--data .*gone: no such folder"),
     (["--data", "{data}", "--model", "test_efficientnet", "--out", "{edited}"],
      r"label_issues.csv has changes carnet-inspect did not make"),
+    (["--data", "{data}", "--model", "test_efficientnet", "--out", "{data}/inspect"],
+     r"is inside the data root .*: carnet-inspect never writes into the data folder"),
 ])
 def test_bad_input_is_one_line(args: list[str], match: str, tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:

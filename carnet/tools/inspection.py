@@ -127,6 +127,9 @@ def inspect(args: argparse.Namespace) -> dict[str, Any]:
     target = resolve(args.target, args.data, args.model, class_names, args.image_size, args.weights, args.seed,
                      args.val_fraction)
     out = Path(args.out) if args.out else target.default_out
+    if out.resolve().is_relative_to(target.root.resolve()):
+        raise InspectError(f"--out {out} is inside the data root {target.root}: carnet-inspect never writes into the "
+                           f"data folder; choose another --out")
     check_out(out)  # before anything is computed: a refusal costs nothing
 
     from carnet.inference.predict import build_tta
