@@ -124,6 +124,9 @@ def test_inspect_a_sweep_scores_every_photo_out_of_fold(fold_runs: Path, tiny_da
     predicted = run_predict("split=oof", f"ckpt=[{ckpts}]", f"report_dir={tmp_path}")
     assert facts["scope"] == "out-of-fold" and facts["photos"] == len(split)
     assert facts["accuracy"] == pytest.approx(predicted["oof"]["accuracy"])  # predict's own out-of-fold report
+    ours = pd.read_csv(out / "predictions.csv").set_index("path").sort_index()
+    theirs = predicted["oof"]["predictions"].set_index("path").sort_index()
+    assert (ours.fold == theirs.fold).all() and (ours.prediction == theirs.prediction).all()
     assert facts["label_errors"]["source"] == "out-of-fold predictions of the k-fold sweep"
     scores = pd.read_csv(out / "label_scores.csv")
     assert set(scores.split) == {"fold 0", "fold 1"} and len(scores) == len(split)
@@ -139,7 +142,9 @@ def test_inspect_a_checkpoint_with_a_data_root(tiny_checkpoint: Path, tiny_data:
     frame = pd.read_csv(tiny_data / "train.csv")
     paths = [f"train/{c}/{i}" for i, c in zip(frame.Id, frame.Category, strict=True)]
     split, _ = assign_split(paths, frame.Category, seed=7, val_fraction=0.2)
-    assert facts["photos"] == int((split == "val").sum())  # the split train.py draws with --seed
+    scored = pd.read_csv(out / "predictions.csv")
+    assert sorted(scored.path) == sorted(np.asarray(paths)[split == "val"])  # the split train.py draws with --seed
+    assert facts["photos"] == len(scored)
     assert facts["label_errors"]["label_free"] is False  # no ImageNet weights here: the checkpoint's own backbone
     assert "it trained on these labels" in page
     wrong = facts["photos"] - round(facts["accuracy"] * facts["photos"])

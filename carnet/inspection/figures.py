@@ -42,6 +42,14 @@ def confusion(scored: Scored, num_classes: int) -> np.ndarray:
     return confusion_matrix(scored.labels, scored.probs.argmax(1), labels=list(range(num_classes)))
 
 
+def predictions(scored: Scored, class_names: Sequence[str]) -> pd.DataFrame:
+    """The scored photos: ``path, label, prediction`` (and ``fold`` out of fold), then each class's probability."""
+    frame = pd.DataFrame({"path": scored.paths, "label": scored.labels, "prediction": scored.probs.argmax(1)})
+    if scored.folds:
+        frame["fold"] = scored.folds
+    return pd.concat([frame, pd.DataFrame(scored.probs.round(6), columns=list(class_names))], axis=1)
+
+
 def top_losses(scored: Scored, n: int) -> pd.DataFrame:
     """The ``n`` wrongly predicted photos with the highest loss (-log p(true class)): the model's most confident
     mistakes, each with its true and predicted class and both probabilities."""

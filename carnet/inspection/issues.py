@@ -6,6 +6,11 @@ other class from the out-of-fold probabilities (the confident joint, with per-cl
 is less sure of is not flagged wholesale) and flags that many photos, the least likely under their given label
 first. So the list's length is an estimate of the number of errors, not a threshold to tune. Photos are ranked by
 their label quality score, the out-of-fold probability of the given label (cleanlab's ``self_confidence``).
+
+``filter_by="prune_by_class"`` rather than cleanlab's default ``prune_by_noise_rate``: on the 365 real car photos
+of benchmarks/label_noise.py with 10 % of the labels flipped (seeds 10-19, not the seeds docs/inspection.md
+reports), it flagged with the same precision (0.854 against 0.855 on average) and a higher recall (0.914 against
+0.872; worst seed 0.806 against 0.778).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def rank_photos(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, cla
         raise DataError(f"no photo is labelled {', '.join(class_names[k] for k in missing)} among the {len(labels)} "
                         f"scored photos: label errors are estimated per class, so every class needs photos")
     scores = get_label_quality_scores(labels, probs, method="self_confidence")
-    flagged = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", n_jobs=1)
+    flagged = find_label_issues(labels, probs, filter_by="prune_by_class", n_jobs=1)
     others = probs.copy()
     others[np.arange(len(labels)), labels] = -1.0
     suggested = others.argmax(1)

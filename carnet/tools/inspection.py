@@ -7,7 +7,8 @@
 
 Writes ``index.html`` (with ``thumbs/``), ``label_issues.csv`` (the flagged photos, ``action=drop`` each: edit to
 keep/drop/relabel, then train with ``data.corrections=.../label_issues.csv``), ``label_scores.csv`` (every photo's
-score), ``inspect.json`` (the figures) and the audit's files (``audit/``) to ``--out`` (default: ``RUN/inspect``).
+score), ``predictions.csv`` (the scored photos' probabilities), ``inspect.json`` (the figures) and the audit's files
+(``audit/``) to ``--out`` (default: ``RUN/inspect``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from carnet.errors import exit_on_error
 from carnet.inspection.targets import InspectError, Scored, Target, resolve
 
 ISSUES, SCORES, PAGE, FACTS = "label_issues.csv", "label_scores.csv", "index.html", "inspect.json"
+PREDICTIONS = "predictions.csv"
 
 
 def _sha256(path: Path) -> str:
@@ -164,6 +166,7 @@ def inspect(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     flagged = ranked[ranked.flagged]
     write_csv_atomic(ranked.drop(columns=["label", "suggested_label"]).round(4), out / SCORES)
+    write_csv_atomic(figures.predictions(scored, names), out / PREDICTIONS)
     write_label_issues(ranked, out / ISSUES)
     headline = figures.headline(scored, len(names))
     facts = [("inspected", f"{target.kind}: {target.name}"), ("data root", str(target.root)),
@@ -182,7 +185,8 @@ def inspect(args: argparse.Namespace) -> dict[str, Any]:
                                f"of {len(ranked)} labelled photos from {how['source']}. All flagged photos are in "
                                f"{ISSUES} with action=drop: set keep or relabel (to the suggested class, or edit it) "
                                f"and train with data.corrections={out / ISSUES}; the data folder is never changed."),
-                files=[(ISSUES, ISSUES), (SCORES, SCORES)] + ([] if args.no_audit else [("audit", "audit/audit.md")]))
+                files=[(name, name) for name in (ISSUES, SCORES, PREDICTIONS)]
+                + ([] if args.no_audit else [("audit", "audit/audit.md")]))
     if target.kind == "data":
         page.scope_note = "No trained model: the scores are the probe's own out-of-fold predictions."
     thumbs = Thumbnails(out)
