@@ -66,12 +66,12 @@ def test_a_failure_before_training_leaves_a_failed_summary_and_a_log(tmp_path: P
 
 def test_the_data_is_checked_before_the_model_is_built(tmp_path: Path) -> None:
     """A wrong data.root fails at once, before the default model (B6, pretrained) is built or downloaded: with an
-    unreachable hub it would otherwise fail on the weights, after a long wait."""
+    unreachable hub it would otherwise fail on the weights, after a long wait. (The data's error, not the weights',
+    and no parameter count in the summary: nothing was built.)"""
     run_dir = tmp_path / "run"
-    started = time.monotonic()
     proc = _train_py(f"data.root={tmp_path / 'missing'}", f"hydra.run.dir={run_dir}", "trainer=cpu")
     assert proc.returncode == 1 and "data root" in proc.stderr and "does not exist" in proc.stderr
-    assert time.monotonic() - started < 60
+    assert "total_params" not in read_summary(run_dir)
 
 
 def test_a_killed_run_reads_as_interrupted(tiny_data: Path, tmp_path: Path) -> None:
@@ -140,18 +140,18 @@ def test_resume_continues_the_run_as_if_never_stopped(tiny_data: Path, tmp_path:
 
 
 def test_pretrained_weights_offline_fail_at_once_with_what_to_do(tiny_data: Path, tmp_path: Path) -> None:
-    """The README's command with an unreachable hub and an empty cache: one line naming model.weights=, in seconds
-    (timm's download retried for about a minute, then a 100-line traceback)."""
+    """The README's command with an unreachable hub and an empty cache: one line naming model.weights=, from the
+    check that runs before the model is built (timm's download retried for about a minute, then a 100-line
+    traceback). No wall-clock bound: on a loaded machine the interpreter's start alone varies by tens of seconds;
+    that the line comes from carnet's check, not timm's retries, is what the message and the one line show."""
     env = {**child_env(), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hf"),
            "TORCH_HOME": str(tmp_path / "torch")}
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"data.root={tiny_data}", "trainer=cpu",
                            "model=tf_efficientnet_lite0", "model.pretrained=true", f"hydra.run.dir={tmp_path / 'run'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "model.weights=PATH" in proc.stderr and "model.pretrained=false" in proc.stderr
-    assert time.monotonic() - started < 30
     assert read_summary(tmp_path / "run")["status"] == "failed"
 
 
