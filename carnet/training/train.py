@@ -67,7 +67,7 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))
     if cfg.get("resume"):
-        check_resumable(cfg.resume)
+        check_resumable(cfg.resume, cfg.model.name, cfg.head, len(cfg.data.class_names))
     if cfg.model.pretrained and not cfg.model.get("weights"):
         check_pretrained_available(cfg.model.name)  # offline: one line in a second, not a minute of retries
     callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
