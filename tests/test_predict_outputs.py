@@ -78,3 +78,23 @@ def test_other_outputs_are_checked_before_loading(tiny_data: Path, tmp_path: Pat
     with pytest.raises(CarnetError, match=re.escape(f"report_dir={garbage}")):
         run_predict(*common, "split=val", f"report_dir={garbage}")
     assert not (tmp_path / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("which", ["out", "probs"])
+def test_a_read_only_output_is_refused_before_loading(which: str, tiny_checkpoint: Path, tiny_data: Path,
+                                                      tmp_path: Path) -> None:
+    """out= an existing 0444 file (or its probabilities file) is refused in one line; the file keeps its text and
+    mode (the atomic rename replaced it, root or not). Checked before the checkpoint is opened: an unreadable one
+    is not what is reported."""
+    out = tmp_path / "submission.csv"
+    locked = out if which == "out" else tmp_path / "submission.probs.csv"
+    locked.write_text("Id,Category\nkeep,0\n")
+    locked.chmod(0o444)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    for ckpt in (tiny_checkpoint, garbage):
+        with pytest.raises(CarnetError, match=re.escape(f"out={out}") + ".*read-only") as err:
+            run_predict(f"ckpt={ckpt}", f"data.root={tiny_data}", f"out={out}")
+        assert "\n" not in str(err.value) and str(locked) in str(err.value)
+        assert locked.read_text() == "Id,Category\nkeep,0\n" and locked.stat().st_mode & 0o777 == 0o444
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,7 +59,25 @@ def check_outputs(out: str | os.PathLike, example: str = "submission.csv") -> tu
     _file_in_folder(out, "out", example)
     if probs.is_dir():
         raise PredictError(f"out={out}: its probabilities file {probs} is a folder; choose another out=")
+    for path in (out, probs):
+        if _read_only(path):
+            what = "" if path == out else f": its probabilities file {path}"
+            raise PredictError(f"out={out}{what} is read-only; carnet does not replace it: choose another out=, or "
+                               "make it writable first")
     return out, probs
+
+
+def _read_only(path: Path) -> bool:
+    """An existing file that its owner made read-only (no write bit), or that this user may not write.
+
+    Checked by hand because the outputs are written to a temporary file and renamed over the old one, and a rename
+    needs only the folder's permission: it would replace a 0444 file without a word (and root passes os.access).
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return False
+    return not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.W_OK)
 
 
 def check_report_dir(report_dir: str | os.PathLike) -> Path:
