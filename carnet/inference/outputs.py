@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from rich.table import Table
 
-from carnet.artifacts import atomic_path
+from carnet.artifacts import atomic_path, spreadsheet_safe
 from carnet.inference.ensemble import PredictError
 from carnet.inference.runner import console
 from carnet.inference.selection import Images
@@ -110,7 +110,8 @@ def write_submission(ids: Sequence[str], probs: torch.Tensor, class_names: Seque
     out, probs_path = check_outputs(out)
     id_column, class_column = SUBMISSION_COLUMNS
     submission = pd.DataFrame({id_column: list(ids), class_column: probs.argmax(-1).numpy().astype(int)})
-    _write_both([_probs_table(id_column, ids, probs, class_names), submission], [probs_path, out])
+    # submission.csv's Ids stay exactly what Kaggle expects; the probabilities file is for people and spreadsheets
+    _write_both([spreadsheet_safe(_probs_table(id_column, ids, probs, class_names)), submission], [probs_path, out])
     return out, probs_path
 
 
@@ -131,8 +132,8 @@ def write_image_predictions(files: Sequence[str], probs: torch.Tensor, class_nam
     """``images=DIR``: ``out`` (:func:`top_k_table`) and ``<out stem>.probs.csv`` (``file`` + one column per
     class); files are paths relative to the folder."""
     out, probs_path = check_outputs(out, "predictions.csv")
-    _write_both([_probs_table("file", files, probs, class_names), top_k_table(files, probs, class_names, top_k)],
-                [probs_path, out])
+    tables = [_probs_table("file", files, probs, class_names), top_k_table(files, probs, class_names, top_k)]
+    _write_both([spreadsheet_safe(table) for table in tables], [probs_path, out])
     return out, probs_path
 
 
