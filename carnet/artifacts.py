@@ -88,6 +88,25 @@ def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     return write_text_atomic(path, frame.to_csv(index=False))
 
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every text cell and column name that a spreadsheet would run as a formula prefixed with a
+    single quote, as OWASP advises: a photo named ``=HYPERLINK(...).jpg`` stays text when predictions.csv is
+    opened. Numbers are left alone. For files people open; never for files carnet reads back or Kaggle scores."""
+
+    def safe(value: Any) -> Any:
+        return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+    text = [column for column in frame.columns if not pd.api.types.is_numeric_dtype(frame[column])]
+    frame = frame.copy(deep=False)
+    for column in text:
+        frame[column] = frame[column].map(safe)
+    return frame.rename(columns=safe)
+
+
 def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     """A run's summary.json as a dict (a clear error if the run has none).
 

@@ -25,7 +25,7 @@ import torch
 from rich.table import Table
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from carnet.artifacts import write_csv_atomic
+from carnet.artifacts import spreadsheet_safe, write_csv_atomic
 from carnet.inference.ensemble import Model, ensemble
 from carnet.inference.runner import Runner, console, progress_bars
 from carnet.inference.selection import FoldPart, Images
@@ -177,8 +177,8 @@ class _Report:
         frame = pd.DataFrame(final.numpy(), columns=self.class_names)
         for i, (column, values) in enumerate(self.columns(final).items()):
             frame.insert(i, column, values)
-        csv = write_csv_atomic(frame, report_dir / f"{self.name}_predictions.csv")
-        table = write_csv_atomic(pd.DataFrame(rows), report_dir / f"{self.name}_report.csv")
+        csv = write_csv_atomic(spreadsheet_safe(frame), report_dir / f"{self.name}_predictions.csv")
+        table = write_csv_atomic(spreadsheet_safe(pd.DataFrame(rows)), report_dir / f"{self.name}_report.csv")
         console.print(f"{self.scope} predictions: {csv}; confusion matrix: {png}; table: {table}")
         return chosen, {"rows": rows, "accuracy": acc, "confusion": matrix, "pairs": pairs, "tta": chosen,
                         "probs": final, "predictions": frame}

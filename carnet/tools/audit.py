@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from carnet.artifacts import write_csv_atomic, write_text_atomic
+from carnet.artifacts import spreadsheet_safe, write_csv_atomic, write_text_atomic
 from carnet.config import config_dir
 from carnet.data.dedup import (
     DEFAULT_SIMILARITY,
@@ -174,7 +174,7 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
     pairs, rejected = find_pairs(images, threshold, min_similarity, workers)
 
     pairs_path, md_path, png_path = out / "audit_pairs.csv", out / "audit.md", out / "audit_classes.png"
-    write_csv_atomic(pairs, pairs_path)
+    write_csv_atomic(spreadsheet_safe(pairs), pairs_path)
 
     labelled = images[images.label.notna()]
     counts = pd.crosstab(labelled.label.astype(int), labelled.group) if len(labelled) else pd.DataFrame()

@@ -31,7 +31,8 @@ PIPELINE_FILE = "pipeline.json"
 
 
 class PhaseError(CarnetError):
-    """A phase cannot start: its predecessor is missing or does not fit; the message says what to do."""
+    """A run cannot start from a checkpoint (a phase's predecessor, ``resume=``): it is missing or does not fit; the
+    message says what to do."""
 
 
 def phase_checkpoint(phases_dir: str | os.PathLike, phase: str) -> Path:
@@ -59,8 +60,9 @@ def _plain(value: Any) -> Any:
 
 
 def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: str, head: Any,
-               num_classes: int) -> None:
-    """The model, the head and the class count of ``checkpoint`` must be this run's; else name both sides.
+               num_classes: int, key: str = "init_from") -> None:
+    """The model, the head and the class count of ``checkpoint`` must be this run's; else name both sides and the
+    ``key`` that named the checkpoint (``init_from``, ``resume``).
 
     The image size may differ (e.g. the 448 px phase starts from a 224 px one).
     """
@@ -68,11 +70,11 @@ def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: 
     for label, theirs, mine in (("model", meta.get("model_name"), model_name),
                                 ("head", _plain(meta.get("head")), _plain(head))):
         if theirs != mine:
-            raise PhaseError(f"init_from={path} does not fit this run: the checkpoint's {label} is {theirs}, this "
+            raise PhaseError(f"{key}={path} does not fit this run: the checkpoint's {label} is {theirs}, this "
                              f"run's {label} is {mine}")
     theirs_n = len(meta.get("class_names", []))
     if theirs_n != num_classes:
-        raise PhaseError(f"init_from={path} does not fit this run: the checkpoint has {theirs_n} classes, this run "
+        raise PhaseError(f"{key}={path} does not fit this run: the checkpoint has {theirs_n} classes, this run "
                          f"has {num_classes} (data.class_names)")
 
 

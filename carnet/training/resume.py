@@ -20,21 +20,27 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from carnet.errors import CarnetError
+from carnet.models.checkpoint import CHECKPOINT_KEY, load_weights_only
+from carnet.training.phases import check_fits
 
 
-def check_resumable(path: str | Path) -> None:
-    """A one-line error, before anything is built, for a ``resume=`` that cannot continue a run: a missing file, or
-    a weights-only checkpoint (``best.ckpt``, a phase hand-off) that has no optimizer state to continue from."""
+def check_resumable(path: str | Path, model_name: str, head: Any, num_classes: int) -> None:
+    """A one-line error, before anything is built, for a ``resume=`` that cannot continue this run: a missing or
+    unreadable file, one holding pickled objects (refused), a weights-only checkpoint (``best.ckpt``, a phase
+    hand-off) that has no optimizer state to continue from, or the checkpoint of another model, head or class count
+    (Lightning would fail on mis-sized tensors once the model is built)."""
     path = Path(path)
     if not path.is_file():
         raise CarnetError(f"resume={path}: file not found (expected a run's checkpoints/last.ckpt)")
-    try:  # mmap: only the keys are read, not gigabytes of tensors
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a truncated or foreign file: whatever torch raises
-        raise CarnetError(f"resume={path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    # mmap: only the keys are read, not gigabytes of tensors
+    checkpoint = load_weights_only(path, f"resume={path}", mmap=True)
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise CarnetError(f"resume={path} is not a carnet checkpoint (no '{CHECKPOINT_KEY}' metadata): expected a "
+                          "run's checkpoints/last.ckpt")
     if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
         raise CarnetError(f"resume={path} holds weights only (a best.ckpt or a phase hand-off): resume from the run's "
                           "checkpoints/last.ckpt, or start a new run from these weights with init_from=PATH")
+    check_fits(checkpoint, path, model_name, head, num_classes, key="resume")
 
 
 def _train_transform(trainer: pl.Trainer) -> A.BaseCompose | None:

@@ -17,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from carnet.artifacts import SPLIT_FILE
 from carnet.config import config_dir
+from carnet.config_check import check_train_config
 from carnet.data.layout import scan_train
 from carnet.errors import exit_on_error
 from carnet.models.hub import check_pretrained_available
@@ -41,8 +42,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``).
 
     The run owns its directory while it runs (:func:`run_dir_lock`), and the directory gets a summary whatever
-    happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it.
+    happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it. A
+    value the user typed wrong is refused before that: no run starts, nothing is written (carnet.config_check).
     """
+    check_train_config(cfg)
     run_dir = run_dir_of(cfg)
     is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
     with run_dir_lock(run_dir) if is_rank_zero else nullcontext():
@@ -67,7 +70,7 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))
     if cfg.get("resume"):
-        check_resumable(cfg.resume)
+        check_resumable(cfg.resume, cfg.model.name, cfg.head, len(cfg.data.class_names))
     if cfg.model.pretrained and not cfg.model.get("weights"):
         check_pretrained_available(cfg.model.name)  # offline: one line in a second, not a minute of retries
     callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
