@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a carnet checkpoint (no '{CHECKPOINT_KEY}' metadata)")
+    if bad := nonfinite_tensors(checkpoint["state_dict"]):  # it would predict class 0 for everything, silently
+        raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights in {len(bad)} tensor(s) (first: "
+                              f"{bad[0]}): the run that wrote it diverged; train again with a lower optimizer.lr")
     return checkpoint
+
+
+def nonfinite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of ``state_dict`` that hold NaN or infinity (one host sync)."""
+    names = [name for name, value in state_dict.items()
+             if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    if not names:
+        return []
+    device = state_dict[names[0]].device
+    finite = torch.stack([torch.isfinite(state_dict[name]).all().to(device) for name in names]).tolist()
+    return [name for name, ok in zip(names, finite, strict=True) if not ok]
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[CarNet, dict[str, Any]]:

@@ -107,6 +107,7 @@ class RunArtifacts(pl.Callback):
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()  # moved back by a resume, so that `seconds` counts the whole run
         self.trainer: pl.Trainer | None = None
+        self.best_checkpoint: Path | None = None  # summary.json names it only once it exists
 
     def _callback_fields(self) -> dict[str, Any]:
         """Fields other callbacks report for summary.json (``summary_fields()``: the phase, the unfrozen fraction)."""
@@ -143,6 +144,8 @@ class RunArtifacts(pl.Callback):
         else:
             summary.update(best_val_acc=None, best_epoch=None, best_val_loss=None)
         summary["epochs_run"] = len(metrics)
+        if self.best_checkpoint is not None:
+            summary["best_checkpoint"] = str(self.best_checkpoint) if self.best_checkpoint.is_file() else None
         summary.update(self._callback_fields())  # last: a phase that kept its start weights reports that as best
         if pl_module is not None:
             summary["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)

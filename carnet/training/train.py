@@ -30,6 +30,7 @@ from carnet.training.builders import (
     run_dir_of,
 )
 from carnet.training.console import quiet_lightning
+from carnet.training.finite import StopOnNonFinite
 from carnet.training.resume import check_resumable
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.tune import tune
@@ -91,11 +92,12 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         "num_val": int(counts.get("val", 0)),
         "num_excluded": len(datamodule.excluded),
         **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
-        "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
         **budget,
         "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
     })
-    trainer = build_trainer(cfg, run_dir, [*callbacks, artifacts])  # artifacts last: it records what they did
+    artifacts.best_checkpoint = run_dir / "checkpoints" / "best.ckpt"
+    guard = StopOnNonFinite(lr=cfg.optimizer.get("lr"))
+    trainer = build_trainer(cfg, run_dir, [*callbacks, guard, artifacts])  # artifacts last: it records what they did
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
     summary = artifacts.summary
