@@ -36,7 +36,7 @@ from carnet.artifacts import (
     write_csv_atomic,
     write_json,
 )
-from carnet.errors import CarnetError, exit_on_error
+from carnet.errors import CarnetError, exit_on_error, stopping_signal
 
 try:
     import fcntl
@@ -175,12 +175,16 @@ class RunArtifacts(pl.Callback):
         self._write_summary("completed")
 
     def fail(self, error: BaseException) -> None:
-        """Record why the run stopped (``failed``, or ``interrupted`` for Ctrl-C) unless that is recorded already:
-        failures before training (bad data, bad weights) get a summary too, and report lists them."""
+        """Record why the run stopped (``failed``, or ``interrupted`` by Ctrl-C or SIGTERM) unless that is recorded
+        already: failures before training (bad data, bad weights) get a summary too, and report lists them."""
         if self.summary.get("status") in ("failed", "interrupted"):
             return
+        if (signum := stopping_signal(error)) is not None:
+            self.summary["error"] = f"interrupted by {signum.name}"
+            self._write_summary("interrupted")
+            return
         self.summary["error"] = f"{type(error).__name__}: {error}".strip()
-        self._write_summary("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+        self._write_summary("failed")
 
     def _write_summary(self, status: str, pl_module: pl.LightningModule | None = None) -> None:
         summary = {**self.summary, "status": status, "seconds": round(time.time() - self.started, 2)}
