@@ -14,7 +14,7 @@ import torch
 from carnet.artifacts import read_summary
 from carnet.errors import CarnetError
 from carnet.inference.export import main as export_main
-from carnet.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from carnet.models.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, read_checkpoint
 from carnet.serving.app import main as serve_main
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
@@ -51,6 +51,14 @@ def test_weights_gone_nan_are_never_saved(tiny_data: Path, tmp_path: Path) -> No
     for name in ("best.ckpt", "last.ckpt"):
         assert read_checkpoint(run_dir / "checkpoints" / name)["epoch"] == 0  # finite, or read_checkpoint refuses
     assert summary["best_checkpoint"] == str(run_dir / "checkpoints" / "best.ckpt")
+
+
+def test_only_tensors_holding_nan_or_infinity_are_named() -> None:
+    """Found by their sums (cheap), without a false alarm where a sum of finite values overflows."""
+    state = {"overflowing_sum": torch.full((10,), 3e38), "half": torch.full((70_000,), 6e4, dtype=torch.float16),
+             "nan": torch.tensor([0.0, float("nan")]), "inf": torch.tensor([float("-inf"), 1.0]),
+             "num_batches_tracked": torch.tensor(3), "plus_and_minus_inf": torch.tensor([float("inf"), float("-inf")])}
+    assert nonfinite_tensors(state) == ["nan", "inf", "plus_and_minus_inf"]
 
 
 @pytest.fixture
