@@ -3,10 +3,12 @@
 Every error that means "the input is not what carnet expects" (a data folder, a checkpoint, a config value)
 derives from :class:`CarnetError`; its message names the file, key or value and says what was expected.
 Entry points print it as one line and exit non-zero; anything else is a bug and keeps its traceback.
+A run stopped by a signal is neither: :class:`RunInterrupted` carries the line that says how to continue it.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,11 +18,50 @@ class CarnetError(ValueError):
     """Bad input to carnet: the message alone tells the user what to fix. (A ValueError for older callers.)"""
 
 
+class RunInterrupted(SystemExit):
+    """A run stopped by a signal: Ctrl-C (SIGINT) or a scheduler's preemption (SIGTERM: SLURM, Kubernetes).
+
+    A SystemExit, like Lightning's own ``SIGTERMException``, so that no ``except Exception`` (Hydra's, a sweep's)
+    takes it for a failed job, and with the exit status shells and schedulers give a process ended by that signal,
+    128 + its number (130, 143): a script tells "interrupted, resume it" from "failed" (1).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.message, self.signum = message, signum
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def stopping_signal(err: BaseException | None) -> signal.Signals | None:
+    """The signal that stopped a run, read from the exception it ended with, or None for an error.
+
+    Ctrl-C arrives as KeyboardInterrupt, which Lightning turns into ``SystemExit(1)`` raised while handling it;
+    SIGTERM as Lightning's ``SIGTERMException`` (also raised by carnet outside ``fit``,
+    :func:`carnet.training.train.sigterm_stops_the_run`).
+    """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException  # Lightning only where runs train
+
+    for cause in _chain(err):
+        if isinstance(cause, RunInterrupted):
+            return signal.Signals(cause.signum)
+        if isinstance(cause, SIGTERMException):
+            return signal.SIGTERM
+        if isinstance(cause, KeyboardInterrupt):
+            return signal.SIGINT
+    return None
+
+
 @contextmanager
 def exit_on_error(prog: str) -> Iterator[None]:
-    """Entry points: our errors become one line on stderr and exit status 1; anything else keeps its traceback."""
+    """Entry points: our errors become one line on stderr and exit status 1; anything else keeps its traceback.
+    An interrupted run prints its one line too, and exits with its own status (:class:`RunInterrupted`)."""
     try:
         yield
+    except RunInterrupted as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        raise
     except Exception as err:
         ours = _carnet_error(err)
         if ours is None:
@@ -29,12 +70,15 @@ def exit_on_error(prog: str) -> Iterator[None]:
         sys.exit(1)
 
 
-def _carnet_error(err: BaseException | None) -> CarnetError | None:
-    """``err`` if it is ours, or ours that it wraps (Hydra's ``instantiate`` wraps errors raised in constructors)."""
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling, outermost first."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, CarnetError):
-            return err
+        yield err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return None
+
+
+def _carnet_error(err: BaseException | None) -> CarnetError | None:
+    """``err`` if it is ours, or ours that it wraps (Hydra's ``instantiate`` wraps errors raised in constructors)."""
+    return next((cause for cause in _chain(err) if isinstance(cause, CarnetError)), None)

@@ -31,17 +31,24 @@ def _train_py(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_a_second_run_into_a_busy_run_dir_stops_and_touches_nothing(tiny_data: Path, tmp_path: Path) -> None:
+    """Not even Hydra's files: .hydra/ (which it used to rewrite with the refused run's config) and train.log."""
     run_dir = tmp_path / "run"
     with run_dir_lock(run_dir):  # a live run owns the folder
         write_json(run_dir / "summary.json", {"status": "running", "model": "the first run's"})
-        before = (run_dir / "summary.json").read_text()
-        proc = _train_py(f"data.root={tiny_data}", *ONE_BATCH, f"hydra.run.dir={run_dir}")
+        (run_dir / ".hydra").mkdir()
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            (run_dir / ".hydra" / name).write_text("seed: 42\n")
+        before = _files(run_dir)
+        proc = _train_py(f"data.root={tiny_data}", *ONE_BATCH, "seed=7", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
     assert f"run directory {run_dir} is in use by another run (pid {os.getpid()})" in proc.stderr
-    assert (run_dir / "summary.json").read_text() == before
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "split.csv").exists()
+    assert _files(run_dir) == before
 
 
 def test_default_run_dirs_differ_within_a_second() -> None:

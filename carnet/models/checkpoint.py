@@ -7,6 +7,7 @@ Model name, head config, class names, image size and normalisation travel with t
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,27 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     checkpoint = load_weights_only(path, f"checkpoint {path}")
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a carnet checkpoint (no '{CHECKPOINT_KEY}' metadata)")
+    if bad := nonfinite_tensors(checkpoint["state_dict"]):  # it would predict class 0 for everything, silently
+        raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights in {len(bad)} tensor(s) (first: "
+                              f"{bad[0]}): the run that wrote it diverged; train again with a lower optimizer.lr")
     return checkpoint
+
+
+def nonfinite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of ``state_dict`` that hold NaN or infinity (one host sync).
+
+    By their sums: a sum is NaN or infinite whenever an element is, and one summing pass costs a fraction of
+    ``isfinite`` (B6's 43 M weights on one CPU thread: 60 ms against 0.6 s). A sum that overflows from finite values
+    alone is a false alarm that ``isfinite`` then clears.
+    """
+    names = [name for name, value in state_dict.items()
+             if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    if not names:
+        return []
+    device = state_dict[names[0]].device
+    sums = torch.stack([state_dict[name].sum(dtype=torch.float32).to(device) for name in names])
+    suspects = [name for name, ok in zip(names, torch.isfinite(sums).tolist(), strict=True) if not ok]
+    return [name for name in suspects if not bool(torch.isfinite(state_dict[name]).all())]
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[CarNet, dict[str, Any]]:

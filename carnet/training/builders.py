@@ -174,6 +174,14 @@ def budget_epochs(num_train: int, batch_size: int, max_epochs: int, min_steps: i
     return max(int(max_epochs), math.ceil(int(min_steps or 0) / per_epoch))
 
 
+def check_epochs(cfg: DictConfig) -> None:
+    """``trainer.max_epochs`` must ask for training: with 0 (or Lightning's -1, endless) a run would end at once
+    as ``completed`` with no checkpoint, and ``budget.min_steps`` plans epochs from it."""
+    epochs = cfg.trainer.get("max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise CarnetError(f"trainer.max_epochs={epochs!r}: expected a whole number of epochs, at least 1")
+
+
 def plan_budget(cfg: DictConfig, num_train: int, batch_size: int) -> dict[str, int]:
     """Set ``cfg.trainer.max_epochs`` from ``budget.min_steps`` (:func:`budget_epochs`); return the plan for
     summary.json."""

@@ -10,6 +10,10 @@ writes stays in its own folder, ``<paths.output_dir>/pipeline/<time>/`` (or ``--
 by one. Afterwards ``curves.png`` there shows all phases on one epoch axis and ``pipeline.json`` lists their runs
 and results. ``--dir`` of a stopped pipeline with ``--phases`` from the failed phase on resumes it.
 
+A phase that fails stops the pipeline with exit status 1; one interrupted (Ctrl-C, or SIGTERM sent to the pipeline,
+which passes it on to the phase) stops it with the phase's own status (130, 143). Either way the last line says
+how to continue.
+
 Why subprocesses: every phase is then literally ``carnet-train phase=NAME ...`` (fresh Hydra state, its own run
 directory, nothing carried over in memory that the hand-off through checkpoints would not carry).
 """
@@ -19,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,10 +103,39 @@ def earlier_runs(folder: Path, phases: list[str]) -> list[tuple[str, Path]]:
     return [(row["phase"], Path(row["run_dir"])) for row in rows if row["phase"] not in phases]
 
 
+def run_phase(command: list[str], env: dict[str, str]) -> int:
+    """Run one phase's command and return its exit status, passing a SIGTERM sent to the pipeline on to it.
+
+    A scheduler that preempts the pipeline (Kubernetes signals the main process only) then gets the phase's own
+    ending: an ``interrupted`` run with a whole ``last.ckpt``. Ctrl-C reaches the phase from the terminal (same
+    process group), so the pipeline ignores its own copy and waits for the phase's verdict.
+    """
+    child = subprocess.Popen(command, env=env)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return child.wait()
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupting_signal(code: int) -> signal.Signals | None:
+    """The signal a phase's exit status reports: train's own 130 (Ctrl-C) or 143 (SIGTERM), or -N for a process
+    that signal N killed outright (SIGKILL, the OOM killer); None for a failure."""
+    if code < 0:
+        return signal.Signals(-code)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return signal.Signals(code - 128)
+    return None
+
+
 def run_pipeline(overrides: list[str], phases: list[str] | None = None, console: Console | None = None,
                  folder: str | os.PathLike | None = None) -> Path:
-    """Run ``phases`` in order (:func:`plan_pipeline`); return the pipeline's folder. A failing phase stops the
-    pipeline (SystemExit with the command that resumes it)."""
+    """Run ``phases`` in order (:func:`plan_pipeline`); return the pipeline's folder. A failed or interrupted phase
+    stops the pipeline: SystemExit, with the command that continues it (status 1, or the interrupted phase's)."""
     console = console or Console()
     phases = list(phases or PHASES)
     available = sorted(p.stem for p in (config_dir() / "phase").glob("*.yaml"))
@@ -114,12 +149,17 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
         console.rule(f"[bold]phase {i + 1}/{len(commands)}: {phase}")
         console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
         runs.append((phase, run_dir))
-        code = subprocess.call(command, env=env)
+        code = run_phase(command, env)
         write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs))
-        if code != 0:
+        if code == 0:
+            continue
+        resume = f"carnet-pipeline --dir {folder} --phases {','.join(phases[i:])} and the same overrides"
+        if (signum := interrupting_signal(code)) is None:
             raise SystemExit(f"pipeline stopped: phase {phase} failed (exit {code}); its run directory is {run_dir}. "
-                             f"Fix it, then resume with: carnet-pipeline --dir {folder} "
-                             f"--phases {','.join(phases[i:])} and the same overrides")
+                             f"Fix it, then resume with: {resume}")
+        print(f"pipeline stopped: phase {phase} was interrupted by {signum.name}; its run directory is {run_dir}. "
+              f"Continue with: {resume}", file=sys.stderr)
+        raise SystemExit(128 + signum)
     console.rule("[bold]pipeline done")
     console.print(f"{folder / PIPELINE_FILE}, {folder / 'curves.png'}; runs and hand-offs (phases/) in {folder}")
     return folder

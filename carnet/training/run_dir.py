@@ -15,13 +15,16 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
+from hydra.experimental.callback import Callback
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
 
 from carnet.artifacts import (
     CURVES_FILE,
@@ -33,7 +36,7 @@ from carnet.artifacts import (
     write_csv_atomic,
     write_json,
 )
-from carnet.errors import CarnetError
+from carnet.errors import CarnetError, exit_on_error, stopping_signal
 
 try:
     import fcntl
@@ -47,16 +50,36 @@ class RunDirBusy(CarnetError):
     """Another live run owns this run directory."""
 
 
+class RunDirNotWritable(CarnetError):
+    """The run directory cannot be created or written (a read-only folder or file system)."""
+
+
+_HELD: set[Path] = set()  # run directories this process holds the lock of
+
+
 @contextmanager
 def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     """Own ``run_dir`` for the block: a second run into the same folder stops at once instead of mixing its files
-    with ours. An advisory ``flock``, so the kernel releases it when the process dies, even by kill -9."""
+    with ours. An advisory ``flock``, so the kernel releases it when the process dies, even by kill -9.
+
+    Re-entrant within a process: :class:`RunDirGuard` takes it before Hydra writes into the folder, and
+    :func:`carnet.training.train.train` takes it again for callers without Hydra.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
+    key = run_dir.resolve()
+    reentered = fcntl is None or key in _HELD  # no advisory locks (Windows), or this process holds it already
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):  # an existing folder: its .lock may still open, its new files would not
+            raise PermissionError(errno.EACCES, "not writable")
+        handle = None if reentered else open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (closed by `with` below)
+    except OSError as err:
+        raise RunDirNotWritable(f"run directory {run_dir} is not writable ({err.strerror}): give the run a "
+                                "writable folder (hydra.run.dir=DIR, or run_dir=DIR when calling train())") from None
+    if handle is None:
         yield
         return
-    with open(run_dir / LOCK_FILE, "a+") as handle:
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -70,10 +93,35 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
+        _HELD.add(key)
         try:
             yield
         finally:
+            _HELD.discard(key)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class RunDirGuard(Callback):
+    """Hydra callback (conf/hydra/default.yaml): owns the run directory before Hydra writes anything into it.
+
+    Hydra's ``run_job`` creates the folder, opens the job's log file there and saves ``.hydra/`` before the task
+    starts, so a run refused by the task's own lock would already have rewritten the owner's ``.hydra/``, and an
+    unwritable folder would end in a logging traceback. ``on_run_start`` comes before all of that. Hydra turns a
+    callback's exceptions into warnings, so a refusal exits here, as one line (``exit_on_error``). Sweeps get no
+    ``on_run_start`` per job: their job folders are new by construction, and the task's lock still guards them.
+    """
+
+    def __init__(self) -> None:
+        self._held = ExitStack()
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if rank_zero_only.rank != 0:  # DDP's other ranks rerun the script into rank 0's folder
+            return
+        with exit_on_error("train"):
+            self._held.enter_context(run_dir_lock(config.hydra.run.dir))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._held.close()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -107,6 +155,7 @@ class RunArtifacts(pl.Callback):
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()  # moved back by a resume, so that `seconds` counts the whole run
         self.trainer: pl.Trainer | None = None
+        self.best_checkpoint: Path | None = None  # summary.json names it only once it exists
 
     def _callback_fields(self) -> dict[str, Any]:
         """Fields other callbacks report for summary.json (``summary_fields()``: the phase, the unfrozen fraction)."""
@@ -126,12 +175,16 @@ class RunArtifacts(pl.Callback):
         self._write_summary("completed")
 
     def fail(self, error: BaseException) -> None:
-        """Record why the run stopped (``failed``, or ``interrupted`` for Ctrl-C) unless that is recorded already:
-        failures before training (bad data, bad weights) get a summary too, and report lists them."""
+        """Record why the run stopped (``failed``, or ``interrupted`` by Ctrl-C or SIGTERM) unless that is recorded
+        already: failures before training (bad data, bad weights) get a summary too, and report lists them."""
         if self.summary.get("status") in ("failed", "interrupted"):
             return
+        if (signum := stopping_signal(error)) is not None:
+            self.summary["error"] = f"interrupted by {signum.name}"
+            self._write_summary("interrupted")
+            return
         self.summary["error"] = f"{type(error).__name__}: {error}".strip()
-        self._write_summary("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+        self._write_summary("failed")
 
     def _write_summary(self, status: str, pl_module: pl.LightningModule | None = None) -> None:
         summary = {**self.summary, "status": status, "seconds": round(time.time() - self.started, 2)}
@@ -143,6 +196,8 @@ class RunArtifacts(pl.Callback):
         else:
             summary.update(best_val_acc=None, best_epoch=None, best_val_loss=None)
         summary["epochs_run"] = len(metrics)
+        if self.best_checkpoint is not None:
+            summary["best_checkpoint"] = str(self.best_checkpoint) if self.best_checkpoint.is_file() else None
         summary.update(self._callback_fields())  # last: a phase that kept its start weights reports that as best
         if pl_module is not None:
             summary["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)

@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +17,26 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from carnet.artifacts import SPLIT_FILE
 from carnet.config import config_dir
 from carnet.config_check import check_train_config
 from carnet.data.layout import scan_train
-from carnet.errors import exit_on_error
+from carnet.errors import RunInterrupted, exit_on_error, stopping_signal
 from carnet.models.hub import check_pretrained_available
 from carnet.training.builders import (
     build_callbacks,
     build_datamodule,
     build_module,
     build_trainer,
+    check_epochs,
     overrides_of,
     plan_budget,
     run_dir_of,
 )
 from carnet.training.console import quiet_lightning
+from carnet.training.finite import StopOnNonFinite
 from carnet.training.resume import check_resumable
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.tune import tune
@@ -42,13 +48,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``).
 
     The run owns its directory while it runs (:func:`run_dir_lock`), and the directory gets a summary whatever
-    happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it. A
-    value the user typed wrong is refused before that: no run starts, nothing is written (carnet.config_check).
+    happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it, and
+    ``interrupted`` for Ctrl-C or SIGTERM, which then raise :class:`carnet.errors.RunInterrupted` (exit 130, 143).
+    A value the user typed wrong is refused before that: no run starts, nothing is written (carnet.config_check).
     """
     check_train_config(cfg)
     run_dir = run_dir_of(cfg)
     is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
-    with run_dir_lock(run_dir) if is_rank_zero else nullcontext():
+    with run_dir_lock(run_dir) if is_rank_zero else nullcontext(), sigterm_stops_the_run():
         facts = {"run_dir": str(run_dir), "model": cfg.model.name, "image_size": int(cfg.image_size),
                  "seed": int(cfg.seed), "data_root": str(cfg.data.root), "overrides": overrides_of(cfg)}
         artifacts = RunArtifacts(run_dir, facts, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
@@ -58,14 +65,56 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         try:
             return _train(cfg, run_dir, artifacts, is_rank_zero)
         except BaseException as err:
+            signum = stopping_signal(err)
             if is_rank_zero:
                 artifacts.fail(err)
-                _log_to_files(f"run failed: {type(err).__name__}: {err}")
-            raise
+                _log_to_files(f"run interrupted by {signum.name}" if signum is not None
+                              else f"run failed: {type(err).__name__}: {err}")
+            if signum is None:
+                raise
+            raise RunInterrupted(_how_to_continue(run_dir, signum), signum) from err
+
+
+def _how_to_continue(run_dir: Path, signum: signal.Signals) -> str:
+    """The one line an interrupted run ends with: how to continue it from its last whole epoch."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return (f"interrupted by {signum.name}; continue the run with the same overrides plus resume={last} "
+                "(the epoch that was cut short is trained again)")
+    return f"interrupted by {signum.name} before its first epoch ended (no last.ckpt yet): run it again"
+
+
+@contextmanager
+def sigterm_stops_the_run() -> Iterator[None]:
+    """SIGTERM (how SLURM and Kubernetes preempt) stops the run as Ctrl-C does, at any moment of it.
+
+    Inside ``trainer.fit`` Lightning's own handler runs first: it notes the signal and stops at the end of the
+    batch (``SIGTERMException``), and this one, which it calls after its own, leaves that to it. Before ``fit``
+    (data checks, building the model, a download) and after it, Python's default would kill the process and leave
+    ``summary.json`` saying ``running``: this raises Lightning's exception there, once.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    raised = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal raised
+        if signal.getsignal(signal.SIGTERM) is stop and not raised:  # not inside fit, not already stopping
+            raised = True
+            raise SIGTERMException()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> dict[str, Any]:
     quiet_lightning()
+    if not cfg.get("tune"):
+        check_epochs(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))
@@ -94,11 +143,12 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         "num_val": int(counts.get("val", 0)),
         "num_excluded": len(datamodule.excluded),
         **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
-        "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
         **budget,
         "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
     })
-    trainer = build_trainer(cfg, run_dir, [*callbacks, artifacts])  # artifacts last: it records what they did
+    artifacts.best_checkpoint = run_dir / "checkpoints" / "best.ckpt"
+    guard = StopOnNonFinite(lr=cfg.optimizer.get("lr"))
+    trainer = build_trainer(cfg, run_dir, [*callbacks, guard, artifacts])  # artifacts last: it records what they did
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
     summary = artifacts.summary
