@@ -4,18 +4,30 @@ costs in memory. Real servers in subprocesses (carnet-serve, gunicorn with the s
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 import threading
 import time
 import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import carnet.serving.gunicorn_conf as shipped
 from carnet.serving.app import create_app
 from tests.helpers.images import photo
-from tests.helpers.servers import SlowUpload, free_port, post, start_server, stop_server, wait_healthy
+from tests.helpers.servers import (
+    SlowUpload,
+    free_port,
+    memory_kb,
+    post,
+    start_server,
+    stop_server,
+    wait_healthy,
+)
 
 # A 640x480 photo, as phones and the Kaggle set send them; at a byte per second it would take 7 hours.
 SLOW_BODY = photo(1, (640, 480))
@@ -77,15 +89,21 @@ def test_slow_clients_do_not_delay_predictions_under_gunicorn(tiny_checkpoint: P
     assert "Using worker: gthread" in log, log
 
 
-def test_slow_clients_do_not_delay_predictions_under_carnet_serve(tiny_checkpoint: Path) -> None:
+@pytest.fixture(scope="module")
+def dev_server(tiny_checkpoint: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+    """carnet-serve with its default settings: (port, process)."""
     port = free_port()
     proc = start_server([sys.executable, "-m", "carnet.serving.app", "--ckpt", str(tiny_checkpoint),
                          "--port", str(port), "--threads", "1"])
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
-        assert_slow_clients_do_not_delay(port, 5)
+        yield port, proc
     finally:
         stop_server(proc)
+
+
+def test_slow_clients_do_not_delay_predictions_under_carnet_serve(dev_server: tuple[int, subprocess.Popen]) -> None:
+    assert_slow_clients_do_not_delay(dev_server[0], 5)
 
 
 @pytest.mark.parametrize("server", ["gunicorn", "carnet-serve"])
@@ -170,3 +188,46 @@ def test_bodies_in_memory_are_bounded_by_the_bytes_received(tiny_checkpoint: Pat
             t.join(timeout=30)
     assert statuses == [200, 200]
     assert client.post("/predict", data=upload, content_type="image/jpeg").status_code == 200  # given back
+
+
+# ---- what a large upload costs ---------------------------------------------------------------------------------
+
+
+def large_jpeg(width: int = 7360, height: int = 4912) -> bytes:
+    """A 36 MP camera-sized JPEG (a test photo enlarged: ~3 MB), as a phone or a DSLR uploads it."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo(5, (736, 491)))).resize((width, height), Image.BICUBIC).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_costs_what_the_model_input_needs(dev_server: tuple[int, subprocess.Popen]) -> None:
+    """A JPEG upload is decoded at the reduced scale the model's eval view needs (PIL draft, as predict decodes
+    files). Issue 18: a 36 MP JPEG was decoded whole, and raised the server's peak RSS by ~350 MB (2-core machine;
+    0.77 GB in the report); at 1/8 scale it adds a few MB."""
+    port, proc = dev_server
+    url = f"http://127.0.0.1:{port}/predict"
+    data = large_jpeg()
+    assert post(url, photo(3), "image/jpeg")[0] == 200  # warm: one ordinary request
+    idle = memory_kb(proc.pid)
+    status, body = post(url, data, "image/jpeg")
+    after = memory_kb(proc.pid)
+    growth_mb = (after["VmHWM"] - idle["VmRSS"]) / 1024
+    print(f"\n36 MP JPEG ({len(data) / 1e6:.1f} MB): {status}; server peak RSS +{growth_mb:.0f} MB")
+    assert status == 200, body
+    assert growth_mb < 100  # whole: 36 MP x 4 bytes in PIL, x 3 as an array, and the resize's buffers
+
+
+def test_predict_and_the_service_give_a_photo_the_same_probabilities(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """One decode for a file on disk (predict.py) and the same bytes uploaded (the service): a large JPEG, where
+    the reduced-scale decode matters, gets the same probabilities both ways."""
+    from tests.helpers.runs import run_predict
+
+    data = large_jpeg(1600, 1200)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "car.jpg").write_bytes(data)
+    predicted = run_predict(f"ckpt={tiny_checkpoint}", f"images={folder}", f"out={tmp_path / 'p.csv'}")
+    served = create_app(tiny_checkpoint, top_k=10).test_client().post("/predict", data=data,
+                                                                       content_type="image/jpeg").get_json()
+    by_class = {k["class_id"]: k["probability"] for k in served["top_k"]}
+    np.testing.assert_allclose([by_class[k] for k in range(10)], predicted["probs"][0].numpy(), atol=1e-5)

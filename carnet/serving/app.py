@@ -209,12 +209,12 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
                 raise ServerBusy(f"server busy: {max_concurrent} request(s) in progress in this process and none "
                                  f"finished within {queue_timeout:g} s; retry")
             try:
-                image = decode_upload(upload_bytes(), limits)
                 try:
                     model = holder.get()
                 except Exception as err:
                     log.exception("model failed to load")
                     raise ModelUnavailable(load_failure(err)) from err
+                image = decode_upload(upload_bytes(), limits, model.min_side)
                 probs = model.predict_proba(image)
                 del image
             finally:

@@ -18,7 +18,7 @@ from flask import Request, request
 from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge, RequestTimeout
 
-from carnet.data.decode import pil_to_rgb
+from carnet.data.decode import decode_image
 from carnet.errors import CarnetError
 
 DEFAULT_MAX_CONTENT_LENGTH = 10 * 1024 * 1024  # bytes of one request body
@@ -247,9 +247,11 @@ def upload_bytes() -> bytes:
                    "field 'file', or the raw image with Content-Type image/jpeg (or another image/*)")
 
 
-def decode_upload(data: bytes, max_pixels: int | ImageLimits = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode uploaded bytes to RGB uint8 HxWx3 with :func:`carnet.data.decode.pil_to_rgb`, the function
-    training and predict decode files with (upright by EXIF, 16 bits scaled).
+def decode_upload(data: bytes, max_pixels: int | ImageLimits = DEFAULT_MAX_IMAGE_PIXELS,
+                  min_side: int | None = None) -> np.ndarray:
+    """Decode uploaded bytes to RGB uint8 HxWx3 with :func:`carnet.data.decode.decode_image`, the function
+    training and predict decode files with (upright by EXIF, 16 bits scaled, a JPEG at reduced scale down to
+    ``min_side``, which the model's eval view fixes: :func:`carnet.data.decode.decode_min_side`).
 
     The size a file claims (pixels, sides, aspect ratio: ``max_pixels`` or an :class:`ImageLimits`) is checked
     from its header before any pixel is decoded, so a decompression bomb costs nothing; a truncated file fails
@@ -258,21 +260,24 @@ def decode_upload(data: bytes, max_pixels: int | ImageLimits = DEFAULT_MAX_IMAGE
     limits = max_pixels if isinstance(max_pixels, ImageLimits) else ImageLimits(max_pixels=max_pixels)
     if not data:
         raise BadImage("empty upload: expected the bytes of a JPEG/PNG/WebP/BMP image")
+    header: list[str] = []  # the format, once the header is read and within the limits
+
+    def check(img: Image.Image) -> None:
+        limits.check(*img.size, img.format)
+        header.append(img.format or "uploaded")
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # PIL warns (at open) between its limit and twice that: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            return decode_image(data, min_side, check)
+    except BadUpload:
+        raise
     except UnidentifiedImageError:
         raise BadImage(f"not an image: {len(data)} bytes that no image decoder recognises "
                        "(expected a JPEG, PNG, WebP or BMP file)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImage(f"decompression bomb: the image claims more than the {limits.max_pixels:,} pixels "
                        f"allowed (PIL: {err})") from None
-    except Exception as err:  # PIL raises many types on malformed headers
-        raise BadImage(f"truncated or corrupt image header ({type(err).__name__}: {err})") from None
-    with img:
-        limits.check(*img.size, img.format)
-        try:
-            return pil_to_rgb(img)
-        except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
-            raise BadImage(f"truncated or corrupt {img.format} image ({type(err).__name__}: {err})") from None
+    except Exception as err:  # PIL raises many types on malformed headers and on truncated or corrupt data
+        what = f"{header[0]} image" if header else "image header"
+        raise BadImage(f"truncated or corrupt {what} ({type(err).__name__}: {err})") from None
