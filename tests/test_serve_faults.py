@@ -193,10 +193,11 @@ def test_bodies_in_memory_are_bounded_by_the_bytes_received(tiny_checkpoint: Pat
 # ---- what a large upload costs ---------------------------------------------------------------------------------
 
 
-def large_jpeg(width: int = 7360, height: int = 4912) -> bytes:
-    """A 36 MP camera-sized JPEG (a test photo enlarged: ~3 MB), as a phone or a DSLR uploads it."""
+def large_jpeg(width: int = 7360, height: int = 4912, seed: int = 5) -> bytes:
+    """A camera-sized JPEG (36 MP by default: a test photo enlarged, ~1 MB), as a phone or a DSLR uploads it."""
     buf = io.BytesIO()
-    Image.open(io.BytesIO(photo(5, (736, 491)))).resize((width, height), Image.BICUBIC).save(buf, "JPEG", quality=90)
+    small = Image.open(io.BytesIO(photo(seed, (736, 491))))
+    small.resize((width, height), Image.BICUBIC).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -219,10 +220,11 @@ def test_a_large_jpeg_costs_what_the_model_input_needs(dev_server: tuple[int, su
 
 def test_predict_and_the_service_give_a_photo_the_same_probabilities(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """One decode for a file on disk (predict.py) and the same bytes uploaded (the service): a large JPEG, where
-    the reduced-scale decode matters, gets the same probabilities both ways."""
+    the reduced-scale decode matters, gets the same probabilities both ways. (Seed 7: the tiny model is unsure of
+    it, so the whole decode the service did before issue 18 moved its probabilities by 0.06.)"""
     from tests.helpers.runs import run_predict
 
-    data = large_jpeg(1600, 1200)
+    data = large_jpeg(1600, 1200, seed=7)
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "car.jpg").write_bytes(data)
@@ -230,4 +232,6 @@ def test_predict_and_the_service_give_a_photo_the_same_probabilities(tiny_checkp
     served = create_app(tiny_checkpoint, top_k=10).test_client().post("/predict", data=data,
                                                                        content_type="image/jpeg").get_json()
     by_class = {k["class_id"]: k["probability"] for k in served["top_k"]}
-    np.testing.assert_allclose([by_class[k] for k in range(10)], predicted["probs"][0].numpy(), atol=1e-5)
+    served_probs, predicted_probs = np.array([by_class[k] for k in range(10)]), predicted["probs"][0].numpy()
+    print(f"\nlargest difference, service vs predict: {np.abs(served_probs - predicted_probs).max():.2e}")
+    np.testing.assert_allclose(served_probs, predicted_probs, atol=1e-5)  # float32 arithmetic: ~1e-7

@@ -6,9 +6,11 @@ Flags on the command line override these (``-w 4 -b 0.0.0.0:8000``), and so does
 
 Memory: each worker holds its own model (~1 GB with torch for EfficientNet-B0 and friends; an ONNX worker less)
 plus the bodies its threads read or hold while they wait their turn (<= threads x 10 MB) and, per request in
-progress, one decoded image (<= 40 MP: ~120 MB, a few times that while it is converted). The app decodes and
-classifies ``max_concurrent`` requests per worker at once (default 1), so the peak is about
-``workers x (model + threads x 10 MB + max_concurrent x ~0.5 GB)`` however many clients upload at once.
+progress, one decoded image: a JPEG at the reduced scale the model input needs (a 36 MP JPEG: +8 MB peak RSS,
++109 MB if progressive), other formats whole (<= 40 MP: ~120 MB, a few times that while it is converted: a
+39 MP PNG, +0.37 GB). The app decodes and classifies ``max_concurrent`` requests per worker at once (default 1),
+so the peak is about ``workers x (model + threads x 10 MB + max_concurrent x ~0.5 GB)`` however many clients
+upload at once (docs/serving.md has the measurements).
 """
 
 bind = "127.0.0.1:8000"
