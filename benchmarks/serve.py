@@ -67,6 +67,7 @@ class RawForward:
     def __init__(self, ckpt: Path, image: bytes, threads: int) -> None:
         import torch
 
+        from carnet.data.decode import decode_min_side
         from carnet.data.transforms import build_eval_transform
         from carnet.models.checkpoint import load_checkpoint
         from carnet.serving.upload import decode_upload
@@ -76,7 +77,8 @@ class RawForward:
         self.net, meta = load_checkpoint(ckpt)
         transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
                                          meta["crop_pct"])
-        self.x = transform(image=decode_upload(image))["image"][None].contiguous()
+        # The service's decode (reduced-scale JPEG down to what the eval view needs): the same input it classifies.
+        self.x = transform(image=decode_upload(image, min_side=decode_min_side(transform)))["image"][None].contiguous()
 
     def time(self, runs: int) -> tuple[list[float], list[float]]:
         """(wall ms, CPU ms) of ``runs`` forwards after 5 warm-up ones."""

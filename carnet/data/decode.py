@@ -1,15 +1,17 @@
 """Image decoding: files to RGB uint8 arrays, at a reduced JPEG scale where the pipeline allows it.
 
-:func:`pil_to_rgb` is the one place where a PIL image becomes the pixels a model sees; training and predict
-(:func:`decode_image`) and the web service (:func:`carnet.serving.upload.decode_upload`) all go through it, so a
-photo is the same array on every path: shown upright (EXIF orientation) and with 16-bit samples scaled to 8 bits.
+:func:`decode_image` decodes a file or an upload's bytes for training, predict and the web service
+(:func:`carnet.serving.upload.decode_upload`), at the reduced JPEG scale their transform allows
+(:func:`decode_min_side`); :func:`pil_to_rgb` is the one place where a PIL image becomes the pixels a model sees.
+So a photo is the same array on every path: shown upright (EXIF orientation), with 16-bit samples scaled to 8 bits.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,14 +47,21 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Decode an image file to an RGB uint8 HxWx3 array (:func:`pil_to_rgb`: upright, 16 bits scaled).
+def decode_image(source: str | os.PathLike | bytes, min_side: int | None = None,
+                  check: Callable[[Image.Image], None] | None = None) -> np.ndarray:
+    """Decode an image file, or the bytes of one (an upload), to an RGB uint8 HxWx3 array (:func:`pil_to_rgb`:
+    upright, 16 bits scaled). Training, predict and the web service all decode with this, so a photo gives the
+    same pixels, and the same probabilities, on every path.
 
     With ``min_side``, JPEGs are decoded at a reduced DCT scale (PIL ``draft``) as long as the shorter side stays
-    at least ``min_side``: 2-4x less decoding work for a 640x480 photo fed to a 224 px model. The shorter side
-    does not change with the orientation, so the draft size is right for rotated photos too.
+    at least ``min_side``: 2-4x less decoding work for a 640x480 photo fed to a 224 px model, and a 36 MP upload
+    costs what its model input needs, not 36 MP. The shorter side does not change with the orientation, so the
+    draft size is right for rotated photos too. ``check`` sees the opened image before any pixel is decoded
+    (size and format, from the header) and may raise to refuse it.
     """
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        if check is not None:
+            check(img)
         if min_side and img.format == "JPEG":
             w, h = img.size
             scale = min_side / min(w, h)

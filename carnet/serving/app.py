@@ -16,9 +16,11 @@ The parts: :mod:`~carnet.serving.upload` (request bytes, limits, decoding), :mod
 in memory; nothing is written to disk.
 
 Memory is bounded per request (body size; an image's pixels, sides and aspect ratio, checked before decoding)
-and per process (``max_concurrent`` requests are read, decoded and classified at once; the others wait up to
-``queue_timeout`` seconds, then get 503). A 500 tells the client an error id, never the exception's text (it can
-name files and library internals); the log has the details under that id.
+and per process (the bytes of bodies held at once; ``max_concurrent`` requests decoded and classified at once,
+the others wait up to ``queue_timeout`` seconds, then get 503). A body is read before its request takes a turn,
+within ``read_timeout`` seconds (then 408), so a client sending slowly holds a thread, never the model.
+A 500 tells the client an error id, never the exception's text (it can name files and library internals); the
+log has the details under that id.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flask import Flask, jsonify, request
@@ -43,16 +45,20 @@ from carnet.errors import CarnetError
 from carnet.serving.backends import BACKENDS, ModelLoadError
 from carnet.serving.classifier import Classifier, ModelHolder
 from carnet.serving.upload import (
+    DEFAULT_BODIES_IN_MEMORY,
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_CONTENT_LENGTH,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGE_SIDE,
     DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
     MAX_FORM_PARTS,
     BadUpload,
+    BodyMemory,
     ImageLimits,
     InMemoryRequest,
+    ServerBusy,
     decode_upload,
     upload_bytes,
 )
@@ -98,15 +104,17 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
                max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-               queue_timeout: float = DEFAULT_QUEUE_TIMEOUT, num_threads: int | None = None,
-               lazy: bool = False) -> Flask:
+               queue_timeout: float = DEFAULT_QUEUE_TIMEOUT, read_timeout: float = DEFAULT_READ_TIMEOUT,
+               max_body_memory: int | None = None, num_threads: int | None = None, lazy: bool = False) -> Flask:
     """The Flask app serving ``ckpt`` (a carnet ``.ckpt``, or an ``.onnx`` file with ``backend="onnx"``).
 
     The model loads here, in the calling process (a gunicorn worker), unless ``lazy``: then on the first
     request or health check. ``num_threads`` caps the backend's intra-op threads per process (give
-    ``cores / workers`` to gunicorn workers so they do not oversubscribe the CPU). ``max_concurrent`` requests
-    per process are handled at once (each may hold a decoded 40 MP image); the rest wait up to
-    ``queue_timeout`` seconds, then get 503.
+    ``cores / workers`` to gunicorn workers so they do not oversubscribe the CPU). A request's body is read first,
+    within ``read_timeout`` seconds (408 after), with at most ``max_body_memory`` bytes of bodies in the process
+    at once (default: 8 x ``max_content_length``; 503 over it). Then ``max_concurrent`` requests per process are
+    decoded and classified at once (each may hold a decoded 40 MP image); the rest wait up to ``queue_timeout``
+    seconds, then get 503.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -117,7 +125,13 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     if max_aspect_ratio < 1 or max_image_side < 1:
         raise ValueError(f"max_aspect_ratio={max_aspect_ratio}, max_image_side={max_image_side}: expected a "
                          "ratio >= 1 and a positive side in pixels")
+    if max_body_memory is None:
+        max_body_memory = DEFAULT_BODIES_IN_MEMORY * max_content_length
+    if max_body_memory < max_content_length or read_timeout <= 0:
+        raise ValueError(f"max_body_memory={max_body_memory}, read_timeout={read_timeout}: expected room for one "
+                         f"body of max_content_length={max_content_length} bytes and a positive deadline")
     limits = ImageLimits(max_image_pixels, max_image_side, max_aspect_ratio)
+    bodies = BodyMemory(max_body_memory)
     slots = threading.BoundedSemaphore(max_concurrent)
     ckpt = Path(ckpt)
     holder = ModelHolder(lambda: Classifier(ckpt, backend, tta, num_threads))
@@ -150,6 +164,12 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     def bad_upload(err: BadUpload) -> tuple[Any, int]:
         return _error(400, str(err))
 
+    @app.errorhandler(ServerBusy)
+    def server_busy(err: ServerBusy) -> tuple[Any, int]:
+        response, status = _error(503, str(err))
+        response.headers["Retry-After"] = "5"
+        return response, status
+
     @app.errorhandler(ModelUnavailable)
     def model_unavailable(err: ModelUnavailable) -> tuple[Any, int]:
         return _error(503, str(err))
@@ -181,23 +201,24 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     @app.post("/predict")
     def predict() -> tuple[Any, int]:
         started = time.perf_counter()
-        # The slot is taken before the body is read: a waiting request holds no body and no decoded image.
-        if not slots.acquire(timeout=queue_timeout):
-            response, status = _error(503, f"server busy: {max_concurrent} request(s) in progress in this "
-                                           f"process and none finished within {queue_timeout:g} s; retry")
-            response.headers["Retry-After"] = "5"
-            return response, status
-        try:
-            image = decode_upload(upload_bytes(), limits)
+        with bodies.reserve() as take:
+            # The body first, then the slot: a client sending slowly holds its thread and the bytes it sent (both
+            # bounded), never the model. A waiting request holds its body, not a decoded image.
+            cast(InMemoryRequest, request).read_body(take, read_timeout)
+            if not slots.acquire(timeout=queue_timeout):
+                raise ServerBusy(f"server busy: {max_concurrent} request(s) in progress in this process and none "
+                                 f"finished within {queue_timeout:g} s; retry")
             try:
-                model = holder.get()
-            except Exception as err:
-                log.exception("model failed to load")
-                raise ModelUnavailable(load_failure(err)) from err
-            probs = model.predict_proba(image)
-            del image
-        finally:
-            slots.release()
+                try:
+                    model = holder.get()
+                except Exception as err:
+                    log.exception("model failed to load")
+                    raise ModelUnavailable(load_failure(err)) from err
+                image = decode_upload(upload_bytes(), limits, model.min_side)
+                probs = model.predict_proba(image)
+                del image
+            finally:
+                slots.release()
         order = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
         names = model.class_names
         ranked = [{"class_id": int(k), "class_name": names[k], "probability": float(probs[k])} for k in order]
@@ -222,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads of the backend")
     parser.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT,
                         help="requests decoded and classified at once (others wait, then 503)")
+    parser.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                        help="seconds a request body may take to arrive (408 after)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():
@@ -229,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     backend = args.backend or ("onnx" if args.ckpt.endswith(".onnx") else "torch")
     try:
         app = create_app(args.ckpt, backend, args.tta, args.top_k, max_content_length=int(args.max_mb * 2**20),
-                         max_concurrent=args.max_concurrent, num_threads=args.threads)
+                         max_concurrent=args.max_concurrent, read_timeout=args.read_timeout,
+                         num_threads=args.threads)
     except (ModelLoadError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     app.run(host=args.host, port=args.port, threaded=True)

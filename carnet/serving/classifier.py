@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from carnet.data.decode import decode_min_side
 from carnet.data.transforms import build_eval_transform
 from carnet.inference.tta import merge_probs
 from carnet.serving.backends import load_backend, softmax
@@ -47,6 +48,9 @@ class Classifier:
         self._transform_lock = threading.Lock()
         self.transform = build_eval_transform(m["image_size"], m["mean"], m["std"], m["interpolation"],
                                               m["crop_pct"])
+        # The smallest shorter side the eval view needs: uploads are decoded down to it (JPEG draft), as predict
+        # decodes files, so a 36 MP photo costs what the model input needs.
+        self.min_side = decode_min_side(self.transform)
 
     @property
     def model_name(self) -> str:

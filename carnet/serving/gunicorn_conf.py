@@ -5,19 +5,25 @@
 Flags on the command line override these (``-w 4 -b 0.0.0.0:8000``), and so does ``GUNICORN_CMD_ARGS``.
 
 Memory: each worker holds its own model (~1 GB with torch for EfficientNet-B0 and friends; an ONNX worker less)
-plus, per request in progress, the body (<= 10 MB) and one decoded image (<= 40 MP: ~120 MB, a few times that
-while it is converted). The app handles ``max_concurrent`` requests per worker at once (default 1); the
-threads below only accept connections and wait their turn, so the peak is about
-``workers x (model + max_concurrent x ~0.5 GB)`` however many clients upload at once.
+plus the bodies its threads read or hold while they wait their turn (<= threads x 10 MB) and, per request in
+progress, one decoded image: a JPEG at the reduced scale the model input needs (a 36 MP JPEG: +8 MB peak RSS,
++109 MB if progressive), other formats whole (<= 40 MP: ~120 MB, a few times that while it is converted: a
+39 MP PNG, +0.37 GB). The app decodes and classifies ``max_concurrent`` requests per worker at once (default 1),
+so the peak is about ``workers x (model + threads x 10 MB + max_concurrent x ~0.5 GB)`` however many clients
+upload at once (docs/serving.md has the measurements).
 """
 
 bind = "127.0.0.1:8000"
 # Two workers keep one model busy while the other reads and decodes the next upload; give each
 # create_app(num_threads=cores // workers) so their intra-op threads do not oversubscribe the CPU.
 workers = 2
-# gthread: a slow client ties up a thread, not the whole worker; the app's slots bound the real work.
+# gthread: a client sending its upload slowly ties up one thread while its body arrives (the app reads the body
+# before the request takes its turn at the model, and cuts it off with 408 after its read_timeout, 30 s), not the
+# worker: threads - 1 such clients on one worker delay nobody. The app's max_concurrent bounds the real work, and
+# threads x the body limit (8 x 10 MB) the bodies a worker holds. Many more slow clients: a reverse proxy that
+# buffers request bodies (nginx does by default) in front.
 worker_class = "gthread"
-threads = 4
+threads = 8
 # A worker imports torch and loads the model after the fork: that can take a minute on a small machine.
 timeout = 120
 graceful_timeout = 30
