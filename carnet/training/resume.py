@@ -2,6 +2,8 @@
 
 - randomness per epoch: each epoch is seeded from (seed, epoch, rank), so the resumed epochs draw the same
   shuffles, augmentations and dropout masks as an uninterrupted run (Lightning saves no random state);
+- the epoch-end ReduceLROnPlateau step: Lightning takes it after ``last.ckpt`` is written and never takes it for
+  the checkpoint's epoch when resuming, so the checkpoint carries the value it needs and the resumed run takes it;
 - Lightning's CSV log (``csv/metrics.csv``): its logger starts a resumed run's file empty (and deletes one in its
   folder), so the history up to the checkpoint is written back first.
 """
@@ -71,7 +73,8 @@ def seed_epoch(trainer: pl.Trainer, seed: int, transform: A.BaseCompose | None =
 
 
 class ResumeState(pl.Callback):
-    """Seeds every epoch from (seed, epoch, rank) alone, and continues Lightning's CSV log when a run resumes.
+    """Seeds every epoch from (seed, epoch, rank) alone, takes the plateau step a checkpoint was written before, and
+    continues Lightning's CSV log when a run resumes.
 
     Why reseed instead of saving the random state in the checkpoint: the state at a checkpoint is not the state at
     the next epoch's start (validation's loader draws a seed in between, in an order Lightning does not promise),
@@ -84,8 +87,11 @@ class ResumeState(pl.Callback):
         self.seed = int(seed)
         self.resume = resume  # the checkpoint a resumed run continues
         self.csv_history: dict[int, pd.DataFrame] = {}
+        self.trainer: pl.Trainer | None = None
+        self.saved: dict[str, Any] = {}  # this callback's part of the checkpoint a run resumes from
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.trainer = trainer
         if self.resume and trainer.is_global_zero:
             # Now: Lightning's CSV writer deletes a metrics.csv in its folder when it starts (a resume in place).
             self.csv_history = read_csv_logs(trainer, Path(self.resume))
@@ -99,6 +105,39 @@ class ResumeState(pl.Callback):
             writer.save()
         self.csv_history = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Written into every checkpoint: its epoch, and the values its epoch-end plateau steps read.
+
+        Lightning steps epoch-interval ReduceLROnPlateau schedulers in the fit loop's ``on_advance_end``, after the
+        ``on_train_epoch_end`` hooks in which ModelCheckpoint writes ``last.ckpt``; and a resumed run never takes
+        that step (Lightning #14699: the monitored value is not in the checkpoint). Without it the resumed run's
+        plateau counts one epoch fewer and cuts the rate an epoch late.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        monitored = {config.monitor: float(trainer.callback_metrics[config.monitor])
+                     for config in _epoch_plateaus(trainer) if config.monitor in trainer.callback_metrics}
+        return {"epoch": trainer.current_epoch, "monitored": monitored}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = dict(state_dict)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed run takes the plateau steps of the checkpoint's epoch, once, before its first batch.
+
+        Only when the checkpoint was written in the epoch before the one this run starts with: Lightning then never
+        steps for that epoch. (A checkpoint written after the step, e.g. at an interruption, is in the next epoch.)
+        """
+        saved, self.saved = self.saved, {}
+        epoch = saved.get("epoch")
+        if epoch is None or trainer.current_epoch != epoch + 1:
+            return
+        for config in _epoch_plateaus(trainer):
+            value = saved.get("monitored", {}).get(config.monitor)
+            if value is not None and (epoch + 1) % config.frequency == 0:  # Lightning's own condition
+                pl_module.lr_scheduler_step(config.scheduler, value)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if getattr(trainer, "_carnet_seeded_epoch", None) == trainer.current_epoch:
             return  # seeded before its first batch was drawn (the first epoch of a fresh run)
@@ -110,6 +149,11 @@ class ResumeState(pl.Callback):
             # resumed epoch. Draw it again, now seeded for this epoch. (A private attribute: Lightning has no hook
             # between restoring the epoch and drawing the first batch.)
             iter(trainer.fit_loop._data_fetcher)
+
+
+def _epoch_plateaus(trainer: pl.Trainer) -> list[Any]:
+    """The trainer's ReduceLROnPlateau schedulers stepped at the end of an epoch (Lightning's scheduler configs)."""
+    return [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau and c.interval == "epoch"]
 
 
 def read_csv_logs(trainer: pl.Trainer, checkpoint: Path) -> dict[int, pd.DataFrame]:
