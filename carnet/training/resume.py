@@ -5,11 +5,15 @@
 - the epoch-end ReduceLROnPlateau step: Lightning takes it after ``last.ckpt`` is written and never takes it for
   the checkpoint's epoch when resuming, so the checkpoint carries the value it needs and the resumed run takes it;
 - Lightning's CSV log (``csv/metrics.csv``): its logger starts a resumed run's file empty (and deletes one in its
-  folder), so the history up to the checkpoint is written back first.
+  folder), so the history up to the checkpoint is written back first;
+- ``resume=auto`` and a cluster's requeue: which checkpoint a run in a folder holding a stopped run continues
+  (:func:`continue_in_place`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,89 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import CSVLogger
 
+from carnet.artifacts import SUMMARY_FILE, read_summary
 from carnet.errors import CarnetError
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"  # resume=auto: continue the unfinished run in this run's own folder, if there is one
+# Keys that may differ between a run and the one that continues it in the same folder.
+_NOT_THE_RUN = ("resume", "run_dir")
+
+
+def scheduler_job_id() -> str | None:
+    """The cluster job this process runs in, an id a requeued job keeps: SLURM's (``sbatch``, the submitit_slurm
+    launcher) or submitit's local executor's (submitit_local). None outside such a job.
+
+    Read from the environment the scheduler sets, rather than ``submitit.JobEnvironment``, so that a plain
+    ``sbatch --requeue`` job counts too and submitit stays optional."""
+    for variable in ("SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID"):
+        if os.environ.get(variable):
+            return f"{variable}={os.environ[variable]}"
+    return None
+
+
+def continue_in_place(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Decide what a run continues when its folder may already hold a stopped run of it; set ``cfg.resume``.
+
+    A run continues the stopped run in its own folder from that run's ``checkpoints/last.ckpt`` (the epochs it
+    finished are kept, the one it stopped in runs again) when asked to (``resume=auto``), or when it is a requeue of
+    the cluster job that left that run unfinished: same :func:`scheduler_job_id` and the same config (submitit and
+    SLURM requeue a preempted or timed-out job with the same arguments, hence into the same folder).
+
+    With ``resume=auto``: no ``last.ckpt`` means a fresh start; a run of another config stops with the keys that
+    differ; a run that already completed is left as it is, its summary is returned and nothing is trained.
+
+    Every DDP rank decides alike: what it reads (``last.ckpt``, the run's config, job id and whether it completed)
+    is what rank 0 leaves in place while the others decide.
+    """
+    summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else {}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if str(cfg.get("resume") or "") == AUTO:
+        with open_dict(cfg):
+            cfg.resume = None
+        if summary.get("status") == "completed":
+            log.info("resume=auto: the run in %s already completed; nothing to train", run_dir)
+            return summary
+        if not last.is_file():
+            log.info("resume=auto: no stopped run to continue in %s (no checkpoints/last.ckpt): a new run starts",
+                     run_dir)
+            return None
+        if differences := _config_differences(run_dir / "config.yaml", cfg):
+            raise CarnetError(f"resume=auto: {run_dir} holds a stopped run of another config ({'; '.join(differences)})"
+                              ": continue it with its own config, or give this run its own folder (hydra.run.dir=DIR)")
+    else:
+        job = scheduler_job_id()
+        requeued = (job is not None and summary.get("job_id") == job and summary.get("status") != "completed"
+                    and last.is_file() and not _config_differences(run_dir / "config.yaml", cfg))
+        if not requeued:
+            return None  # resume=PATH, or a fresh run, as given
+    with open_dict(cfg):
+        cfg.resume = str(last)
+    log.info("continuing the stopped run in %s from %s", run_dir, last)
+    return None
+
+
+def _config_differences(saved: Path, cfg: DictConfig, shown: int = 3) -> list[str]:
+    """``key: theirs -> mine`` for the keys (dotted) in which ``cfg`` differs from the run config saved in ``saved``
+    (``config.yaml``, resolved), except those of :data:`_NOT_THE_RUN`; at most ``shown`` of them and a count."""
+    if not saved.is_file():
+        return []
+    theirs = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    mine = _flat(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(k for k in theirs.keys() | mine.keys()
+                  if k.split(".", 1)[0] not in _NOT_THE_RUN and theirs.get(k) != mine.get(k))
+    rows = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in keys[:shown]]
+    return rows + ([f"{len(keys) - shown} more"] if len(keys) > shown else [])
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
 
 
 def check_resumable(path: str | Path) -> None:

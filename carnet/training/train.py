@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from carnet.training.builders import (
     run_dir_of,
 )
 from carnet.training.console import quiet_lightning
-from carnet.training.resume import check_resumable
+from carnet.training.resume import check_resumable, continue_in_place, scheduler_job_id
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.tune import tune
 
@@ -41,13 +42,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``).
 
     The run owns its directory while it runs (:func:`run_dir_lock`), and the directory gets a summary whatever
-    happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it.
+    happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it. With
+    ``resume=auto``, or as a cluster's requeue of its job, it continues the stopped run its folder holds
+    (:func:`continue_in_place`).
     """
     run_dir = run_dir_of(cfg)
     is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
     with run_dir_lock(run_dir) if is_rank_zero else nullcontext():
+        if (completed := continue_in_place(cfg, run_dir)) is not None:
+            return completed
         facts = {"run_dir": str(run_dir), "model": cfg.model.name, "image_size": int(cfg.image_size),
-                 "seed": int(cfg.seed), "data_root": str(cfg.data.root), "overrides": overrides_of(cfg)}
+                 "seed": int(cfg.seed), "data_root": str(cfg.data.root), "overrides": overrides_of(cfg),
+                 "resumed_from": cfg.get("resume") or None, "job_id": scheduler_job_id()}
         artifacts = RunArtifacts(run_dir, facts, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
         if is_rank_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -96,7 +102,11 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
     })
     trainer = build_trainer(cfg, run_dir, [*callbacks, artifacts])  # artifacts last: it records what they did
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
+    with warnings.catch_warnings():
+        if cfg.get("resume") and Path(cfg.resume).parent.resolve() == (run_dir / "checkpoints").resolve():
+            # A run continued in its own folder finds its checkpoints there, as it should.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
     summary = artifacts.summary
     if summary.get("best_val_acc") is not None:
