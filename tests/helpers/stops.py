@@ -29,14 +29,19 @@ class CopyCheckpoints(pl.Callback):
 
 
 class WaitAfterEpoch(pl.Callback):
-    """Once epoch ``epoch`` has ended and its checkpoints are written, create the file ``ready`` and wait there (up
-    to ``seconds``) for the test to signal or kill the process, so that the stop falls at a known place."""
+    """Once epoch ``epoch`` has ended in this process and its checkpoints are written, create the file ``ready`` and
+    wait there (up to ``seconds``) for the test to signal or kill the process, so that the stop falls at a known
+    place. A run that resumes after that epoch (with the same config, so with this callback too) does not wait."""
 
     def __init__(self, epoch: int, ready: str, seconds: float = 120.0) -> None:
         self.epoch, self.ready, self.seconds = int(epoch), Path(ready), float(seconds)
+        self.ended: int | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ended = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch + 1:
+        if self.ended == self.epoch:
             self.ready.touch()
             deadline = time.monotonic() + self.seconds
             while time.monotonic() < deadline:
