@@ -34,12 +34,23 @@ class RunInterrupted(SystemExit):
         return self.message
 
 
+# Signals whose handler (a scheduler's: submitit requeues its job on SIGUSR2, then calls sys.exit) ended the run
+# with a plain SystemExit: noted by carnet.training.train.signals_stop_the_run, read by stopping_signal.
+_scheduler_signals: list[int] = []
+
+
+def note_scheduler_signal(signum: int) -> None:
+    """Remember that ``signum`` reached a scheduler's handler, which may then end the process with SystemExit."""
+    _scheduler_signals.append(int(signum))
+
+
 def stopping_signal(err: BaseException | None) -> signal.Signals | None:
     """The signal that stopped a run, read from the exception it ended with, or None for an error.
 
     Ctrl-C arrives as KeyboardInterrupt, which Lightning turns into ``SystemExit(1)`` raised while handling it;
     SIGTERM as Lightning's ``SIGTERMException`` (also raised by carnet outside ``fit``,
-    :func:`carnet.training.train.sigterm_stops_the_run`).
+    :func:`carnet.training.train.signals_stop_the_run`); a scheduler's preemption signal (submitit's SIGUSR2) as
+    the SystemExit its handler raises after requeueing the job (:func:`note_scheduler_signal`).
     """
     from pytorch_lightning.utilities.exceptions import SIGTERMException  # Lightning only where runs train
 
@@ -50,6 +61,8 @@ def stopping_signal(err: BaseException | None) -> signal.Signals | None:
             return signal.SIGTERM
         if isinstance(cause, KeyboardInterrupt):
             return signal.SIGINT
+    if isinstance(err, SystemExit) and _scheduler_signals:
+        return signal.Signals(_scheduler_signals[-1])
     return None
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint, ProgressBar
 from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
+from carnet.artifacts import atomic_path
 from carnet.data.datamodule import CarDataModule
 from carnet.errors import CarnetError
 from carnet.models.network import use_compile_cache
@@ -40,8 +42,33 @@ class WeightsCheckpoint(ModelCheckpoint):
 
     RESUME_ONLY = ("optimizer_states", "lr_schedulers", "callbacks", "current_model_state", "averaging_state")
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, resume_from: str | None = None, **kwargs: Any) -> None:
         super().__init__(save_weights_only=True, **kwargs)
+        self.resume_from = Path(resume_from) if resume_from else None  # the last.ckpt a resumed run continues
+        self.carried: Path | None = None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A run resumed into a new folder keeps the best epoch so far: the stopped run's best.ckpt (beside the
+        checkpoint it resumes from) comes along and stays the score to beat. Lightning keeps only its old path
+        and would take the first resumed epoch as the best, so best.ckpt, summary.json's best epoch and a phase's
+        hand-off would disagree."""
+        previous = self.resume_from.parent if self.resume_from else None
+        best = previous / Path(str(state_dict.get("best_model_path") or "")).name if previous else None
+        here = Path(self.dirpath or "")
+        if (best is not None and best.is_file() and state_dict.get("best_model_score") is not None
+                and previous.resolve() != here.resolve()):
+            self.carried = best
+            mine = str(here / best.name)
+            state_dict = {**state_dict, "dirpath": self.dirpath, "best_model_path": mine, "kth_best_model_path": mine,
+                          "best_k_models": {mine: state_dict["best_model_score"]}, "last_model_path": ""}
+        super().load_state_dict(state_dict)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.carried is not None and trainer.is_global_zero:
+            with atomic_path(Path(self.best_model_path)) as tmp:
+                shutil.copyfile(self.carried, tmp)
+        self.carried = None
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
@@ -197,7 +224,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     """The Trainer of ``cfg.trainer`` with carnet's checkpointing, progress bar and loggers."""
     checkpoints = WeightsCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
-        auto_insert_metric_name=False, enable_version_counter=False,
+        auto_insert_metric_name=False, enable_version_counter=False, resume_from=cfg.get("resume"),
     )
     # Not `save_last=True`: Lightning 2.6 rewrites last.ckpt only in epochs where the best improved, so it goes
     # stale and `resume=last.ckpt` would restart from an old epoch. An unmonitored callback writes it every epoch.

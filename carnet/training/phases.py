@@ -119,8 +119,9 @@ class Phase(pl.Callback):
 
     def __init__(self, name: str | None, init_from: str | os.PathLike | None, phases_dir: str | os.PathLike,
                  model_name: str, head: Any, num_classes: int, monitor: str = "val/loss", mode: str = "min",
-                 starts_from: str | None = None) -> None:
+                 starts_from: str | None = None, resume_from: str | os.PathLike | None = None) -> None:
         self.name = name
+        self.resume_from = Path(resume_from) if resume_from else None  # the last.ckpt a resumed run continues
         self.phases_dir = Path(phases_dir)
         self.monitor, self.mode = monitor, mode
         self.init_path: Path | None = None
@@ -153,7 +154,8 @@ class Phase(pl.Callback):
         starts_from = (f"resume={cfg.resume} (its own checkpoint)" if cfg.get("resume") else own_weights(cfg)
                        or "random weights (model.pretrained=false, no model.weights, no init_from)")
         return cls(cfg.get("phase"), init_from, cfg.paths.phases, cfg.model.name, cfg.head, len(cfg.data.class_names),
-                   monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, starts_from=starts_from)
+                   monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, starts_from=starts_from,
+                   resume_from=cfg.get("resume"))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
@@ -169,8 +171,33 @@ class Phase(pl.Callback):
     def _start_path(self, trainer: pl.Trainer) -> Path:
         return Path(trainer.checkpoint_callback.dirpath) / "start.ckpt"
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed phase run needs of its start: the start's scores, and where it came from (summary.json)."""
+        return {"start": self.start, "start_at_new_size": self.start_at_new_size, "init_size": self.init_size,
+                "init_path": str(self.init_path) if self.init_path else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed phase run loads no ``init_from`` (its weights are in the checkpoint), but its start stays the
+        candidate the phase hands on if no epoch beats it, as in the run it continues."""
+        self.start = dict(state_dict.get("start") or {})
+        self.start_at_new_size = dict(state_dict.get("start_at_new_size") or {})
+        self.init_size = state_dict.get("init_size")
+        self.init_path = Path(state_dict["init_path"]) if state_dict.get("init_path") else None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path or trainer.checkpoint_callback is None:  # resumed: its start was judged before
+        if trainer.checkpoint_callback is None:
+            return
+        if trainer.ckpt_path:  # resumed: its start was judged before; into a new folder, its start.ckpt comes along
+            previous = self.resume_from.parent / "start.ckpt" if self.resume_from else None
+            start = self._start_path(trainer)
+            if self.start and not start.is_file() and previous is not None and previous.is_file():
+                if trainer.is_global_zero:
+                    with atomic_path(start) as tmp:
+                        shutil.copyfile(previous, tmp)
+            elif self.start and not start.is_file():
+                log.warning("phase %s: its start weights (%s) are gone, so it cannot hand them on if no epoch beats "
+                            "them", self.name, previous or start)
+                self.start = {}
             return
         size = int(pl_module.hparams.image_size)
         if self.init_size is not None and self.init_size != size:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from carnet.artifacts import SPLIT_FILE
 from carnet.config import config_dir
 from carnet.config_check import check_train_config
 from carnet.data.layout import scan_train
-from carnet.errors import RunInterrupted, exit_on_error, stopping_signal
+from carnet.errors import RunInterrupted, exit_on_error, note_scheduler_signal, stopping_signal
 from carnet.models.hub import check_pretrained_available
 from carnet.training.builders import (
     build_callbacks,
@@ -37,7 +38,7 @@ from carnet.training.builders import (
 )
 from carnet.training.console import quiet_lightning
 from carnet.training.finite import StopOnNonFinite
-from carnet.training.resume import check_resumable
+from carnet.training.resume import check_resumable, continue_in_place, scheduler_job_id
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.tune import tune
 
@@ -51,13 +52,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it, and
     ``interrupted`` for Ctrl-C or SIGTERM, which then raise :class:`carnet.errors.RunInterrupted` (exit 130, 143).
     A value the user typed wrong is refused before that: no run starts, nothing is written (carnet.config_check).
+    With ``resume=auto``, or as a cluster's requeue of its job, it continues the stopped run its folder holds
+    (:func:`continue_in_place`).
     """
     check_train_config(cfg)
     run_dir = run_dir_of(cfg)
     is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
-    with run_dir_lock(run_dir) if is_rank_zero else nullcontext(), sigterm_stops_the_run():
+    with run_dir_lock(run_dir) if is_rank_zero else nullcontext(), signals_stop_the_run():
+        if (completed := continue_in_place(cfg, run_dir)) is not None:
+            return completed
         facts = {"run_dir": str(run_dir), "model": cfg.model.name, "image_size": int(cfg.image_size),
-                 "seed": int(cfg.seed), "data_root": str(cfg.data.root), "overrides": overrides_of(cfg)}
+                 "seed": int(cfg.seed), "data_root": str(cfg.data.root), "overrides": overrides_of(cfg),
+                 "resumed_from": cfg.get("resume") or None, "job_id": scheduler_job_id()}
         artifacts = RunArtifacts(run_dir, facts, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
         if is_rank_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -85,8 +91,10 @@ def _how_to_continue(run_dir: Path, signum: signal.Signals) -> str:
 
 
 @contextmanager
-def sigterm_stops_the_run() -> Iterator[None]:
-    """SIGTERM (how SLURM and Kubernetes preempt) stops the run as Ctrl-C does, at any moment of it.
+def signals_stop_the_run() -> Iterator[None]:
+    """SIGTERM (how SLURM and Kubernetes preempt) stops the run as Ctrl-C does, at any moment of it; a scheduler's
+    own preemption signal (SIGUSR1/SIGUSR2, e.g. submitit's, whose handler requeues the job and exits) is noted, so
+    that the run ends ``interrupted``, not ``failed``.
 
     Inside ``trainer.fit`` Lightning's own handler runs first: it notes the signal and stops at the end of the
     batch (``SIGTERMException``), and this one, which it calls after its own, leaves that to it. Before ``fit``
@@ -104,11 +112,22 @@ def sigterm_stops_the_run() -> Iterator[None]:
             raised = True
             raise SIGTERMException()
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    def noting(handler: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
+        def note_then_handle(signum: int, frame: Any) -> Any:
+            note_scheduler_signal(signum)
+            return handler(signum, frame)
+
+        return note_then_handle
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
+    for other in (signal.SIGUSR1, signal.SIGUSR2):
+        if callable(handler := signal.getsignal(other)):  # a scheduler's handler, installed before the run
+            previous[other] = signal.signal(other, noting(handler))
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> dict[str, Any]:
@@ -149,7 +168,11 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     artifacts.best_checkpoint = run_dir / "checkpoints" / "best.ckpt"
     guard = StopOnNonFinite(lr=cfg.optimizer.get("lr"))
     trainer = build_trainer(cfg, run_dir, [*callbacks, guard, artifacts])  # artifacts last: it records what they did
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
+    with warnings.catch_warnings():
+        if cfg.get("resume") and Path(cfg.resume).parent.resolve() == (run_dir / "checkpoints").resolve():
+            # A run continued in its own folder finds its checkpoints there, as it should.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
     summary = artifacts.summary
     if summary.get("best_val_acc") is not None:
