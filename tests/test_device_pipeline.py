@@ -8,6 +8,8 @@ import io
 import logging
 from pathlib import Path
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -81,6 +83,35 @@ def test_views_are_the_albumentations_transforms_own_draws() -> None:
         assert geometry[0] == ("crop", crop.params["crop_coords"])
         assert flipped == bool(flip.params)  # a transform's params are empty when it was not applied
         assert (alpha, beta) == (colour.params.get("alpha", 1.0), colour.params.get("beta", 0.0))
+
+
+@pytest.mark.parametrize("area_for_downscale", [None, "image"])
+def test_crop_resize_kernel_is_the_one_albumentations_applies(area_for_downscale: str | None) -> None:
+    """The device plan's kernel for each training crop's resize is the one albumentations used (INTER_AREA when it
+    shrinks with area_for_downscale, else the transform's interpolation), read off the CPU pipeline's pixels."""
+
+    def pipeline() -> A.Compose:
+        crop = A.RandomResizedCrop(size=(64, 64), scale=(0.08, 1.0), interpolation=cv2.INTER_LINEAR,
+                                   area_for_downscale=area_for_downscale, p=1.0)
+        compose = A.Compose([crop])
+        compose.set_random_seed(5)
+        return compose
+
+    cpu, device = pipeline(), pipeline()
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        image = rng.integers(0, 256, (int(rng.integers(40, 200)), int(rng.integers(40, 200)), 3), dtype=np.uint8)
+        out = cpu(image=image)["image"]
+        x0, y0, x1, y1 = cpu.transforms[0].params["crop_coords"]
+        used = {flag for flag in (cv2.INTER_AREA, cv2.INTER_LINEAR)
+                if np.array_equal(cv2.resize(image[y0:y1, x0:x1], (64, 64), interpolation=flag), out)}
+        (crop, resize), _, _, _ = plan_view(device, image.shape[:2])
+        assert crop[1] == (x0, y0, x1, y1) and len(used) >= 1
+        if len(used) == 1:  # a crop of exactly 64x64 is the same with both kernels
+            assert resize[2] in used
+            seen |= used
+    assert seen == ({cv2.INTER_AREA, cv2.INTER_LINEAR} if area_for_downscale else {cv2.INTER_LINEAR})
 
 
 def test_device_views_have_the_cpu_pipelines_distributions(tmp_path: Path) -> None:

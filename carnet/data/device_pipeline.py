@@ -110,7 +110,9 @@ def plan_view(transform: A.BaseCompose, shape: tuple[int, int]) -> Plan:
         if isinstance(t, A.RandomResizedCrop):
             x0, y0, x1, y1 = params["crop_coords"]
             geometry.append(("crop", (x0, y0, x1, y1)))
-            geometry.append(("resize", tuple(t.size), t._get_interpolation_for_resize((y1 - y0, x1 - x0), "image")))
+            # albumentations' rule for the image (RandomResizedCrop._get_interpolation_for_resize, private)
+            shrink = (y1 - y0 > t.size[0] or x1 - x0 > t.size[1]) and t.area_for_downscale in ("image", "image_mask")
+            geometry.append(("resize", tuple(t.size), cv2.INTER_AREA if shrink else t.interpolation))
             h, w = t.size
         elif isinstance(t, A.SmallestMaxSize):
             nh, nw = max(1, round(h * params["scale"])), max(1, round(w * params["scale"]))
