@@ -86,10 +86,9 @@ def test_every_augment_builds_a_training_pipeline(augment, tiny_data):
     assert labels.dtype == torch.int64
 
 
-@pytest.mark.parametrize("trainer", options("trainer"))
+@pytest.mark.parametrize("trainer", [pytest.param(t, marks=pytest.mark.gpu) if t == "gpu" else t
+                                     for t in options("trainer")])
 def test_every_trainer_option_builds(trainer, tmp_path):
-    if trainer == "gpu" and not torch.cuda.is_available():
-        pytest.skip("no GPU")
     cfg = compose_cfg([*TINY, f"trainer={trainer}"])
     built = build_trainer(cfg, tmp_path, [])
     # carnet's checkpoints, whatever the option: best.ckpt (on a monitored metric) and last.ckpt (every epoch)
