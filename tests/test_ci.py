@@ -1,5 +1,5 @@
-"""What CI relies on: every dependency has a floor that the lowest-versions step installs (.ci/lowest.py), and every
-private import is covered by an upper bound."""
+"""What CI relies on: every dependency has a floor that the lowest-versions step installs (.ci/lowest.py), every
+private import is covered by an upper bound, and the browser test fails where CI says a browser must be there."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.helpers.devtools import REQUIRE_ENV, require_browser
 from tests.helpers.paths import REPO
 
 
@@ -73,3 +74,13 @@ def test_private_imports_have_upper_bounds(lowest) -> None:
     distributions = importlib.metadata.packages_distributions()
     unbounded = {top: where for top, where in found.items() if not set(distributions[top]) & bounded}
     assert unbounded == {}, f"private imports from packages without an upper bound in pyproject.toml: {unbounded}"
+
+
+def test_a_missing_browser_skips_here_and_fails_where_ci_requires_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no Chromium on PATH"):
+        require_browser()
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match=f"{REQUIRE_ENV} is set: no Chromium on PATH"):
+        require_browser()
