@@ -19,6 +19,19 @@ from tests.helpers.runs import run_script
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run where torch sees a CUDA device and skip elsewhere, saying why (`pytest -m gpu` selects them)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch  # only when a gpu test was collected
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="gpu: needs a CUDA device (torch.cuda.is_available() is False here)")
+        for item in gpu:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 10-class synthetic dataset in the Kaggle layout: 4 train images per class, 6 test images."""

@@ -57,10 +57,10 @@ def test_precision_resolves_per_device(fake_gpu: callable) -> None:
     assert resolve_precision("auto", "gpu") == "16-mixed"
 
 
-def test_benchmark_and_compile_resolve_per_device(fake_gpu: callable) -> None:
-    if not torch.cuda.is_available():
-        assert resolve_benchmark(None, "auto") is False
-        assert resolve_compile("auto", "auto") is False
+def test_benchmark_and_compile_resolve_per_device(fake_gpu: callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA, on any machine
+    assert resolve_benchmark(None, "auto") is False
+    assert resolve_compile("auto", "auto") is False
     assert resolve_compile(False, "gpu") is False and resolve_compile(True, "cpu") is True
     assert resolve_benchmark(True, "cpu") is True and resolve_benchmark(False, "gpu") is False
     fake_gpu()
