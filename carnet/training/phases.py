@@ -19,9 +19,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from carnet.artifacts import SUMMARY_FILE, atomic_path, plot_curves, read_metrics, read_summary, write_json
+from carnet.artifacts import SUMMARY_FILE, atomic_path, read_metrics, read_summary, write_json
 from carnet.errors import CarnetError
 from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from carnet.plots import plot_curves
 from carnet.training.finetune import fraction_at, parse_schedule
 from carnet.training.module import CarClassifier
 

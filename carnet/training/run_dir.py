@@ -32,11 +32,11 @@ from carnet.artifacts import (
     METRICS_FILE,
     SUMMARY_FILE,
     atomic_path,
-    plot_curves,
     write_csv_atomic,
     write_json,
 )
 from carnet.errors import CarnetError, exit_on_error, stopping_signal
+from carnet.plots import plot_curves
 
 try:
     import fcntl
