@@ -168,7 +168,7 @@ def test_loader_workers_draw_different_augmentations(tiny_data):
     """Forked workers must not replay one albumentations stream (the same image gets different views)."""
     from torch.utils.data import DataLoader
 
-    from carnet.data.datamodule import ImageDataset, _seed_worker_augmentations
+    from carnet.data.dataset import ImageDataset, seed_worker_augmentations
     from carnet.data.transforms import build_train_transform
 
     flip_and_crop = [{"_target_": "albumentations.RandomResizedCrop", "size": [32, 32], "scale": [0.2, 1.0]}]
@@ -176,6 +176,6 @@ def test_loader_workers_draw_different_augmentations(tiny_data):
     transform.set_random_seed(0)
     path = scan_train(tiny_data, 10).path[0]
     dataset = ImageDataset(tiny_data, [path] * 4, [0] * 4, transform)
-    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=_seed_worker_augmentations)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=seed_worker_augmentations)
     first_of_worker0, first_of_worker1, *_ = [images[0] for images, _ in loader]
     assert not torch.equal(first_of_worker0, first_of_worker1)

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats
 
-from carnet.data.datamodule import CarDataModule, ImageDataset
+from carnet.data.datamodule import CarDataModule
+from carnet.data.dataset import ImageDataset
 from carnet.data.decode import decode_min_side
 from carnet.data.device_pipeline import (
     EncodedBatch,

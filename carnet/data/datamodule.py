@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from carnet.data.cache import ImageCache
-from carnet.data.decode import decode_image, decode_min_side, find_undecodable
+from carnet.data.dataset import ImageDataset, default_num_workers, seed_worker_augmentations
+from carnet.data.decode import decode_min_side, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
 from carnet.data.device_pipeline import EncodedDataset, collate_encoded, unsupported
 from carnet.data.layout import DataError, read_test, scan_train
@@ -35,52 +35,6 @@ log = logging.getLogger(__name__)
 # CUDA device decodes and augments; auto = gpu when the run is on CUDA; device = the byte path on whatever device
 # the run uses, the CPU included (tests, and measuring the device pipeline without a GPU).
 DECODE_MODES = ("cpu", "gpu", "auto", "device")
-
-
-class ImageDataset(Dataset):
-    """(image tensor, label) pairs from files; label -1 for unlabelled (test) images.
-
-    Images are decoded at reduced JPEG scale down to ``min_side`` (see :func:`decode_min_side`); with a ``cache``
-    they come decoded and shrunk to ``min_side`` from it instead.
-    """
-
-    def __init__(self, root: Path, paths: Sequence[str], labels: Sequence[int] | None, transform: A.Compose,
-                 min_side: int | None = None, cache: ImageCache | None = None) -> None:
-        self.root = Path(root)
-        self.paths = list(paths)
-        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
-        self.transform = transform
-        self.min_side = min_side
-        self.cache = cache if cache is not None and cache.enabled else None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, index: int) -> np.ndarray:
-        """The decoded uint8 HxWx3 image of row ``index``, before the transform."""
-        path = self.root / self.paths[index]
-        return decode_image(path, self.min_side) if self.cache is None else self.cache.get(path, self.min_side)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(image=self.load(index))["image"], self.labels[index]
-
-
-def _seed_worker_augmentations(worker_id: int) -> None:
-    """Give each loader worker its own albumentations stream, derived from torch's per-worker seed.
-
-    albumentations 2 keeps its own RNG inside Compose (global seeds do not reach it), and forked workers would
-    otherwise all replay the parent's stream. torch's worker seed is fixed by `seed_everything`, so runs repeat.
-    """
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if isinstance(transform, A.Compose):
-        transform.set_random_seed(info.seed % 2**32)
-
-
-def default_num_workers() -> int:
-    """A loader worker per CPU core this process may use (cgroup/affinity aware), at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, cores or 1))
 
 
 class CarDataModule(pl.LightningDataModule):
@@ -270,7 +224,7 @@ class CarDataModule(pl.LightningDataModule):
             # (persistent workers would continue streams no checkpoint holds): a resumed run repeats the epochs
             # it continues (carnet.training.resume). Evaluation loaders draw nothing random and keep theirs.
             persistent_workers=self.num_workers > 0 and not shuffle,
-            worker_init_fn=_seed_worker_augmentations,
+            worker_init_fn=seed_worker_augmentations,
             generator=generator,
             collate_fn=collate_encoded if isinstance(dataset, EncodedDataset) else None,
         )

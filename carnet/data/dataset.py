@@ -1,0 +1,67 @@
+"""Photos as a torch ``Dataset``, and the rules of the loaders over it, without Lightning: predict, the benchmarks
+and the tools load images through this module; :class:`carnet.data.datamodule.CarDataModule` builds its
+training and evaluation loaders from it.
+
+- :class:`ImageDataset`: (image tensor, label) pairs from files.
+- :func:`default_num_workers`: the loader (and thread pool) size for ``num_workers=auto``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from carnet.data.cache import ImageCache
+from carnet.data.decode import decode_image
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label) pairs from files; label -1 for unlabelled (test) images.
+
+    Images are decoded at reduced JPEG scale down to ``min_side`` (see :func:`carnet.data.decode.decode_min_side`);
+    with a ``cache`` they come decoded and shrunk to ``min_side`` from it instead.
+    """
+
+    def __init__(self, root: Path, paths: Sequence[str], labels: Sequence[int] | None, transform: A.Compose,
+                 min_side: int | None = None, cache: ImageCache | None = None) -> None:
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        self.transform = transform
+        self.min_side = min_side
+        self.cache = cache if cache is not None and cache.enabled else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> np.ndarray:
+        """The decoded uint8 HxWx3 image of row ``index``, before the transform."""
+        path = self.root / self.paths[index]
+        return decode_image(path, self.min_side) if self.cache is None else self.cache.get(path, self.min_side)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(image=self.load(index))["image"], self.labels[index]
+
+
+def seed_worker_augmentations(worker_id: int) -> None:
+    """Give each loader worker its own albumentations stream, derived from torch's per-worker seed.
+
+    albumentations 2 keeps its own RNG inside Compose (global seeds do not reach it), and forked workers would
+    otherwise all replay the parent's stream. torch's worker seed is fixed by `seed_everything`, so runs repeat.
+    """
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if isinstance(transform, A.Compose):
+        transform.set_random_seed(info.seed % 2**32)
+
+
+def default_num_workers() -> int:
+    """A loader worker (or decoding thread) per CPU core this process may use (cgroup/affinity aware), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores or 1))
