@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from carnet.data.cache import ImageCache
-from carnet.data.dataset import ImageDataset, default_num_workers, seed_worker_augmentations
+from carnet.data.dataset import ImageDataset, default_num_workers, drops_last_batch, seed_worker_augmentations
 from carnet.data.decode import decode_min_side, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
 from carnet.data.device_pipeline import EncodedDataset, collate_encoded, unsupported
@@ -217,7 +217,7 @@ class CarDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.batch_size,  # no 1-image batch to upset BatchNorm
+            drop_last=shuffle and drops_last_batch(len(dataset), self.batch_size),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             # Training workers start afresh each epoch and take their augmentation seeds from torch's RNG then

@@ -3,6 +3,8 @@ and the tools load images through this module; :class:`carnet.data.datamodule.Ca
 training and evaluation loaders from it.
 
 - :class:`ImageDataset`: (image tensor, label) pairs from files.
+- Training loaders drop their last partial batch (:func:`drops_last_batch`), and :func:`train_batches` counts the
+  batches they give, so that a step budget counts the same batches (:mod:`carnet.training.budget`).
 - :func:`default_num_workers`: the loader (and thread pool) size for ``num_workers=auto``.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, Dataset
 
 from carnet.data.cache import ImageCache
 from carnet.data.decode import decode_image
@@ -59,6 +61,17 @@ def seed_worker_augmentations(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None)
     if isinstance(transform, A.Compose):
         transform.set_random_seed(info.seed % 2**32)
+
+
+def drops_last_batch(num_images: int, batch_size: int) -> bool:
+    """Whether a training loader drops its last partial batch: yes (no 1-image batch to upset BatchNorm), unless
+    that batch is the only one."""
+    return num_images > batch_size
+
+
+def train_batches(num_images: int, batch_size: int) -> int:
+    """Batches in one training epoch over ``num_images``: torch's own count for the loader's rule."""
+    return len(BatchSampler(range(num_images), batch_size, drop_last=drops_last_batch(num_images, batch_size)))
 
 
 def default_num_workers() -> int:

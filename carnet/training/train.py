@@ -26,14 +26,13 @@ from carnet.config_check import check_train_config
 from carnet.data.layout import scan_train
 from carnet.errors import RunInterrupted, exit_on_error, note_scheduler_signal, stopping_signal
 from carnet.models.hub import check_pretrained_available
+from carnet.training.budget import check_epochs, plan_budget
 from carnet.training.builders import (
     build_callbacks,
     build_datamodule,
     build_module,
     build_trainer,
-    check_epochs,
     overrides_of,
-    plan_budget,
     run_dir_of,
 )
 from carnet.training.console import quiet_lightning
