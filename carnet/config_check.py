@@ -28,6 +28,7 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from carnet.config import plain
 from carnet.data.cache import CACHE_MODES
 from carnet.data.datamodule import DECODE_MODES
 from carnet.errors import CarnetError
@@ -261,8 +262,7 @@ _ABSENT = object()
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return plain(OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False))
 
 
 def problems(cfg: DictConfig, checks: Sequence[Check]) -> list[str]:

@@ -22,7 +22,6 @@ from typing import Any
 import pandas as pd
 import pytorch_lightning as pl
 from hydra.experimental.callback import Callback
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -31,7 +30,6 @@ from carnet.artifacts import (
     EPOCH_COLUMNS,
     METRICS_FILE,
     SUMMARY_FILE,
-    atomic_path,
     write_csv_atomic,
     write_json,
 )
@@ -122,17 +120,6 @@ class RunDirGuard(Callback):
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._held.close()
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic: a temporary file beside the target, renamed over it when
-    complete. A full disk or a kill mid-write leaves the previous ``last.ckpt`` / ``best.ckpt`` (or none), never a
-    truncated file that fails to load at resume or in the next phase."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def _scalar(metrics: dict[str, Any], key: str) -> float:
