@@ -20,7 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from carnet.data.cache import ImageCache
-from carnet.data.dataset import ImageDataset, default_num_workers, drops_last_batch, seed_worker_augmentations
+from carnet.data.dataset import (
+    ImageDataset,
+    default_num_workers,
+    drops_last_batch,
+    seed_epoch,
+    seed_worker_augmentations,
+)
 from carnet.data.decode import decode_min_side, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
 from carnet.data.device_pipeline import EncodedDataset, collate_encoded, unsupported
@@ -95,6 +101,8 @@ class CarDataModule(pl.LightningDataModule):
             raise DataError(f"data.decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
         self.decode = decode
         self._on_device: bool | None = None  # data.decode resolved, once the run's device is known
+        self.seeded_epoch: int | None = None  # the training epoch whose draws are seeded (set_epoch)
+        self._train_transform: A.Compose | None = None  # the pipeline of the latest training loader
 
     @property
     def num_classes(self) -> int:
@@ -229,13 +237,22 @@ class CarDataModule(pl.LightningDataModule):
             collate_fn=collate_encoded if isinstance(dataset, EncodedDataset) else None,
         )
 
+    def set_epoch(self, epoch: int) -> None:
+        """Seed what training epoch ``epoch`` draws (its shuffle, the loader workers' augmentation seeds, the views
+        drawn in this process and the dropout masks) from (seed, epoch, rank) alone, as ``DistributedSampler``'s
+        ``set_epoch`` seeds its shuffle: call it before the epoch's loader iterator is made. A run resumed from
+        ``last.ckpt`` then draws what the stopped run drew in the epochs it continues
+        (:class:`carnet.training.seeding.SeedEachEpoch` calls it at each epoch's start).
+        """
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        seed_epoch(self.seed, epoch, rank, self._train_transform)
+        self.seeded_epoch = epoch
+
     def train_dataloader(self) -> DataLoader:
         rows = self._rows("train")
-        transform = self.train_transform()
-        if self.trainer is not None:  # Lightning draws the first batch now: seed this epoch first (resume repeats it)
-            from carnet.training.resume import seed_epoch
-
-            seed_epoch(self.trainer, self.seed, transform)
+        self._train_transform = transform = self.train_transform()
+        if self.trainer is not None:  # Lightning makes this epoch's iterator right away, before the epoch starts
+            self.set_epoch(self.trainer.current_epoch)
         return self._loader(self._dataset(rows.path, rows.label, transform), shuffle=True)
 
     def feature_loader(self, augmented: bool, seed: int = 0) -> DataLoader:

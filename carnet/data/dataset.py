@@ -5,12 +5,15 @@ training and evaluation loaders from it.
 - :class:`ImageDataset`: (image tensor, label) pairs from files.
 - Training loaders drop their last partial batch (:func:`drops_last_batch`), and :func:`train_batches` counts the
   batches they give, so that a step budget counts the same batches (:mod:`carnet.training.budget`).
+- Every epoch is seeded from (seed, epoch, rank) alone (:func:`seed_epoch`), as ``DistributedSampler.set_epoch``
+  seeds its shuffle: a resumed run draws the shuffles, augmentations and dropout masks of the epochs it continues.
 - :func:`default_num_workers`: the loader (and thread pool) size for ``num_workers=auto``.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,7 +58,8 @@ def seed_worker_augmentations(worker_id: int) -> None:
     """Give each loader worker its own albumentations stream, derived from torch's per-worker seed.
 
     albumentations 2 keeps its own RNG inside Compose (global seeds do not reach it), and forked workers would
-    otherwise all replay the parent's stream. torch's worker seed is fixed by `seed_everything`, so runs repeat.
+    otherwise all replay the parent's stream. torch's worker seed comes from torch's generator, which
+    :func:`seed_epoch` seeds, so runs repeat.
     """
     info = torch.utils.data.get_worker_info()
     transform = getattr(info.dataset, "transform", None)
@@ -72,6 +76,26 @@ def drops_last_batch(num_images: int, batch_size: int) -> bool:
 def train_batches(num_images: int, batch_size: int) -> int:
     """Batches in one training epoch over ``num_images``: torch's own count for the loader's rule."""
     return len(BatchSampler(range(num_images), batch_size, drop_last=drops_last_batch(num_images, batch_size)))
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one rank: a function of these alone, so a resumed epoch draws what it drew before."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0, transform: A.BaseCompose | None = None) -> None:
+    """Seed Python, NumPy, torch (CUDA too) and the training pipeline's albumentations generator for one epoch.
+
+    Called before the epoch's loader iterator is made: the iterator draws the shuffle and the loader workers' seeds
+    from torch's generator, the training step draws dropout masks from it, and with ``num_workers=0`` the
+    transform draws each view in this process.
+    """
+    value = epoch_seed(seed, epoch, rank)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    if transform is not None:
+        transform.set_random_seed(value)
 
 
 def default_num_workers() -> int:

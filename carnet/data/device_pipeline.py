@@ -158,7 +158,7 @@ class EncodedDataset(Dataset):
     """(EncodedImage, label) pairs; label -1 for unlabelled images. The device decodes and augments them.
 
     ``transform`` is the CPU pipeline's albumentations Compose: its transforms draw each view (:func:`plan_view`),
-    and its random stream is the one loader workers and :func:`carnet.training.resume.seed_epoch` seed.
+    and its random stream is the one loader workers and :func:`carnet.data.dataset.seed_epoch` seed.
     """
 
     def __init__(self, root: Path, paths: Sequence[str], labels: Sequence[int] | None,

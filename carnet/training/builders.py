@@ -25,6 +25,7 @@ from carnet.training.loggers import LogConfig
 from carnet.training.module import CarClassifier
 from carnet.training.phases import Phase
 from carnet.training.resume import ResumeState
+from carnet.training.seeding import SeedEachEpoch
 
 
 def gpu_run(accelerator: str) -> bool:
@@ -121,7 +122,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     """The Trainer of ``cfg.trainer`` with carnet's checkpointing, progress bar and loggers."""
     checkpoints = checkpoint_callbacks(run_dir / "checkpoints", cfg.checkpoint.monitor, cfg.checkpoint.mode,
                                        resume_from=cfg.get("resume"))
-    callbacks = [*checkpoints, ResumeState(cfg.seed, resume=cfg.get("resume")), *callbacks]
+    callbacks = [*checkpoints, SeedEachEpoch(), ResumeState(resume=cfg.get("resume")), *callbacks]
     # A Rich bar on a terminal (metrics read at Lightning's logging cadence), one line per epoch elsewhere.
     callbacks += console_callbacks(progress=bool(cfg.trainer.get("enable_progress_bar", True)),
                                    summary=bool(cfg.trainer.get("enable_model_summary", True)),
