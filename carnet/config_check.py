@@ -31,13 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from carnet.config import plain
 from carnet.data.cache import CACHE_MODES
 from carnet.data.datamodule import DECODE_MODES
-from carnet.errors import CarnetError
+from carnet.errors import ConfigError
 from carnet.training.finetune import BN_POLICIES
 from carnet.training.tune import MODES as TUNE_MODES
-
-
-class ConfigError(CarnetError):
-    """A config value a user typed is not one carnet can run with; the message names the key and what it expects."""
 
 
 class Rule(Protocol):

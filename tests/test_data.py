@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError, read_test, scan_train
+from carnet.data.layout import read_test, scan_train
 from carnet.data.splits import stratified_split
+from carnet.errors import DataError
 
 NAMES = [f"class {k}" for k in range(10)]
 

@@ -28,8 +28,8 @@ from carnet.data.device_pipeline import (
     plan_view,
     unsupported,
 )
-from carnet.data.layout import DataError
 from carnet.data.transforms import build_eval_transform, build_train_transform
+from carnet.errors import DataError
 from carnet.training.builders import build_datamodule, build_module
 from tests.helpers.config import compose_cfg
 from tests.helpers.images import train_jpegs

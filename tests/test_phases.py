@@ -16,10 +16,10 @@ import torch
 from rich.console import Console
 
 from carnet.artifacts import read_summary
-from carnet.errors import CarnetError
+from carnet.errors import CarnetError, PhaseError
 from carnet.training import pipeline
 from carnet.training.builders import build_module
-from carnet.training.phases import Phase, PhaseError, join_phases, write_pipeline_report
+from carnet.training.phases import Phase, join_phases, write_pipeline_report
 from carnet.training.pipeline import plan_pipeline, run_pipeline
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg

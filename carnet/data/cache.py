@@ -29,15 +29,11 @@ import numpy as np
 
 from carnet.artifacts import atomic_path
 from carnet.data.decode import DECODE_VERSION, decode_image
-from carnet.errors import CarnetError
+from carnet.errors import CacheError
 
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
-
-
-class CacheError(CarnetError):
-    """A cache setting is invalid; the message names the key and the expected values."""
 
 
 def file_stamp(path: str | os.PathLike) -> tuple[int, int]:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from carnet.artifacts import atomic_path
-from carnet.inference.onnx_meta import ExportError, add_onnx_meta
+from carnet.errors import ExportError
+from carnet.inference.onnx_meta import add_onnx_meta
 from carnet.models.checkpoint import load_checkpoint
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, ListConfig
 
 from carnet.config import config_dir, plain
 from carnet.config_check import check_predict_config
-from carnet.errors import exit_on_error
-from carnet.inference.ensemble import PredictError, load_models
+from carnet.errors import PredictError, exit_on_error
+from carnet.inference.ensemble import load_models
 from carnet.inference.evaluate import describe, evaluate_oof, evaluate_val, uses_tta
 from carnet.inference.outputs import (
     check_outputs,

@@ -22,14 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carnet.errors import CarnetError
+from carnet.errors import TTAError
 
 MERGES = ("mean", "gmean")
 CORNERS = ("center", "tl", "tr", "bl", "br")
-
-
-class TTAError(CarnetError):
-    """A TTA setting is invalid; the message names the key and what is expected."""
 
 
 @dataclass(frozen=True)

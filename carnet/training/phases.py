@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 
 from carnet.artifacts import SUMMARY_FILE, atomic_path, read_metrics, read_summary, write_json
 from carnet.config import plain
-from carnet.errors import CarnetError
-from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from carnet.errors import CheckpointError, PhaseError
+from carnet.models.checkpoint import CHECKPOINT_KEY, read_checkpoint
 from carnet.plots import plot_curves
 from carnet.training.finetune import fraction_at, parse_schedule
 from carnet.training.module import CarClassifier
@@ -30,11 +30,6 @@ from carnet.training.module import CarClassifier
 log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
-
-
-class PhaseError(CarnetError):
-    """A run cannot start from a checkpoint (a phase's predecessor, ``resume=``): it is missing or does not fit; the
-    message says what to do."""
 
 
 def phase_checkpoint(phases_dir: str | os.PathLike, phase: str) -> Path:

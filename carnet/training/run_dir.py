@@ -33,7 +33,7 @@ from carnet.artifacts import (
     write_csv_atomic,
     write_json,
 )
-from carnet.errors import CarnetError, exit_on_error, stopping_signal
+from carnet.errors import RunDirBusy, RunDirNotWritable, exit_on_error, stopping_signal
 from carnet.plots import plot_curves
 
 try:
@@ -42,14 +42,6 @@ except ImportError:  # Windows: no advisory locks; runs then rely on unique run 
     fcntl = None
 
 LOCK_FILE = ".lock"
-
-
-class RunDirBusy(CarnetError):
-    """Another live run owns this run directory."""
-
-
-class RunDirNotWritable(CarnetError):
-    """The run directory cannot be created or written (a read-only folder or file system)."""
 
 
 _HELD: set[Path] = set()  # run directories this process holds the lock of
