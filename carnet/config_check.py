@@ -30,10 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from carnet.config import plain
 from carnet.data.cache import CACHE_MODES
-from carnet.data.datamodule import DECODE_MODES
+from carnet.data.device_pipeline import DECODE_MODES
 from carnet.errors import ConfigError
-from carnet.training.finetune import BN_POLICIES
-from carnet.training.tune import MODES as TUNE_MODES
 
 
 class Rule(Protocol):
@@ -172,6 +170,14 @@ class TorchDevice:
         return "auto or a torch device (cpu, cuda, cuda:1)"
 
 
+# Choice lists of training keys, here rather than beside their code so that predict, which checks its values here
+# too, imports no training (docs/architecture.md, "Layers").
+# What BatchNorm layers do while the backbone is (partly) frozen (carnet.training.finetune.ProgressiveUnfreezing):
+#   frozen:    every backbone BatchNorm keeps its running statistics; unfrozen blocks' scale and shift still train
+#   per_block: BatchNorm of unfrozen blocks re-estimate their statistics, frozen blocks keep theirs
+#   train:     every BatchNorm re-estimates its statistics and trains, frozen blocks too (fastai's train_bn)
+BN_POLICIES = ("frozen", "per_block", "train")
+TUNE_MODES = ("lr_find",)  # tune.mode (carnet.training.tune)
 # What CarClassifier logs once per validation epoch: what checkpoints and ReduceLROnPlateau can follow.
 MONITORED = ("val/loss", "val/acc")
 # torch.optim.lr_scheduler.CyclicLR's modes (torch keeps no public list of them).

@@ -29,7 +29,7 @@ from carnet.data.dataset import (
 )
 from carnet.data.decode import decode_min_side, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
-from carnet.data.device_pipeline import EncodedDataset, collate_encoded, unsupported
+from carnet.data.device_pipeline import DECODE_MODES, EncodedDataset, collate_encoded, unsupported
 from carnet.data.layout import read_test, scan_train
 from carnet.data.sources import merge_sources, read_sources
 from carnet.data.splits import assign_split
@@ -37,12 +37,6 @@ from carnet.data.transforms import build_eval_transform, build_train_transform
 from carnet.errors import DataError
 
 log = logging.getLogger(__name__)
-
-# data.decode: cpu = workers decode and augment (the default); gpu = workers read bytes, the run's
-# CUDA device decodes and augments; auto = gpu when the run is on CUDA; device = the byte path on whatever device
-# the run uses, the CPU included (tests, and measuring the device pipeline without a GPU).
-DECODE_MODES = ("cpu", "gpu", "auto", "device")
-
 
 class CarDataModule(pl.LightningDataModule):
     """Train/val/test loaders for a dataset in the Kaggle layout, with albumentations pipelines.
