@@ -91,7 +91,7 @@ class CarDataModule(pl.LightningDataModule):
         self.dedup, self.dedup_threshold = dedup, int(dedup_threshold)
         self.source_stats: dict[str, Any] = {}
         self.dedup_dropped: pd.DataFrame | None = None
-        self.cache = ImageCache(cache, cache_dir)  # data.cache=none|memory|disk, see carnet/cache.py
+        self.cache = ImageCache(cache, cache_dir)  # data.cache=none|memory|disk, see carnet/data/cache.py
         if decode not in DECODE_MODES:
             raise DataError(f"data.decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
         self.decode = decode
