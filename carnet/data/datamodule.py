@@ -225,7 +225,7 @@ class CarDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             # Training workers start afresh each epoch and take their augmentation seeds from torch's RNG then
             # (persistent workers would continue streams no checkpoint holds): a resumed run repeats the epochs
-            # it continues (carnet.training.resume). Evaluation loaders draw nothing random and keep theirs.
+            # it continues (set_epoch). Evaluation loaders draw nothing random and keep theirs.
             persistent_workers=self.num_workers > 0 and not shuffle,
             worker_init_fn=seed_worker_augmentations,
             generator=generator,
