@@ -37,7 +37,7 @@ data: install
 	test -f $(VENV)/.installed-data || { $(PY) -m pip install -q -e '.[data]' && touch $(VENV)/.installed-data; }
 	$(VENV)/bin/carnet-download --root $(DATA)
 
-# Progressive unfreezing: phases head -> unfreeze_half -> unfreeze_3q -> unfreeze_all -> finetune_448 (carnet/training/pipeline.py).
+# Progressive unfreezing: the phases of conf/phase in their init_from order (carnet-pipeline --help lists them).
 # DATA=dir MODEL=name (conf/model) ARGS='more Hydra overrides, or PHASE:key=value for one phase'.
 MODEL ?=
 ARGS ?=

@@ -85,7 +85,7 @@ from carnet.data.decode import decode_image  # noqa: E402
 from carnet.data.layout import read_test, scan_train  # noqa: E402
 from carnet.data.transforms import build_eval_transform  # noqa: E402
 from carnet.training.head_fit import choose_l2, fit_logistic, photo_folds, single_thread  # noqa: E402
-from carnet.training.pipeline import PHASES, split_overrides  # noqa: E402
+from carnet.training.pipeline import phase_order, split_overrides  # noqa: E402
 
 METHODS = ("probe", "finetune", "carnet")
 SUMMARY_KEYS = ("best_val_acc", "best_val_loss", "best_epoch", "start_val_acc", "start_val_loss", "kept_start",
@@ -481,7 +481,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="tf_efficientnet_lite0", help="conf/model name (or a timm name)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--phases", default=",".join(PHASES), help="carnet phases in order, comma-separated")
+    ap.add_argument("--phases", default=",".join(phase_order()), help="carnet phases in order, comma-separated")
     ap.add_argument("--via", choices=("phases", "pipeline"), default="phases",
                     help="carnet: one train.py command per phase, or one carnet.training.pipeline command")
     ap.add_argument("--image-size", type=int, default=224, help="probe and fine-tune size; carnet phases that do "

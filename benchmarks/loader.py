@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate  # noqa: E402
 from torchvision import datasets  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from carnet.data.datamodule import CarDataModule, default_num_workers  # noqa: E402
+from carnet.data.datamodule import CarDataModule  # noqa: E402
+from carnet.data.dataset import default_num_workers  # noqa: E402
 from carnet.data.decode import decode_image  # noqa: E402
 from tests.helpers.config import compose_cfg  # noqa: E402
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carnet.data.cache import CacheError, ImageCache, decode_resized
+from carnet.data.cache import ImageCache, decode_resized
 from carnet.data.datamodule import CarDataModule
 from carnet.data.decode import DECODE_VERSION, decode_image
+from carnet.errors import CacheError
 from tests.helpers.images import train_jpegs
 
 

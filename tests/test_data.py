@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError, read_test, scan_train
+from carnet.data.layout import read_test, scan_train
 from carnet.data.splits import stratified_split
+from carnet.errors import DataError
 
 NAMES = [f"class {k}" for k in range(10)]
 
@@ -168,7 +169,7 @@ def test_loader_workers_draw_different_augmentations(tiny_data):
     """Forked workers must not replay one albumentations stream (the same image gets different views)."""
     from torch.utils.data import DataLoader
 
-    from carnet.data.datamodule import ImageDataset, _seed_worker_augmentations
+    from carnet.data.dataset import ImageDataset, seed_worker_augmentations
     from carnet.data.transforms import build_train_transform
 
     flip_and_crop = [{"_target_": "albumentations.RandomResizedCrop", "size": [32, 32], "scale": [0.2, 1.0]}]
@@ -176,6 +177,32 @@ def test_loader_workers_draw_different_augmentations(tiny_data):
     transform.set_random_seed(0)
     path = scan_train(tiny_data, 10).path[0]
     dataset = ImageDataset(tiny_data, [path] * 4, [0] * 4, transform)
-    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=_seed_worker_augmentations)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=seed_worker_augmentations)
     first_of_worker0, first_of_worker1, *_ = [images[0] for images, _ in loader]
     assert not torch.equal(first_of_worker0, first_of_worker1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_set_epoch_makes_an_epoch_draw_the_same_batches_whatever_ran_before(tiny_data, num_workers):
+    """``set_epoch`` seeds an epoch's shuffle, augmentations (in this process or in loader workers) and torch's
+    generator from (seed, epoch) alone, as DistributedSampler.set_epoch does for its shuffle: what a resumed run
+    relies on to repeat the epochs it continues."""
+    crop = [{"_target_": "albumentations.RandomResizedCrop", "size": [32, 32], "scale": [0.2, 1.0]}]
+    dm = CarDataModule(tiny_data, NAMES, image_size=32, batch_size=8, num_workers=num_workers, verify=False,
+                       augment=crop)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+
+    def epoch(number: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        dm.set_epoch(number)
+        batches = [torch.cat([images.flatten(), labels]) for images, labels in loader]
+        return batches, torch.rand(3)  # what the training step draws next (dropout masks)
+
+    second, draws = epoch(2)
+    epoch(5)
+    torch.rand(100)  # anything else drawn in between
+    again, draws_again = epoch(2)
+    assert dm.seeded_epoch == 2
+    assert all(torch.equal(a, b) for a, b in zip(second, again, strict=True)) and torch.equal(draws, draws_again)
+    fifth, _ = epoch(5)
+    assert not all(torch.equal(a, b) for a, b in zip(second, fifth, strict=True))

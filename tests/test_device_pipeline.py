@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats
 
-from carnet.data.datamodule import CarDataModule, ImageDataset
+from carnet.data.datamodule import CarDataModule
+from carnet.data.dataset import ImageDataset
 from carnet.data.decode import decode_min_side
 from carnet.data.device_pipeline import (
     EncodedBatch,
@@ -29,8 +30,8 @@ from carnet.data.device_pipeline import (
     plan_view,
     unsupported,
 )
-from carnet.data.layout import DataError
 from carnet.data.transforms import build_eval_transform, build_train_transform
+from carnet.errors import DataError
 from carnet.training.builders import build_datamodule, build_module
 from tests.helpers.config import compose_cfg
 from tests.helpers.images import train_jpegs

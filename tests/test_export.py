@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from carnet.errors import CheckpointError, ExportError
 from carnet.inference.export import export_onnx
-from carnet.inference.onnx_meta import META_KEY, ExportError, add_onnx_meta, read_onnx_meta
-from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint
+from carnet.inference.onnx_meta import META_KEY, add_onnx_meta, read_onnx_meta
+from carnet.models.checkpoint import CHECKPOINT_KEY, load_checkpoint
 from carnet.serving.app import create_app
 from carnet.serving.classifier import Classifier
 from tests.helpers.images import photo

@@ -1,4 +1,5 @@
-"""The unfreezing callback: which tensors train, which stay bit-identical, what BatchNorm does (carnet/finetune.py).
+"""The unfreezing callback: which tensors train, which stay bit-identical, what BatchNorm does
+(carnet/training/finetune.py).
 
 Runs are real (in-process) ``carnet.training.train.train`` runs on tiny data; expectations are computed here from the
 parameter names, independently of carnet.training.finetune's use of timm's group_matcher.

@@ -11,8 +11,8 @@ import pytest
 
 from carnet.artifacts import SPLIT_FILE, write_json
 from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError
 from carnet.data.splits import assign_split, stratified_folds
+from carnet.errors import DataError
 from carnet.inference.oof import oof_frame
 from carnet.tools.demo import CLASS_NAMES
 from tests.helpers.overrides import TINY

@@ -7,8 +7,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from carnet.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from carnet.models.network import WeightsError, create_backbone
+from carnet.errors import CheckpointError, WeightsError
+from carnet.models.checkpoint import load_checkpoint, read_checkpoint
+from carnet.models.network import create_backbone
 from carnet.training.module import CarClassifier
 
 HEADS = {

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from carnet.artifacts import read_summary
-from carnet.errors import CarnetError
+from carnet.errors import CarnetError, CheckpointError
 from carnet.inference.export import main as export_main
-from carnet.models.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, read_checkpoint
+from carnet.models.checkpoint import load_checkpoint, nonfinite_tensors, read_checkpoint
 from carnet.serving.app import main as serve_main
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg

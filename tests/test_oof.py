@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
-from carnet.inference.ensemble import PredictError
+from carnet.errors import PredictError
 from carnet.models.checkpoint import load_checkpoint
 from tests.helpers.images import train_jpegs
 from tests.helpers.reference import reference_probs

@@ -1,10 +1,11 @@
 """Phases: hand-off through ${paths.phases}, errors for missing/mismatching predecessors, resume mid-schedule,
-the joined pipeline curves (carnet/phases.py, carnet/pipeline.py, conf/phase)."""
+the joined pipeline curves (carnet/training/phases.py, carnet/training/pipeline.py, conf/phase)."""
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +16,15 @@ import torch
 from rich.console import Console
 
 from carnet.artifacts import read_summary
+from carnet.errors import CarnetError, PhaseError
+from carnet.training import pipeline
 from carnet.training.builders import build_module
-from carnet.training.phases import Phase, PhaseError, join_phases, write_pipeline_report
+from carnet.training.phases import Phase, join_phases, write_pipeline_report
 from carnet.training.pipeline import plan_pipeline, run_pipeline
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH
-from tests.helpers.paths import REPO
+from tests.helpers.paths import CONF, REPO
 from tests.helpers.runs import run_script
 
 
@@ -205,6 +208,25 @@ def test_phase_runs_say_what_they_load_and_where_they_write(tiny_data: Path, tmp
     said = "\n".join(r.getMessage() for r in caplog.records if r.name == PHASES_LOG)
     assert f"init_from={phases / 'head.ckpt'}" in said
     assert str(tmp_path / "half") in said and str(phases / "unfreeze_half.ckpt") in said
+
+
+def test_the_pipeline_runs_the_phases_in_their_init_from_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """conf/phase's init_from chain is the one statement of the phase order: a phase added to the chain joins
+    carnet-pipeline's default phases in its place; a chain that forks is refused in one line."""
+    conf = Path(shutil.copytree(CONF, tmp_path / "conf"))
+    monkeypatch.setattr(pipeline, "config_dir", lambda: conf)
+    added = (conf / "phase" / "unfreeze_half.yaml").read_text().replace("phase: unfreeze_half", "phase: unfreeze_2q")
+    (conf / "phase" / "unfreeze_2q.yaml").write_text(added.replace("init_from: head", "init_from: unfreeze_half"))
+    third = conf / "phase" / "unfreeze_3q.yaml"
+    third.write_text(third.read_text().replace("init_from: unfreeze_half", "init_from: unfreeze_2q"))
+    with pytest.raises(SystemExit):
+        pipeline.main(["--help"])
+    assert "head,unfreeze_half,unfreeze_2q,unfreeze_3q,unfreeze_all,finetune_448" in capsys.readouterr().out.replace(
+        "\n", "").replace(" ", "")
+    third.write_text(third.read_text().replace("init_from: unfreeze_2q", "init_from: unfreeze_half"))
+    with pytest.raises(CarnetError, match="unfreeze_2q and unfreeze_3q both start from unfreeze_half"):
+        pipeline.phase_order()
 
 
 def test_pipeline_phases_hand_off_inside_the_pipeline_folder(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""carnet.artifacts.plot_curves (a run's curves.png, a pipeline's joined curves): honest axes on short runs, read from
+"""carnet.plots.plot_curves (a run's curves.png, a pipeline's joined curves): honest axes on short runs, read from
 the matplotlib figure rather than pixels."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from carnet.artifacts import plot_curves
+from carnet.plots import plot_curves
 
 
 def visible_ticks(ax, axis: str = "x") -> list[float]:

@@ -1,6 +1,7 @@
-"""A resumed run is the run it continues (carnet/training/resume.py): every schedule in conf/scheduler and a phase
-run, resumed from the checkpoints a stop after epoch 2 leaves, end as the run that never stopped; and a stopped
-run goes on in its own folder with resume=auto after kill -9, and by itself when submitit requeues its job."""
+"""A resumed run is the run it continues (carnet/training/resume.py, carnet/training/seeding.py): every schedule
+in conf/scheduler and a phase run, resumed from the checkpoints a stop after epoch 2 leaves, end as the run that
+never stopped; and a stopped run goes on in its own folder with resume=auto after kill -9, and by itself when
+submitit requeues its job."""
 
 from __future__ import annotations
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 from flask import Flask
 
+from carnet.errors import ModelLoadError
 from carnet.inference.export import export_onnx
 from carnet.models.checkpoint import load_checkpoint
 from carnet.serving.app import create_app
-from carnet.serving.backends import ModelLoadError
 from carnet.serving.upload import DEFAULT_MAX_CONTENT_LENGTH
 from tests.helpers.devtools import ARTIFACTS, DevTools, require_browser
 from tests.helpers.images import photo

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError, scan_train
+from carnet.data.layout import scan_train
 from carnet.data.sources import load_source, read_sources
+from carnet.errors import DataError
 from carnet.tools.demo import CLASS_NAMES
 from tests.helpers.images import car_jpeg
 from tests.helpers.paths import REPO

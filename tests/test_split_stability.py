@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError
 from carnet.data.splits import assign_split
+from carnet.errors import DataError
 
 NAMES = [f"class {k}" for k in range(10)]
 

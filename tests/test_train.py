@@ -15,7 +15,7 @@ from pytorch_lightning.plugins.io import AsyncCheckpointIO
 from carnet.artifacts import EPOCH_COLUMNS, read_summary
 from carnet.models.checkpoint import load_checkpoint, read_checkpoint
 from carnet.training.builders import build_trainer
-from carnet.training.run_dir import AtomicCheckpointIO
+from carnet.training.checkpoints import AtomicCheckpointIO
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH, TINY

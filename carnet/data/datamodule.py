@@ -14,74 +14,29 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from carnet.data.cache import ImageCache
-from carnet.data.decode import decode_image, decode_min_side, find_undecodable
+from carnet.data.dataset import (
+    ImageDataset,
+    default_num_workers,
+    drops_last_batch,
+    seed_epoch,
+    seed_worker_augmentations,
+)
+from carnet.data.decode import decode_min_side, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
-from carnet.data.device_pipeline import EncodedDataset, collate_encoded, unsupported
-from carnet.data.layout import DataError, read_test, scan_train
+from carnet.data.device_pipeline import DECODE_MODES, EncodedDataset, collate_encoded, unsupported
+from carnet.data.layout import read_test, scan_train
 from carnet.data.sources import merge_sources, read_sources
 from carnet.data.splits import assign_split
 from carnet.data.transforms import build_eval_transform, build_train_transform
+from carnet.errors import DataError
 
 log = logging.getLogger(__name__)
-
-# data.decode: cpu = workers decode and augment (the default); gpu = workers read bytes, the run's
-# CUDA device decodes and augments; auto = gpu when the run is on CUDA; device = the byte path on whatever device
-# the run uses, the CPU included (tests, and measuring the device pipeline without a GPU).
-DECODE_MODES = ("cpu", "gpu", "auto", "device")
-
-
-class ImageDataset(Dataset):
-    """(image tensor, label) pairs from files; label -1 for unlabelled (test) images.
-
-    Images are decoded at reduced JPEG scale down to ``min_side`` (see :func:`decode_min_side`); with a ``cache``
-    they come decoded and shrunk to ``min_side`` from it instead.
-    """
-
-    def __init__(self, root: Path, paths: Sequence[str], labels: Sequence[int] | None, transform: A.Compose,
-                 min_side: int | None = None, cache: ImageCache | None = None) -> None:
-        self.root = Path(root)
-        self.paths = list(paths)
-        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
-        self.transform = transform
-        self.min_side = min_side
-        self.cache = cache if cache is not None and cache.enabled else None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, index: int) -> np.ndarray:
-        """The decoded uint8 HxWx3 image of row ``index``, before the transform."""
-        path = self.root / self.paths[index]
-        return decode_image(path, self.min_side) if self.cache is None else self.cache.get(path, self.min_side)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(image=self.load(index))["image"], self.labels[index]
-
-
-def _seed_worker_augmentations(worker_id: int) -> None:
-    """Give each loader worker its own albumentations stream, derived from torch's per-worker seed.
-
-    albumentations 2 keeps its own RNG inside Compose (global seeds do not reach it), and forked workers would
-    otherwise all replay the parent's stream. torch's worker seed is fixed by `seed_everything`, so runs repeat.
-    """
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if isinstance(transform, A.Compose):
-        transform.set_random_seed(info.seed % 2**32)
-
-
-def default_num_workers() -> int:
-    """A loader worker per CPU core this process may use (cgroup/affinity aware), at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, cores or 1))
-
 
 class CarDataModule(pl.LightningDataModule):
     """Train/val/test loaders for a dataset in the Kaggle layout, with albumentations pipelines.
@@ -136,11 +91,13 @@ class CarDataModule(pl.LightningDataModule):
         self.dedup, self.dedup_threshold = dedup, int(dedup_threshold)
         self.source_stats: dict[str, Any] = {}
         self.dedup_dropped: pd.DataFrame | None = None
-        self.cache = ImageCache(cache, cache_dir)  # data.cache=none|memory|disk, see carnet/cache.py
+        self.cache = ImageCache(cache, cache_dir)  # data.cache=none|memory|disk, see carnet/data/cache.py
         if decode not in DECODE_MODES:
             raise DataError(f"data.decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
         self.decode = decode
         self._on_device: bool | None = None  # data.decode resolved, once the run's device is known
+        self.seeded_epoch: int | None = None  # the training epoch whose draws are seeded (set_epoch)
+        self._train_transform: A.Compose | None = None  # the pipeline of the latest training loader
 
     @property
     def num_classes(self) -> int:
@@ -263,25 +220,34 @@ class CarDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.batch_size,  # no 1-image batch to upset BatchNorm
+            drop_last=shuffle and drops_last_batch(len(dataset), self.batch_size),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             # Training workers start afresh each epoch and take their augmentation seeds from torch's RNG then
             # (persistent workers would continue streams no checkpoint holds): a resumed run repeats the epochs
-            # it continues (carnet.training.resume). Evaluation loaders draw nothing random and keep theirs.
+            # it continues (set_epoch). Evaluation loaders draw nothing random and keep theirs.
             persistent_workers=self.num_workers > 0 and not shuffle,
-            worker_init_fn=_seed_worker_augmentations,
+            worker_init_fn=seed_worker_augmentations,
             generator=generator,
             collate_fn=collate_encoded if isinstance(dataset, EncodedDataset) else None,
         )
 
+    def set_epoch(self, epoch: int) -> None:
+        """Seed what training epoch ``epoch`` draws (its shuffle, the loader workers' augmentation seeds, the views
+        drawn in this process and the dropout masks) from (seed, epoch, rank) alone, as ``DistributedSampler``'s
+        ``set_epoch`` seeds its shuffle: call it before the epoch's loader iterator is made. A run resumed from
+        ``last.ckpt`` then draws what the stopped run drew in the epochs it continues
+        (:class:`carnet.training.seeding.SeedEachEpoch` calls it at each epoch's start).
+        """
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        seed_epoch(self.seed, epoch, rank, self._train_transform)
+        self.seeded_epoch = epoch
+
     def train_dataloader(self) -> DataLoader:
         rows = self._rows("train")
-        transform = self.train_transform()
-        if self.trainer is not None:  # Lightning draws the first batch now: seed this epoch first (resume repeats it)
-            from carnet.training.resume import seed_epoch
-
-            seed_epoch(self.trainer, self.seed, transform)
+        self._train_transform = transform = self.train_transform()
+        if self.trainer is not None:  # Lightning makes this epoch's iterator right away, before the epoch starts
+            self.set_epoch(self.trainer.current_epoch)
         return self._loader(self._dataset(rows.path, rows.label, transform), shuffle=True)
 
     def feature_loader(self, augmented: bool, seed: int = 0) -> DataLoader:

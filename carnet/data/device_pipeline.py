@@ -44,6 +44,12 @@ from torchvision.transforms import InterpolationMode
 
 from carnet.data.decode import decode_image, pil_to_rgb
 
+# data.decode: cpu = workers decode and augment (the default); gpu = workers read bytes, the run's
+# CUDA device decodes and augments; auto = gpu when the run is on CUDA; device = the byte path on whatever device
+# the run uses, the CPU included (tests, and measuring the device pipeline without a GPU).
+DECODE_MODES = ("cpu", "gpu", "auto", "device")
+
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_ORIENTATION = 0x0112  # values 5-8 store the picture transposed: its shown width is the stored height
 CROPS = (A.RandomResizedCrop, A.CenterCrop)
@@ -173,7 +179,7 @@ class EncodedDataset(Dataset):
     """(EncodedImage, label) pairs; label -1 for unlabelled images. The device decodes and augments them.
 
     ``transform`` is the CPU pipeline's albumentations Compose: its transforms draw each view (:func:`plan_view`),
-    and its random stream is the one loader workers and :func:`carnet.training.resume.seed_epoch` seed.
+    and its random stream is the one loader workers and :func:`carnet.data.dataset.seed_epoch` seed.
     """
 
     def __init__(self, root: Path, paths: Sequence[str], labels: Sequence[int] | None,

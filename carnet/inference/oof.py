@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from carnet.artifacts import SPLIT_FILE, read_summary
-from carnet.data.layout import DataError
+from carnet.errors import DataError
 
 
 def oof_frame(run_dirs: Sequence[str | os.PathLike], require_all: bool = False) -> pd.DataFrame:

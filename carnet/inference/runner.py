@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from carnet.data.datamodule import ImageDataset, default_num_workers
+from carnet.data.dataset import ImageDataset, default_num_workers
 from carnet.data.decode import decode_min_side
-from carnet.data.layout import DataError
 from carnet.data.transforms import build_eval_transform
+from carnet.errors import DataError
 from carnet.inference.ensemble import Model, ensemble
 from carnet.inference.selection import Images
 from carnet.inference.tta import TTA, view_logits

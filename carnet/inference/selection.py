@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
-from carnet.data.layout import IMAGE_EXTENSIONS, DataError, read_test
-from carnet.inference.ensemble import Model, PredictError
+from carnet.data.layout import IMAGE_EXTENSIONS, read_test
+from carnet.errors import DataError, PredictError
+from carnet.inference.ensemble import Model
 from carnet.inference.oof import oof_frame
 
 

@@ -19,11 +19,7 @@ import timm
 import torch
 from torch import nn
 
-from carnet.errors import CarnetError
-
-
-class WeightsError(CarnetError):
-    """A weights file does not fit the backbone; the message names the file and the keys."""
+from carnet.errors import CarnetError, WeightsError
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:

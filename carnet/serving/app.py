@@ -41,8 +41,8 @@ import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from carnet.errors import CarnetError
-from carnet.serving.backends import BACKENDS, ModelLoadError
+from carnet.errors import BadUpload, CarnetError, ModelLoadError, ModelUnavailable, ServerBusy
+from carnet.serving.backends import BACKENDS
 from carnet.serving.classifier import Classifier, ModelHolder
 from carnet.serving.upload import (
     DEFAULT_BODIES_IN_MEMORY,
@@ -54,11 +54,9 @@ from carnet.serving.upload import (
     DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
     MAX_FORM_PARTS,
-    BadUpload,
     BodyMemory,
     ImageLimits,
     InMemoryRequest,
-    ServerBusy,
     decode_upload,
     upload_bytes,
 )
@@ -73,10 +71,6 @@ def index_page() -> str:
 
 def _error(status: int, message: str) -> tuple[Any, int]:
     return jsonify({"error": message, "status": status}), status
-
-
-class ModelUnavailable(CarnetError):
-    """The model cannot be loaded (answered 503); the message is safe to show: ours, or the error's type only."""
 
 
 def load_failure(err: Exception) -> str:

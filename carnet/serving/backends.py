@@ -17,14 +17,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from carnet.errors import CarnetError
+from carnet.errors import ModelLoadError
 from carnet.inference.onnx_meta import read_onnx_meta
 
 BACKENDS = ("torch", "onnx")
-
-
-class ModelLoadError(CarnetError):
-    """The checkpoint / ONNX file cannot be served; the message names the file."""
 
 
 class Backend(Protocol):

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge, RequestTimeout
 
 from carnet.data.decode import decode_image
-from carnet.errors import CarnetError
+from carnet.errors import BadImage, BadUpload, ServerBusy
 
 DEFAULT_MAX_CONTENT_LENGTH = 10 * 1024 * 1024  # bytes of one request body
 # A photo has a few megapixels; a tiny file that claims far more is a decompression bomb. 40 MP covers any
@@ -49,24 +49,12 @@ MAX_FORM_PARTS = 16
 RAW_BODY_TYPES = ("image/", "application/octet-stream")
 
 
-class BadUpload(CarnetError):
-    """The request does not carry a usable upload; the message says why (answered as 400)."""
-
-
-class BadImage(BadUpload):
-    """The uploaded bytes are not a usable image; the message says why (answered as 400)."""
-
-
 class BodyTooLarge(RequestEntityTooLarge):
     """The body is over MAX_CONTENT_LENGTH, also when it is chunked (no Content-Length to check up front)."""
 
 
 class BodyTimeout(RequestTimeout):
     """The body did not arrive within the read deadline (answered as 408)."""
-
-
-class ServerBusy(CarnetError):
-    """This process cannot take the request now (answered as 503 with Retry-After); the message says why."""
 
 
 class BodyMemory:

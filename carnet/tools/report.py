@@ -27,7 +27,8 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from carnet.artifacts import SUMMARY_FILE, accuracy_axis, epoch_axis, read_metrics, read_summary, write_text_atomic
+from carnet.artifacts import SUMMARY_FILE, read_metrics, read_summary, write_text_atomic
+from carnet.plots import accuracy_axis, epoch_axis
 
 REPORT_MD, REPORT_PNG = "report.md", "report.png"
 # Overrides that name where a run lives, not what it tried: never a column.

@@ -27,15 +27,11 @@ from timm.models._manipulate import group_with_matcher
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from carnet.config_check import BN_POLICIES
 from carnet.errors import CarnetError
 from carnet.models.network import compile_status
 
 Schedule = list[tuple[int, float]]
-# What BatchNorm layers do while the backbone is (partly) frozen; see ProgressiveUnfreezing.
-#   frozen:    every backbone BatchNorm keeps its running statistics; unfrozen blocks' scale and shift still train
-#   per_block: BatchNorm of unfrozen blocks re-estimate their statistics, frozen blocks keep theirs
-#   train:     every BatchNorm re-estimates its statistics and trains, frozen blocks too (fastai's train_bn)
-BN_POLICIES = ("frozen", "per_block", "train")
 
 
 def _tensor_names(module: nn.Module) -> Iterator[tuple[str, Any]]:

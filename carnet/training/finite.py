@@ -13,12 +13,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from carnet.errors import CarnetError
+from carnet.errors import NonFiniteError
 from carnet.models.checkpoint import nonfinite_tensors
-
-
-class NonFiniteError(CarnetError):
-    """Training diverged: a loss or a weight is NaN or infinite."""
 
 
 class StopOnNonFinite(pl.Callback):

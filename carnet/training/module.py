@@ -13,19 +13,14 @@ import timm
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from carnet.config import plain
 from carnet.models.checkpoint import CHECKPOINT_KEY
 from carnet.models.heads import build_head
 from carnet.models.network import CarNet, compile_network, create_backbone
 from carnet.training.optim import resolve_fused
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers to plain dicts/lists, so checkpoints and hparams stay simple to read."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 class CarClassifier(pl.LightningModule):
@@ -50,7 +45,7 @@ class CarClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        head, optimizer, scheduler = _plain(head), _plain(optimizer), _plain(scheduler)
+        head, optimizer, scheduler = plain(head), plain(optimizer), plain(scheduler)
         self.save_hyperparameters({
             "model_name": model_name, "class_names": list(class_names), "head": head, "image_size": image_size,
             "pretrained": pretrained, "weights": weights, "drop_rate": drop_rate,

@@ -17,22 +17,19 @@ from typing import Any
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from carnet.artifacts import SUMMARY_FILE, atomic_path, plot_curves, read_metrics, read_summary, write_json
-from carnet.errors import CarnetError
-from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from carnet.artifacts import SUMMARY_FILE, atomic_path, read_metrics, read_summary, write_json
+from carnet.config import plain
+from carnet.errors import CheckpointError, PhaseError
+from carnet.models.checkpoint import CHECKPOINT_KEY, read_checkpoint
+from carnet.plots import plot_curves
 from carnet.training.finetune import fraction_at, parse_schedule
 from carnet.training.module import CarClassifier
 
 log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
-
-
-class PhaseError(CarnetError):
-    """A run cannot start from a checkpoint (a phase's predecessor, ``resume=``): it is missing or does not fit; the
-    message says what to do."""
 
 
 def phase_checkpoint(phases_dir: str | os.PathLike, phase: str) -> Path:
@@ -55,10 +52,6 @@ def resolve_init_from(init_from: str, phases_dir: str | os.PathLike) -> Path:
                      f"phase={text}` with the same data/model/paths overrides (or pass init_from=PATH to a .ckpt)")
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: str, head: Any,
                num_classes: int, key: str = "init_from") -> None:
     """The model, the head and the class count of ``checkpoint`` must be this run's; else name both sides and the
@@ -68,7 +61,7 @@ def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: 
     """
     meta = checkpoint["carnet"]
     for label, theirs, mine in (("model", meta.get("model_name"), model_name),
-                                ("head", _plain(meta.get("head")), _plain(head))):
+                                ("head", plain(meta.get("head")), plain(head))):
         if theirs != mine:
             raise PhaseError(f"{key}={path} does not fit this run: the checkpoint's {label} is {theirs}, this "
                              f"run's {label} is {mine}")
@@ -90,7 +83,7 @@ def own_weights(cfg: DictConfig) -> str | None:
 
 def frozen_at_start(unfreeze: Any) -> bool:
     """Does the run start with (part of) its backbone frozen (``unfreeze`` below 1 at epoch 0)?"""
-    return unfreeze is not None and fraction_at(parse_schedule(_plain(unfreeze)), 0) < 1.0
+    return unfreeze is not None and fraction_at(parse_schedule(plain(unfreeze)), 0) < 1.0
 
 
 def warn_if_frozen_random(cfg: DictConfig) -> None:
@@ -102,7 +95,7 @@ def warn_if_frozen_random(cfg: DictConfig) -> None:
     log.warning("%s trains on a frozen backbone (unfreeze=%s) with random weights: model %s has "
                 "model.pretrained=false, no model.weights file and no init_from, so its accuracy will stay at "
                 "chance; set model.pretrained=true, model.weights=PATH or init_from=PHASE|PATH", what,
-                _plain(cfg.unfreeze), cfg.model.name)
+                plain(cfg.unfreeze), cfg.model.name)
 
 
 class Phase(pl.Callback):

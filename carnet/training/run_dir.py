@@ -22,7 +22,6 @@ from typing import Any
 import pandas as pd
 import pytorch_lightning as pl
 from hydra.experimental.callback import Callback
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -31,12 +30,11 @@ from carnet.artifacts import (
     EPOCH_COLUMNS,
     METRICS_FILE,
     SUMMARY_FILE,
-    atomic_path,
-    plot_curves,
     write_csv_atomic,
     write_json,
 )
-from carnet.errors import CarnetError, exit_on_error, stopping_signal
+from carnet.errors import RunDirBusy, RunDirNotWritable, exit_on_error, stopping_signal
+from carnet.plots import plot_curves
 
 try:
     import fcntl
@@ -44,14 +42,6 @@ except ImportError:  # Windows: no advisory locks; runs then rely on unique run 
     fcntl = None
 
 LOCK_FILE = ".lock"
-
-
-class RunDirBusy(CarnetError):
-    """Another live run owns this run directory."""
-
-
-class RunDirNotWritable(CarnetError):
-    """The run directory cannot be created or written (a read-only folder or file system)."""
 
 
 _HELD: set[Path] = set()  # run directories this process holds the lock of
@@ -122,17 +112,6 @@ class RunDirGuard(Callback):
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._held.close()
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic: a temporary file beside the target, renamed over it when
-    complete. A full disk or a kill mid-write leaves the previous ``last.ckpt`` / ``best.ckpt`` (or none), never a
-    truncated file that fails to load at resume or in the next phase."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def _scalar(metrics: dict[str, Any], key: str) -> float:

@@ -20,13 +20,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.tuner import Tuner
 
 from carnet.artifacts import write_json
+from carnet.config_check import TUNE_MODES
 from carnet.data.datamodule import CarDataModule
 from carnet.errors import CarnetError
 from carnet.training.builders import build_trainer
 from carnet.training.module import CarClassifier
 
 PLOT_FILE, RESULT_FILE = "lr_find.png", "lr_find.json"
-MODES = ("lr_find",)
 
 
 def _tune_config(cfg: DictConfig) -> DictConfig:
@@ -90,6 +90,6 @@ def tune(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_
          callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Dispatch on ``tune.mode`` (called by :func:`carnet.training.train.train` for ``tune=...``)."""
     mode = cfg.tune.get("mode")
-    if mode not in MODES:
-        raise CarnetError(f"tune.mode={mode!r} is not supported; expected one of {', '.join(MODES)}")
+    if mode not in TUNE_MODES:
+        raise CarnetError(f"tune.mode={mode!r} is not supported; expected one of {', '.join(TUNE_MODES)}")
     return lr_find(cfg, module, datamodule, run_dir, callbacks)
