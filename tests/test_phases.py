@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from carnet.artifacts import read_summary
+from carnet.runtime import resolve_runtime
 from carnet.training.builders import build_module
 from carnet.training.phases import Phase, PhaseError, join_phases, write_pipeline_report
 from carnet.training.pipeline import plan_pipeline, run_pipeline
@@ -60,7 +61,7 @@ def check_second_phase_started_from_first(runs: dict[str, Path]) -> None:
     # ... and not what a fresh start would have had: the head phase changed the head.
     cfg = compose_cfg(["model=test_efficientnet", "model.pretrained=false"])
     pl.seed_everything(cfg.seed, workers=True)
-    fresh = build_module(cfg).state_dict()
+    fresh = build_module(cfg, resolve_runtime(cfg)).state_dict()
     assert not torch.equal(fresh["net.head.1.weight"], handed["net.head.1.weight"])
     assert all(torch.equal(fresh[k], handed[k]) for k in handed if k.startswith("net.backbone."))  # frozen in head
 
@@ -122,7 +123,7 @@ def test_resume_mid_progressive_restores_frozen_set_and_optimizer_groups(tiny_da
     # The first half of the backbone never trained in either run: bit-identical, BatchNorm statistics included.
     start_cfg = compose_cfg(common)
     pl.seed_everything(start_cfg.seed, workers=True)
-    start = build_module(start_cfg).state_dict()
+    start = build_module(start_cfg, resolve_runtime(start_cfg)).state_dict()
     frozen = [{k for k in start if k.startswith("net.backbone.") and torch.equal(start[k], ck["state_dict"][k])}
               for ck in (full, cut)]
     assert frozen[0] == frozen[1] and any("running_mean" in k for k in frozen[0])
