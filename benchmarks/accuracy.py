@@ -136,8 +136,7 @@ class EvalView:
     every method's test photos (and the probe's training photos) get, so that only training differs."""
 
     def __init__(self, data_config: dict[str, Any], image_size: int) -> None:
-        self.transform = build_eval_transform(image_size, data_config["mean"], data_config["std"],
-                                              data_config.get("interpolation", "bicubic"),
+        self.transform = build_eval_transform(image_size, data_config.get("interpolation", "bicubic"),
                                               float(data_config.get("crop_pct", 1.0)))
         # carnet's view ends in uint8 pixels (its network normalises them); the baselines' plain timm models
         # take normalised floats, so normalise here, as carnet's Normalize does.

@@ -75,8 +75,7 @@ class RawForward:
         torch.set_num_threads(threads)
         self.torch = torch
         self.net, meta = load_checkpoint(ckpt)
-        transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                         meta["crop_pct"])
+        transform = build_eval_transform(meta["image_size"], meta["interpolation"], meta["crop_pct"])
         # The service's decode (reduced-scale JPEG down to what the eval view needs): the same input it classifies.
         self.x = transform(image=decode_upload(image, min_side=decode_min_side(transform)))["image"][None].contiguous()
 

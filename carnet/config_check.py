@@ -12,8 +12,9 @@ ranges, and the message must say what to type. The rules are data (:class:`Numbe
 them next to typed defaults later moves rows, not logic. A key a config does not have is skipped (an option of
 another group); Hydra has already refused keys that do not exist.
 
-Lightning's own Trainer arguments (``accelerator``, ``devices``, ``precision``, ``max_epochs``) are not here:
-Lightning checks them.
+Lightning's own Trainer arguments (``accelerator``, ``devices``, ``precision``) are not here: Lightning checks them.
+``trainer.max_epochs`` is, because Lightning accepts 0 and -1 (endless), with which a run would end at once as
+``completed`` without a checkpoint, or never.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from carnet.config import plain
 from carnet.data.cache import CACHE_MODES
-from carnet.data.device_pipeline import DECODE_MODES
 from carnet.errors import ConfigError
+from carnet.runtime import DECODE_MODES
 
 
 class Rule(Protocol):
@@ -229,6 +230,7 @@ TRAIN: tuple[Check, ...] = (
     ("data.dedup_threshold", Number(0, 64, whole=True), "bits of a 64-bit hash"),
     ("data.cache", OneOf(CACHE_MODES), ""),
     ("data.decode", OneOf(DECODE_MODES), ""),
+    ("trainer.max_epochs", COUNT, "epochs; budget.min_steps may add more"),
     ("trainer.accumulate_grad_batches", COUNT, ""),
     ("trainer.gradient_clip_val", optional(NON_NEGATIVE), ""),
     ("trainer.log_every_n_steps", COUNT, ""),

@@ -72,12 +72,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from carnet.training.module import CarClassifier
+    from tests.helpers.recipe import classifier
 
     pl.seed_everything(0, verbose=False)
-    module = CarClassifier("test_efficientnet", [f"car {k}" for k in range(10)],
-                           head={"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0}, image_size=64,
-                           optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2})
+    module = classifier(class_names=[f"car {k}" for k in range(10)],
+                        head={"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0},
+                        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2}, scheduler=None,
+                        label_smoothing=0.0)
     images = F.interpolate(torch.rand(32, 3, 4, 4) * 255, size=64, mode="bilinear")  # smooth colour fields, 0..255
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)

@@ -9,9 +9,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from carnet.data.datamodule import CarDataModule
 from carnet.training.budget import budget_epochs, plan_budget, steps_per_epoch
 from tests.helpers.config import compose_cfg
+from tests.helpers.recipe import data_module
 
 
 @pytest.mark.parametrize(("num_train", "batch", "accumulate", "expected"),
@@ -53,12 +53,12 @@ class _StepCounter(pl.LightningModule):
 def test_the_plan_counts_the_optimizer_steps_a_run_takes(tiny_data: Path, batch_size: int, accumulate: int) -> None:
     """One epoch of the datamodule's own training loader under Lightning's gradient accumulation takes the steps
     the plan says: the loader's drop_last rule and Lightning's step on a last, shorter accumulation group."""
-    datamodule = CarDataModule(tiny_data, [str(k) for k in range(10)], image_size=32, batch_size=batch_size,
-                               num_workers=0, verify=False)
+    datamodule = data_module(tiny_data, [str(k) for k in range(10)], image_size=32, batch_size=batch_size,
+                             num_workers=0, verify=False)
     datamodule.setup("fit")
     num_train = int((datamodule.split.split == "train").sum())
-    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=accumulate, limit_val_batches=0, accelerator="cpu",
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=accumulate, accelerator="cpu",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
-    trainer.fit(_StepCounter(), datamodule=datamodule)
+    trainer.fit(_StepCounter(), train_dataloaders=datamodule.train_dataloader())
     assert trainer.global_step == steps_per_epoch(num_train, batch_size, accumulate)

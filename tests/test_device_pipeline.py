@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats
 
-from carnet.data.datamodule import CarDataModule
 from carnet.data.dataset import ImageDataset
 from carnet.data.decode import decode_min_side
 from carnet.data.device_pipeline import (
@@ -32,13 +31,14 @@ from carnet.data.device_pipeline import (
 )
 from carnet.data.transforms import build_eval_transform, build_train_transform
 from carnet.errors import DataError
+from carnet.runtime import resolve_runtime
 from carnet.training.builders import build_datamodule, build_module
 from tests.helpers.config import compose_cfg
 from tests.helpers.images import train_jpegs
 from tests.helpers.overrides import ONE_BATCH
 from tests.helpers.paths import CONF
+from tests.helpers.recipe import data_module
 
-MEAN = STD = (0.5, 0.5, 0.5)  # unused by the uint8 pipelines; the builders still take them
 NAMES = [str(k) for k in range(10)]
 
 
@@ -52,7 +52,7 @@ def augment(name: str, size: int) -> list[dict]:
 
 
 def light(size: int = 64, seed: int = 0):
-    transform = build_train_transform(augment("light", size), size, MEAN, STD)
+    transform = build_train_transform(augment("light", size), size)
     transform.set_random_seed(seed)
     return transform
 
@@ -172,7 +172,7 @@ def test_views_match_albumentations_pixels(tiny_data: Path, view: str, device: s
     shrinking) against torchvision's antialiased bilinear/bicubic differs on sharp edges, by a pixel level on
     average: tolerance 3 levels mean per image, 99% of values within 20."""
     root, paths = tiny_data, [str(p.relative_to(tiny_data)) for p in train_jpegs(tiny_data)[:12]]
-    make = (lambda: build_eval_transform(64, MEAN, STD, "bicubic", crop_pct=0.875)) if view == "eval" else light
+    make = (lambda: build_eval_transform(64, "bicubic", crop_pct=0.875)) if view == "eval" else light
     cpu_t, dev_t = make(), make()
     # Training crops are drawn on the decoded size: the CPU side decodes at full size here to draw the same boxes.
     min_side = decode_min_side(cpu_t) if view == "eval" else None
@@ -198,8 +198,8 @@ def test_rotated_jpegs_and_16bit_pngs_decode_as_on_the_cpu(tmp_path: Path, devic
         names.append(save(tmp_path / f"orientation{orientation}.jpg", pixels, quality=95, exif=exif))
     grey16 = (np.linspace(0, 65535, 90 * 120).reshape(90, 120)).astype(np.uint16)
     names.append(save(tmp_path / "grey16.png", grey16))
-    cpu_t = build_eval_transform(48, MEAN, STD, "bilinear")
-    dev_set = EncodedDataset(tmp_path, names, None, build_eval_transform(48, MEAN, STD, "bilinear"))
+    cpu_t = build_eval_transform(48, "bilinear")
+    dev_set = EncodedDataset(tmp_path, names, None, build_eval_transform(48, "bilinear"))
     assert dev_set[5][0].plan[0][0][1] == (64, 48)  # orientation 6, (h, w): a portrait shown 90 wide, 120 high
     assert dev_set[8][0].shape == (90, 120)  # the PNG travels as decoded pixels
     cpu = cpu_batch(ImageDataset(tmp_path, names, None, cpu_t), range(9)).float()
@@ -212,8 +212,8 @@ def test_rotated_jpegs_and_16bit_pngs_decode_as_on_the_cpu(tmp_path: Path, devic
 
 def test_encoded_batches_travel_through_loader_workers_reproducibly(tiny_data: Path) -> None:
     """feature_loader with 2 workers: EncodedBatch pickles through the worker queues; seeded views repeat."""
-    dm = CarDataModule(tiny_data, NAMES, image_size=64, batch_size=8, num_workers=2, verify=False,
-                       augment=augment("light", 64), decode="device")
+    dm = data_module(tiny_data, NAMES, image_size=64, batch_size=8, num_workers=2, verify=False,
+                     augment=augment("light", 64), decode="device")
     dm.setup()
 
     def first(seed: int) -> torch.Tensor:
@@ -226,38 +226,15 @@ def test_encoded_batches_travel_through_loader_workers_reproducibly(tiny_data: P
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_decode_gpu_without_cuda_says_so_once_and_keeps_the_cpu_pipeline(
-        tiny_data: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA, on any machine
-    kwargs = {"image_size": 64, "batch_size": 4, "num_workers": 0, "verify": False, "augment": augment("light", 64)}
-    with caplog.at_level(logging.INFO, logger="carnet.data.datamodule"):
-        dm = CarDataModule(tiny_data, NAMES, decode="gpu", **kwargs)
-        dm.setup()
-        loaders = [dm.train_dataloader(), dm.val_dataloader(), dm.feature_loader(augmented=True)]
-    assert all(isinstance(loader.dataset, ImageDataset) for loader in loaders)
-    images, _ = next(iter(loaders[0]))
-    assert images.dtype == torch.uint8 and images.shape == (4, 3, 64, 64)
-    lines = [r.getMessage() for r in caplog.records if "data.decode" in r.getMessage()]
-    assert len(lines) == 1 and "no CUDA device" in lines[0] and lines[0].count("\n") == 0
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="carnet.data.datamodule"):
-        auto = CarDataModule(tiny_data, NAMES, decode="auto", **kwargs)
-        auto.setup()
-        assert isinstance(auto.train_dataloader().dataset, ImageDataset)
-    assert not [r for r in caplog.records if "data.decode" in r.getMessage()]  # auto picks the CPU silently
-
-
 def test_augmentations_without_a_device_version_are_named(tiny_data: Path) -> None:
-    heavy = build_train_transform(augment("heavy", 64), 64, MEAN, STD)
+    heavy = build_train_transform(augment("heavy", 64), 64)
     assert unsupported(heavy) == ["Affine", "ColorJitter", "ToGray", "OneOf", "CoarseDropout"]
-    assert unsupported(light()) == [] and unsupported(build_eval_transform(64, MEAN, STD)) == []
-    dm = CarDataModule(tiny_data, NAMES, image_size=64, num_workers=0, verify=False, augment=augment("heavy", 64),
-                       decode="device")
-    dm.setup()
+    assert unsupported(light()) == [] and unsupported(build_eval_transform(64)) == []
     with pytest.raises(DataError, match=r"data\.decode=device: augment has .*Affine.*; use data\.decode=cpu"):
-        dm.train_dataloader()
-    with pytest.raises(DataError, match=r"data\.decode='fast': expected one of cpu, gpu, auto, device"):
-        CarDataModule(tiny_data, NAMES, decode="fast")
+        data_module(tiny_data, NAMES, image_size=64, num_workers=0, verify=False, augment=augment("heavy", 64),
+                    decode="device")
+    with pytest.raises(DataError, match=r"data\.decode='auto': expected one of cpu, gpu, device \(auto is resolved"):
+        data_module(tiny_data, NAMES, decode="auto")  # carnet.runtime resolves it first (tests/test_runtime.py)
 
 
 class Batches(pl.Callback):
@@ -281,12 +258,13 @@ def test_lightning_fit_with_decode(tiny_data: Path, decode: str, accelerator: st
     loops, moved and decoded by EncodedBatch.to, so training_step and validation_step get uint8 pixels; decode=gpu
     does the same on a CUDA run (nvJPEG), and on a CPU run says so once and trains on the CPU pipeline."""
     cfg = compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", f"data.decode={decode}"])
-    module, spy = build_module(cfg), Batches()
-    datamodule = build_datamodule(cfg, module)
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=1, limit_train_batches=1,
-                         limit_val_batches=1, num_sanity_val_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[spy])
-    with caplog.at_level(logging.INFO, logger="carnet.data.datamodule"):
+    with caplog.at_level(logging.INFO, logger="carnet.runtime"):
+        runtime = resolve_runtime(cfg)
+        module, spy = build_module(cfg, runtime), Batches()
+        datamodule = build_datamodule(cfg, module, runtime)
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=1, limit_train_batches=1,
+                             limit_val_batches=1, num_sanity_val_steps=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[spy])
         trainer.fit(module, datamodule=datamodule)
     assert len(spy.seen["train"]) == 1 and len(spy.seen["val"]) == 2  # sanity check + the epoch's validation
     on_device = decode == "device" or accelerator == "gpu"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from carnet.runtime import resolve_runtime
 from carnet.training.builders import build_trainer
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
@@ -17,7 +18,8 @@ def test_logger_group_options_give_the_trainer_its_loggers(tmp_path: Path, monke
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # set by carnet.training.loggers.mlflow; undone after
 
     def loggers(*overrides: str) -> set[str]:
-        trainer = build_trainer(compose_cfg([*TINY, *overrides]), tmp_path, [])
+        cfg = compose_cfg([*TINY, *overrides])
+        trainer = build_trainer(cfg, tmp_path, [], resolve_runtime(cfg))
         return {type(logger).__name__ for logger in trainer.loggers}
 
     assert loggers() == {"CSVLogger"}

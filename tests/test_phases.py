@@ -17,6 +17,7 @@ from rich.console import Console
 
 from carnet.artifacts import read_summary
 from carnet.errors import CarnetError, PhaseError
+from carnet.runtime import resolve_runtime
 from carnet.training import pipeline
 from carnet.training.builders import build_module
 from carnet.training.phases import Phase, join_phases, write_pipeline_report
@@ -63,7 +64,7 @@ def check_second_phase_started_from_first(runs: dict[str, Path]) -> None:
     # ... and not what a fresh start would have had: the head phase changed the head.
     cfg = compose_cfg(["model=test_efficientnet", "model.pretrained=false"])
     pl.seed_everything(cfg.seed, workers=True)
-    fresh = build_module(cfg).state_dict()
+    fresh = build_module(cfg, resolve_runtime(cfg)).state_dict()
     assert not torch.equal(fresh["net.head.1.weight"], handed["net.head.1.weight"])
     assert all(torch.equal(fresh[k], handed[k]) for k in handed if k.startswith("net.backbone."))  # frozen in head
 
@@ -125,7 +126,7 @@ def test_resume_mid_progressive_restores_frozen_set_and_optimizer_groups(tiny_da
     # The first half of the backbone never trained in either run: bit-identical, BatchNorm statistics included.
     start_cfg = compose_cfg(common)
     pl.seed_everything(start_cfg.seed, workers=True)
-    start = build_module(start_cfg).state_dict()
+    start = build_module(start_cfg, resolve_runtime(start_cfg)).state_dict()
     frozen = [{k for k in start if k.startswith("net.backbone.") and torch.equal(start[k], ck["state_dict"][k])}
               for ck in (full, cut)]
     assert frozen[0] == frozen[1] and any("running_mean" in k for k in frozen[0])

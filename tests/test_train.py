@@ -14,6 +14,7 @@ from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
 from carnet.artifacts import EPOCH_COLUMNS, read_summary
 from carnet.models.checkpoint import load_checkpoint, read_checkpoint
+from carnet.runtime import resolve_runtime
 from carnet.training.builders import build_trainer
 from carnet.training.checkpoints import AtomicCheckpointIO
 from carnet.training.train import train
@@ -95,7 +96,8 @@ def test_best_checkpoint_is_weights_and_metadata_last_keeps_the_optimizer(tiny_d
 def test_async_save_wraps_the_atomic_writer(setting: str, wrapped: bool, tmp_path: Path) -> None:
     """checkpoint.async_save: auto is synchronous on the CPU (GPU runs only); true writes in a thread, still
     through the atomic writer."""
-    trainer = build_trainer(compose_cfg([*TINY, f"checkpoint.async_save={setting}"]), tmp_path, [])
+    cfg = compose_cfg([*TINY, f"checkpoint.async_save={setting}"])
+    trainer = build_trainer(cfg, tmp_path, [], resolve_runtime(cfg))
     io = trainer.strategy.checkpoint_io
     assert isinstance(io, AsyncCheckpointIO) is wrapped
     assert isinstance(io.checkpoint_io if wrapped else io, AtomicCheckpointIO)

@@ -1,7 +1,8 @@
 """The LightningDataModule: the split, albumentations pipelines and loaders over a Kaggle-layout folder.
 
 ``data.decode`` picks where photos are decoded and augmented: in the loader workers (``cpu``), or on the training
-device from file bytes (``gpu``, :mod:`carnet.data.device_pipeline`); ``auto`` is ``gpu`` for a run on CUDA.
+device from file bytes (``gpu``, :mod:`carnet.data.device_pipeline`); its ``auto`` is resolved before, with the
+run's other ``auto`` values (:mod:`carnet.runtime`).
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 from carnet.data.cache import ImageCache
 from carnet.data.dataset import (
     ImageDataset,
-    default_num_workers,
     drops_last_batch,
     seed_epoch,
     seed_worker_augmentations,
 )
 from carnet.data.decode import decode_min_side, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
-from carnet.data.device_pipeline import DECODE_MODES, EncodedDataset, collate_encoded, unsupported
+from carnet.data.device_pipeline import EncodedDataset, collate_encoded, why_not_on_device
 from carnet.data.layout import read_test, scan_train
 from carnet.data.sources import merge_sources, read_sources
 from carnet.data.splits import assign_split
@@ -38,34 +38,45 @@ from carnet.errors import DataError
 
 log = logging.getLogger(__name__)
 
+# data.decode as resolved (carnet.runtime): cpu = workers decode and augment; gpu and device = workers read bytes,
+# the device a batch is moved to decodes and augments it (gpu: the run's CUDA device; device: whatever it is).
+DECODE_PATHS = ("cpu", "gpu", "device")
+
+
 class CarDataModule(pl.LightningDataModule):
     """Train/val/test loaders for a dataset in the Kaggle layout, with albumentations pipelines.
 
     Eval interpolation and crop come from ``data_config`` (timm's data config of the model); batches are uint8 pixels
     and the network normalises them on its device (:class:`carnet.models.network.Normalize`).
+
+    Every argument is required: its default is in conf/ (conf/data, ``image_size``, ``seed``, ``augment``), stated
+    there once, and ``num_workers``, ``decode`` and ``pin_memory`` come resolved (carnet.runtime). Code that builds
+    one directly states its recipe, or builds it from conf/ (carnet.training.builders.build_datamodule).
     """
 
     def __init__(
         self,
         root: str | os.PathLike,
         class_names: Sequence[str],
-        image_size: int = 224,
-        val_fraction: float = 0.2,
-        batch_size: int = 32,
-        num_workers: int | str = "auto",
-        strict: bool = False,
-        verify: bool = True,
-        seed: int = 42,
-        augment: Sequence[Any] | None = None,
-        data_config: dict[str, Any] | None = None,
-        extra: Sequence[str] | None = None,
-        num_folds: int = 5,
-        fold: int | None = None,
-        dedup: bool = False,
-        dedup_threshold: int = 12,
-        cache: str = "none",
-        cache_dir: str | os.PathLike | None = None,
-        decode: str = "cpu",
+        *,
+        image_size: int,
+        val_fraction: float,
+        batch_size: int,
+        num_workers: int,
+        strict: bool,
+        verify: bool,
+        seed: int,
+        augment: Sequence[Any],
+        data_config: dict[str, Any],
+        extra: Sequence[str] | str | None,
+        num_folds: int,
+        fold: int | None,
+        dedup: bool,
+        dedup_threshold: int,
+        cache: str,
+        cache_dir: str | os.PathLike | None,
+        decode: str,
+        pin_memory: bool,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -73,16 +84,13 @@ class CarDataModule(pl.LightningDataModule):
         self.image_size = int(image_size)
         self.val_fraction = float(val_fraction)
         self.batch_size = int(batch_size)
-        self.num_workers = default_num_workers() if num_workers in ("auto", None) else int(num_workers)
+        self.num_workers = int(num_workers)
         self.strict = strict
         self.verify = verify
         self.seed = seed
-        self.augment = list(augment or [])
-        cfg = data_config or {}
-        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-        self.interpolation = cfg.get("interpolation", "bicubic")
-        self.crop_pct = float(cfg.get("crop_pct", 1.0))
+        self.augment = list(augment)
+        self.interpolation = data_config["interpolation"]
+        self.crop_pct = float(data_config["crop_pct"])
         self.split: pd.DataFrame | None = None
         self.excluded: dict[str, str] = {}
         # data.extra / k-fold / dedup (carnet.data.sources, carnet.data.splits, carnet.tools.audit)
@@ -92,12 +100,16 @@ class CarDataModule(pl.LightningDataModule):
         self.source_stats: dict[str, Any] = {}
         self.dedup_dropped: pd.DataFrame | None = None
         self.cache = ImageCache(cache, cache_dir)  # data.cache=none|memory|disk, see carnet/data/cache.py
-        if decode not in DECODE_MODES:
-            raise DataError(f"data.decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
+        if decode not in DECODE_PATHS:
+            raise DataError(f"data.decode={decode!r}: expected one of {', '.join(DECODE_PATHS)} (auto is resolved "
+                            "before, by carnet.runtime.resolve_runtime)")
         self.decode = decode
-        self._on_device: bool | None = None  # data.decode resolved, once the run's device is known
+        self.pin_memory = bool(pin_memory)
         self.seeded_epoch: int | None = None  # the training epoch whose draws are seeded (set_epoch)
         self._train_transform: A.Compose | None = None  # the pipeline of the latest training loader
+        if self.on_device and (why := why_not_on_device([self.train_transform(), self.eval_transform()],
+                                                        self.cache.mode)):
+            raise DataError(f"data.decode={decode}: {why}; use data.decode=cpu")
 
     @property
     def num_classes(self) -> int:
@@ -157,50 +169,17 @@ class CarDataModule(pl.LightningDataModule):
         return self.split[self.split.split == split]
 
     def train_transform(self) -> A.Compose:
-        transform = build_train_transform(self.augment, self.image_size, self.mean, self.std,
-                                          self.interpolation, self.crop_pct)
+        transform = build_train_transform(self.augment, self.image_size, self.interpolation, self.crop_pct)
         transform.set_random_seed(self.seed)  # num_workers=0: one reproducible stream in this process
         return transform
 
     def eval_transform(self) -> A.Compose:
-        return build_eval_transform(self.image_size, self.mean, self.std, self.interpolation, self.crop_pct)
+        return build_eval_transform(self.image_size, self.interpolation, self.crop_pct)
 
-    def decode_on_device(self) -> bool:
-        """Whether loaders hand over encoded photos that the run's device decodes and augments (data.decode).
-
-        Resolved once, when the first loader is built: Lightning has attached the trainer by then, and its device
-        decides (``auto``/``gpu`` need CUDA there; with no trainer, ``auto`` is ``cpu``). ``gpu`` without CUDA says
-        once that the CPU pipeline runs; ``gpu`` with an augmentation the device cannot do is an error, ``auto``
-        then keeps the CPU pipeline and says why.
-        """
-        if self._on_device is None:
-            self._on_device = self._resolve_decode()
-        return self._on_device
-
-    def _resolve_decode(self) -> bool:
-        if self.decode == "cpu":
-            return False
-        if self.decode in ("gpu", "auto"):
-            # The run's device; without a trainer (tools, benchmarks) auto keeps the CPU pipeline they expect.
-            device = self.trainer.strategy.root_device if self.trainer is not None else None
-            cuda = device.type == "cuda" if device is not None else self.decode == "gpu" and torch.cuda.is_available()
-            if not cuda:
-                if self.decode == "gpu":
-                    log.warning("data.decode=gpu: this run has no CUDA device; photos are decoded and augmented "
-                                "in the loader workers on the CPU (data.decode=cpu)")
-                return False
-        names = sorted({n for t in (self.train_transform(), self.eval_transform()) for n in unsupported(t)})
-        why = (f"augment has {', '.join(names)}, which the device pipeline does not do (it does RandomResizedCrop, "
-               "HorizontalFlip, RandomBrightnessContrast: augment=light or none)") if names else (
-            f"data.cache={self.cache.mode} keeps decoded images") if self.cache.mode != "none" else None
-        if why is None:
-            log.info("data.decode=%s: loader workers read file bytes; photos are decoded and augmented on the run's "
-                     "device", self.decode)
-            return True
-        if self.decode == "auto":
-            log.info("data.decode=auto: decoding and augmenting on the CPU: %s", why)
-            return False
-        raise DataError(f"data.decode={self.decode}: {why}; use data.decode=cpu")
+    @property
+    def on_device(self) -> bool:
+        """Whether loaders hand over encoded photos that the device a batch moves to decodes and augments."""
+        return self.decode != "cpu"
 
     def _dataset(self, paths: Sequence[str], labels: Sequence[int] | None,
                  transform: A.Compose) -> ImageDataset | EncodedDataset:
@@ -208,7 +187,7 @@ class CarDataModule(pl.LightningDataModule):
 
         With data.decode on the device: a dataset of file bytes, whose views the same transform draws.
         """
-        if self.decode_on_device():
+        if self.on_device:
             return EncodedDataset(self.root, paths, labels, transform)
         min_side = decode_min_side(transform)
         if self.cache.mode == "memory":
@@ -222,7 +201,7 @@ class CarDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             drop_last=shuffle and drops_last_batch(len(dataset), self.batch_size),
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
             # Training workers start afresh each epoch and take their augmentation seeds from torch's RNG then
             # (persistent workers would continue streams no checkpoint holds): a resumed run repeats the epochs
             # it continues (set_epoch). Evaluation loaders draw nothing random and keep theirs.
@@ -264,7 +243,7 @@ class CarDataModule(pl.LightningDataModule):
         """The validation photos in the eval view; at another ``image_size`` for a phase that changes it."""
         rows = self._rows("val")
         transform = self.eval_transform() if image_size in (None, self.image_size) else build_eval_transform(
-            image_size, self.mean, self.std, self.interpolation, self.crop_pct)
+            image_size, self.interpolation, self.crop_pct)
         return self._loader(self._dataset(rows.path, rows.label, transform), shuffle=False)
 
     def test_frame(self) -> pd.DataFrame:

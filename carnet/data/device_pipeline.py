@@ -93,6 +93,19 @@ def unsupported(transform: A.BaseCompose) -> list[str]:
     return names
 
 
+def why_not_on_device(transforms: Sequence[A.BaseCompose], cache: str) -> str | None:
+    """Why the device pipeline cannot draw the views of ``transforms`` (None: it can): a transform it does not do,
+    or ``data.cache``, which keeps decoded images. The one rule for ``data.decode`` (carnet.runtime picks the path
+    with it, the datamodule refuses a byte path that breaks it)."""
+    names = sorted({name for transform in transforms for name in unsupported(transform)})
+    if names:
+        return (f"augment has {', '.join(names)}, which the device pipeline does not do (it does RandomResizedCrop, "
+                "HorizontalFlip, RandomBrightnessContrast: augment=light or none)")
+    if cache != "none":
+        return f"data.cache={cache} keeps decoded images"
+    return None
+
+
 def _shape_params(t: A.BasicTransform, shape: tuple[int, int]) -> dict[str, Any]:
     """The transform's random parameters for an image of ``shape``, drawn as its ``__call__`` draws them.
 

@@ -4,7 +4,7 @@ Every pipeline ends in a uint8 CHW tensor: no float conversion or normalisation 
 image is 2.4 MB, uint8 0.6 MB, and loader workers pass batches through shared memory). The network normalises
 on its own device with the model's mean and std (:class:`carnet.models.network.Normalize`). The evaluation resize
 interpolation comes from the model's timm data config, so a checkpoint of any timm model is fed exactly what its
-pretrained weights expect. ``mean`` and ``std`` are still accepted (the callers pass the data config) but unused.
+pretrained weights expect.
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ def cv2_interpolation(name: str) -> int:
         raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(_CV2_INTERPOLATION)}") from None
 
 
-def eval_transforms(
-    image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic",
-    crop_pct: float = 1.0,
-) -> list[A.BasicTransform]:
+def eval_transforms(image_size: int, interpolation: str = "bicubic", crop_pct: float = 1.0) -> list[A.BasicTransform]:
     """Resize the shorter side to image_size / crop_pct, then centre-crop image_size x image_size."""
     resize_to = max(image_size, round(image_size / crop_pct))
     return [
@@ -48,18 +45,13 @@ def eval_transforms(
     ]
 
 
-def to_tensor(mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> list[A.BasicTransform]:
-    """HWC uint8 pixels to a CHW uint8 tensor (a view, no copy): the network normalises on its device.
-
-    ``mean`` and ``std`` are ignored; they are kept so that callers written for the float pipeline still work.
-    """
+def to_tensor() -> list[A.BasicTransform]:
+    """HWC uint8 pixels to a CHW uint8 tensor (a view, no copy): the network normalises on its device."""
     return [ToTensorV2()]
 
 
-def build_train_transform(
-    augment: Sequence[Any] | None, image_size: int, mean: Sequence[float], std: Sequence[float],
-    interpolation: str = "bicubic", crop_pct: float = 1.0,
-) -> A.Compose:
+def build_train_transform(augment: Sequence[Any] | None, image_size: int, interpolation: str = "bicubic",
+                          crop_pct: float = 1.0) -> A.Compose:
     """Training pipeline: the `augment.train` list (albumentations transforms, or their `_target_` configs).
 
     An empty list means no augmentation: the training images get the evaluation view. A final resize to
@@ -67,13 +59,10 @@ def build_train_transform(
     """
     steps = [instantiate(t, _convert_="all") if isinstance(t, Mapping) else t for t in augment or []]
     if not steps:
-        steps = eval_transforms(image_size, mean, std, interpolation, crop_pct)
-    return A.Compose([*steps, A.Resize(image_size, image_size), *to_tensor(mean, std)])
+        steps = eval_transforms(image_size, interpolation, crop_pct)
+    return A.Compose([*steps, A.Resize(image_size, image_size), *to_tensor()])
 
 
-def build_eval_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic",
-    crop_pct: float = 1.0,
-) -> A.Compose:
+def build_eval_transform(image_size: int, interpolation: str = "bicubic", crop_pct: float = 1.0) -> A.Compose:
     """Evaluation pipeline: deterministic resize + centre crop, to a uint8 CHW tensor."""
-    return A.Compose([*eval_transforms(image_size, mean, std, interpolation, crop_pct), *to_tensor(mean, std)])
+    return A.Compose([*eval_transforms(image_size, interpolation, crop_pct), *to_tensor()])

@@ -112,8 +112,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     tta, auto = build_tta(cfg.get("tta"))
     plan = _plan(cfg, auto)
     models = load_models(_as_list(cfg.ckpt), _as_list(cfg.get("weights")) or None)
-    runner = Runner(device=cfg.device, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                    channels_last=cfg.channels_last, amp=cfg.amp, draft=cfg.data.draft)
+    runner = Runner.from_config(cfg)
     result: dict[str, Any] = {"models": [str(m.path) for m in models]}
 
     if cfg.split == "oof":  # each image scored by its own fold's checkpoint: no ensemble, so no weights

@@ -138,7 +138,7 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     # MAX_FORM_MEMORY_SIZE at the body limit: a text field cannot hit it before the body does, so a 413 from the
     # form parser means the body (see InMemoryRequest), and too many fields are a 400 that says so.
     app.config.update(MAX_CONTENT_LENGTH=max_content_length, MAX_FORM_MEMORY_SIZE=max_content_length,
-                      MAX_FORM_PARTS=MAX_FORM_PARTS, MAX_IMAGE_PIXELS=max_image_pixels)
+                      MAX_FORM_PARTS=MAX_FORM_PARTS)
     app.json.sort_keys = False  # keep the documented key order: class_id, class_name, probability, ...
     app.extensions["carnet"] = holder
 

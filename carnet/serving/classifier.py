@@ -46,8 +46,7 @@ class Classifier:
         self.tta = tta
         m = self.meta
         self._transform_lock = threading.Lock()
-        self.transform = build_eval_transform(m["image_size"], m["mean"], m["std"], m["interpolation"],
-                                              m["crop_pct"])
+        self.transform = build_eval_transform(m["image_size"], m["interpolation"], m["crop_pct"])
         # The smallest shorter side the eval view needs: uploads are decoded down to it (JPEG draft), as predict
         # decodes files, so a 36 MP photo costs what the model input needs.
         self.min_side = decode_min_side(self.transform)

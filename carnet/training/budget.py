@@ -11,7 +11,6 @@ import math
 from omegaconf import DictConfig, open_dict
 
 from carnet.data.dataset import train_batches
-from carnet.errors import CarnetError
 
 
 def steps_per_epoch(num_train: int, batch_size: int, accumulate: int = 1) -> int:
@@ -26,14 +25,6 @@ def budget_epochs(num_train: int, batch_size: int, max_epochs: int, min_steps: i
     steps. Epochs alone do not scale: 50 photos at batch 32 are one step an epoch, 12,449 photos are 389."""
     per_epoch = steps_per_epoch(num_train, batch_size, accumulate)
     return max(int(max_epochs), math.ceil(int(min_steps or 0) / per_epoch))
-
-
-def check_epochs(cfg: DictConfig) -> None:
-    """``trainer.max_epochs`` must ask for training: with 0 (or Lightning's -1, endless) a run would end at once
-    as ``completed`` with no checkpoint, and ``budget.min_steps`` plans epochs from it."""
-    epochs = cfg.trainer.get("max_epochs")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise CarnetError(f"trainer.max_epochs={epochs!r}: expected a whole number of epochs, at least 1")
 
 
 def plan_budget(cfg: DictConfig, num_train: int, batch_size: int) -> dict[str, int]:

@@ -112,7 +112,7 @@ class EpochLines(pl.Callback):
               f"({time.time() - self.started:.1f} s)", flush=True)
 
 
-def console_callbacks(progress: bool, summary: bool, metrics_every: int = 50,
+def console_callbacks(progress: bool, summary: bool, metrics_every: int,
                       tty: bool | None = None) -> list[pl.Callback]:
     """The progress display and model summary of a run: Rich on a terminal, plain lines elsewhere."""
     tty = sys.stdout.isatty() if tty is None else tty

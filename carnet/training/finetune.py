@@ -127,7 +127,7 @@ class ProgressiveUnfreezing(pl.Callback):
     layers train at the backbone param group's LR (``backbone_lr_mult`` x the head's), already in the optimizer.
     """
 
-    def __init__(self, schedule: float | Mapping[Any, float], bn: str = "frozen", attribute: str = "backbone") -> None:
+    def __init__(self, schedule: float | Mapping[Any, float], *, bn: str) -> None:
         self.schedule = parse_schedule(schedule)
         if bn not in BN_POLICIES:
             raise CarnetError(f"bn={bn!r}: expected one of {', '.join(BN_POLICIES)}")
@@ -138,7 +138,6 @@ class ProgressiveUnfreezing(pl.Callback):
         # dataset shifts every feature the head was trained on (measured: lite0 on the demo data drops from 0.64 to
         # 0.27 val acc after unfreezing half of it, with the learning rate at 0).
         self.freeze_bn_stats = bn == "frozen"
-        self.attribute = attribute
         self.fraction: float | None = None
         self.frozen_norms: list[_BatchNorm] = []
 
@@ -146,7 +145,7 @@ class ProgressiveUnfreezing(pl.Callback):
         """Set the frozen set of ``epoch`` (idempotent, depends on nothing else); return its fraction."""
         self.fraction = fraction_at(self.schedule, epoch)
         previous = self.frozen_norms
-        backbone = getattr(pl_module, self.attribute)
+        backbone = pl_module.backbone
         trainable = _trainable(backbone)
         self.frozen_norms = freeze_backbone(backbone, self.fraction, self.train_bn)
         if _trainable(backbone) != trainable and compile_status(pl_module) is not None:
@@ -178,7 +177,7 @@ class ProgressiveUnfreezing(pl.Callback):
         # warns about modules in eval mode before that), as is a resumed run's own epoch, once the checkpoint has
         # restored it (its printed summary shows epoch 0's frozen set).
         if stage == "fit":
-            freeze_backbone(getattr(pl_module, self.attribute), fraction_at(self.schedule, trainer.current_epoch),
+            freeze_backbone(pl_module.backbone, fraction_at(self.schedule, trainer.current_epoch),
                             self.train_bn)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -127,7 +127,7 @@ class HeadFit(pl.Callback):
     configured. With a frozen backbone the SGD epochs that follow only refine it (and validation, with the
     phase's best checkpoint, decides whether they did)."""
 
-    def __init__(self, views: int = 4, folds: int = 5, grid: Sequence[float] = L2_GRID) -> None:
+    def __init__(self, *, views: int, folds: int, grid: Sequence[float] = L2_GRID) -> None:
         self.views, self.folds, self.grid = int(views), int(folds), tuple(float(g) for g in grid)
         self.fields: dict[str, Any] = {}
 

@@ -111,7 +111,7 @@ class Phase(pl.Callback):
     """
 
     def __init__(self, name: str | None, init_from: str | os.PathLike | None, phases_dir: str | os.PathLike,
-                 model_name: str, head: Any, num_classes: int, monitor: str = "val/loss", mode: str = "min",
+                 model_name: str, head: Any, num_classes: int, *, monitor: str, mode: str,
                  starts_from: str | None = None, resume_from: str | os.PathLike | None = None) -> None:
         self.name = name
         self.resume_from = Path(resume_from) if resume_from else None  # the last.ckpt a resumed run continues

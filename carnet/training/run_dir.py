@@ -126,10 +126,9 @@ class RunArtifacts(pl.Callback):
     this callback adds the results.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, summary: dict[str, Any], monitor: str = "val/acc",
-                 mode: str = "max") -> None:
+    def __init__(self, run_dir: str | os.PathLike, summary: dict[str, Any], *, monitor: str, mode: str) -> None:
         self.run_dir = Path(run_dir)
-        self.monitor, self.mode = monitor, mode  # which epoch is "best": ModelCheckpoint's choice
+        self.monitor, self.mode = monitor, mode  # which epoch is "best": checkpoint.monitor and .mode, as best.ckpt
         self.summary = {**summary, "pid": os.getpid(), "host": socket.gethostname()}
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()  # moved back by a resume, so that `seconds` counts the whole run

@@ -26,7 +26,8 @@ from carnet.config_check import check_train_config
 from carnet.data.layout import scan_train
 from carnet.errors import RunInterrupted, exit_on_error, note_scheduler_signal, stopping_signal
 from carnet.models.hub import check_pretrained_available
-from carnet.training.budget import check_epochs, plan_budget
+from carnet.runtime import resolve_runtime
+from carnet.training.budget import plan_budget
 from carnet.training.builders import build_callbacks, build_datamodule, build_module, build_trainer
 from carnet.training.console import quiet_lightning
 from carnet.training.finite import StopOnNonFinite
@@ -124,8 +125,6 @@ def signals_stop_the_run() -> Iterator[None]:
 
 def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> dict[str, Any]:
     quiet_lightning()
-    if not cfg.get("tune"):
-        check_epochs(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))
@@ -133,15 +132,17 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         check_resumable(cfg.resume, cfg.model.name, cfg.head, len(cfg.data.class_names))
     if cfg.model.pretrained and not cfg.model.get("weights"):
         check_pretrained_available(cfg.model.name)  # offline: one line in a second, not a minute of retries
+    runtime = resolve_runtime(cfg)  # every `auto`, once, for the device the Trainer will train on
+    artifacts.summary.update(resolved=runtime.summary())  # what ran, for the user: also in a failed run's summary
     callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
-    module = build_module(cfg)
-    datamodule = build_datamodule(cfg, module)
+    module = build_module(cfg, runtime)
+    datamodule = build_datamodule(cfg, module, runtime)
     module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
     datamodule.setup("fit")
     if is_rank_zero:
         datamodule.write_split(run_dir / SPLIT_FILE)
     if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
-        result = tune(cfg, module, datamodule, run_dir, callbacks)
+        result = tune(cfg, module, datamodule, run_dir, runtime, callbacks)
         if is_rank_zero:
             artifacts.finish(tune=result)
         return result
@@ -159,7 +160,8 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     })
     artifacts.best_checkpoint = run_dir / "checkpoints" / "best.ckpt"
     guard = StopOnNonFinite(lr=cfg.optimizer.get("lr"))
-    trainer = build_trainer(cfg, run_dir, [*callbacks, guard, artifacts])  # artifacts last: it records what they did
+    # artifacts last: it records what the others did
+    trainer = build_trainer(cfg, run_dir, [*callbacks, guard, artifacts], runtime)
     with warnings.catch_warnings():
         if cfg.get("resume") and Path(cfg.resume).parent.resolve() == (run_dir / "checkpoints").resolve():
             # A run continued in its own folder finds its checkpoints there, as it should.
