@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytorch_lightning as pl
+
 from carnet.artifacts import read_metrics
 from carnet.summary import read_summary
+from carnet.training.console import QuietProgressBar
 from tests.helpers.overrides import TINY
 from tests.helpers.runs import run_script
 
@@ -32,3 +35,12 @@ def test_a_run_without_a_terminal_prints_one_line_per_epoch(tiny_data: Path, tmp
     assert "Trainable params" in output and "FLOPs" not in output  # the summary, without an empty FLOPs column
     for noise in ("litlogger", "LeafSpec", "Seed set to", "logging interval"):
         assert noise not in output, noise
+
+
+def test_the_progress_bar_on_a_terminal_counts_epochs_from_1_too(tmp_path: Path) -> None:
+    """On a terminal the Rich bar replaces the epoch lines: it says "Epoch 1/25" for the first of 25 (Lightning's
+    own says "Epoch 0/24")."""
+    bar = QuietProgressBar()
+    trainer = pl.Trainer(callbacks=[bar], max_epochs=25, accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    bar.setup(trainer, pl.LightningModule(), "fit")
+    assert [bar._get_train_description(epoch).strip() for epoch in (0, 24)] == ["Epoch 1/25", "Epoch 25/25"]

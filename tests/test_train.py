@@ -124,4 +124,4 @@ def test_async_checkpoints_are_whole_and_a_failed_write_fails_the_run(tiny_data:
     (broken / "checkpoints").write_text("a file where the checkpoint folder goes: every write fails")
     with pytest.raises(OSError):
         train(compose_cfg([*common, f"run_dir={broken}"]))
-    assert read_summary(broken)["status"] == "failed"
+    assert read_summary(broken).status == "failed"

@@ -81,6 +81,13 @@ class QuietProgressBar(RichProgressBar):
         super().__init__(**kwargs)
         self.metrics_every = max(1, int(metrics_every))
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        """``Epoch 1/25`` for the first of 25: epochs counted from 1, as everything else carnet shows counts them
+        (Lightning's bar says ``Epoch 0/24``)."""
+        total = self.trainer.max_epochs
+        description = f"Epoch {current_epoch + 1}" + (f"/{total}" if total is not None and total > 0 else "")
+        return f"{description:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self.is_disabled and self.train_progress_bar_id is None:
