@@ -110,5 +110,6 @@ def test_lr_find_writes_plot_and_a_positive_rate(train_run: Callable, tmp_path: 
     assert not (run_dir / "checkpoints").exists()  # no training
     summary = read_summary(run_dir)  # every run directory has one: this run completed, found a rate, trained nothing
     assert summary.status == "completed" and summary.tune["suggested_lr"] == result["suggested_lr"]
+    assert not {"lr", "loss"} & set(summary.tune)  # the curve's points stay in lr_find.json
     assert summary.best_val_acc is None
     assert not list(run_dir.glob(".lr_find*.ckpt"))  # the finder's temporary checkpoint is gone
