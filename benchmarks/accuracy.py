@@ -84,6 +84,7 @@ from carnet.config import config_dir  # noqa: E402
 from carnet.data.decode import decode_image  # noqa: E402
 from carnet.data.layout import read_test, scan_train  # noqa: E402
 from carnet.data.transforms import build_eval_transform  # noqa: E402
+from carnet.summary import read_summary  # noqa: E402
 from carnet.training.head_fit import choose_l2, fit_logistic, photo_folds, single_thread  # noqa: E402
 from carnet.training.pipeline import phase_order, split_overrides  # noqa: E402
 
@@ -377,11 +378,11 @@ def run_carnet(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict
             commands.append(shown)
     phases = []
     for phase in args.phases:
-        summary = json.loads((run_dirs[phase] / "summary.json").read_text())
-        phases.append({"phase": phase, "run_dir": str(run_dirs[phase]), **{k: summary.get(k) for k in SUMMARY_KEYS}})
+        summary = read_summary(run_dirs[phase])
+        phases.append({"phase": phase, "run_dir": str(run_dirs[phase]),
+                       **{k: getattr(summary, k) for k in SUMMARY_KEYS}})
     last = args.phases[-1]
-    checkpoint = json.loads((run_dirs[last] / "summary.json").read_text()).get("phase_checkpoint") \
-        or str(phases_dir / f"{last}.ckpt")
+    checkpoint = read_summary(run_dirs[last]).phase_checkpoint or str(phases_dir / f"{last}.ckpt")
     result = {"val_acc": phases[-1]["best_val_acc"], "phases": phases, "checkpoint": checkpoint}
     device = "cuda" if ctx["device"].type == "cuda" else "cpu"
     for key, tta in (("test_acc", "false"), ("test_acc_tta", "true")):

@@ -1,9 +1,8 @@
-"""The run directory's contract: file names, atomic writers and readers of ``metrics.csv`` and ``summary.json``.
+"""The run directory's contract: file names, atomic writers and the reader of ``metrics.csv``.
 
 Every later tool (phases, reports, sweeps, predict) reads these files, never a logger's internals, so they are
-written by carnet whatever loggers a run uses (:class:`carnet.training.run_dir.RunArtifacts`).
-``summary.json`` exists from a run's first moment with ``status: running`` and ends as ``completed`` or
-``failed``, so unfinished runs can be told apart.
+written by carnet whatever loggers a run uses (:class:`carnet.training.run_dir.RunArtifacts`). ``summary.json``,
+the record of how the run went, has a module of its own: :mod:`carnet.summary`.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +18,11 @@ from typing import Any
 
 import pandas as pd
 
-METRICS_FILE, CURVES_FILE, SUMMARY_FILE, SPLIT_FILE = "metrics.csv", "curves.png", "summary.json", "split.csv"
-EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "lr_backbone", "seconds"]
+METRICS_FILE, CURVES_FILE, SPLIT_FILE = "metrics.csv", "curves.png", "split.csv"  # summary.json: carnet/summary.py
+# metrics.csv, one row per epoch, epochs counted from 1 (carnet/summary.py): `epoch_seconds` is that epoch's time
+# (training and validation, as the console prints it), `elapsed_seconds` the run's time at its end.
+EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "lr_backbone",
+                 "epoch_seconds", "elapsed_seconds"]
 
 
 def _umask() -> int:
@@ -99,35 +100,22 @@ def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns=safe)
 
 
-def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """A run's summary.json as a dict (a clear error if the run has none).
-
-    A run killed outright (kill -9, a lost machine) never writes its end, so its file still says ``running``: when
-    the process it names is gone from this host, the run is reported as ``interrupted``.
-    """
-    path = Path(run_dir) / SUMMARY_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a carnet run directory")
-    summary = json.loads(path.read_text())
-    if summary.get("status") == "running" and not _process_alive(summary.get("pid"), summary.get("host")):
-        summary.update(status="interrupted", error="the run's process ended without finishing (killed?)")
-    return summary
-
-
-def _process_alive(pid: Any, host: Any) -> bool:
-    """Whether ``pid`` on ``host`` may still be running (True when this host cannot tell: another machine)."""
-    if not isinstance(pid, int) or host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """A run's per-epoch metrics.csv (empty frame with the standard columns if no epoch finished)."""
+    """A run's per-epoch metrics.csv (empty frame with the standard columns if no epoch finished).
+
+    A file written before epochs were counted from 1 (its cumulative time is a ``seconds`` column) is read as one
+    written now: its epochs moved up by one, its ``seconds`` as ``elapsed_seconds`` and their steps as
+    ``epoch_seconds``."""
     path = Path(run_dir) / METRICS_FILE
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=EPOCH_COLUMNS)
+    if not path.is_file():
+        return pd.DataFrame(columns=EPOCH_COLUMNS)
+    return upgrade_metrics(pd.read_csv(path))
+
+
+def upgrade_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Rows of metrics.csv as they are written now, from rows written before epochs counted from 1 (or as given)."""
+    if "seconds" not in metrics or "elapsed_seconds" in metrics:
+        return metrics
+    elapsed = metrics.pop("seconds")
+    return metrics.assign(epoch=metrics["epoch"] + 1, epoch_seconds=elapsed.diff().fillna(elapsed).round(2),
+                          elapsed_seconds=elapsed)

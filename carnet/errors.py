@@ -36,6 +36,13 @@ class CacheError(CarnetError):
     """A cache setting is invalid; the message names the key and the expected values."""
 
 
+# Run records (carnet.summary).
+
+
+class SummaryError(CarnetError):
+    """A summary.json that cannot be read: not JSON, not a summary, or written by a newer carnet."""
+
+
 # Config values a user typed (carnet.config_check).
 
 

@@ -43,10 +43,11 @@ def accuracy_axis(ax: Axes, values: Iterable[float]) -> None:
     ax.set_ylim(max(0.0, math.floor((lowest - 0.05) * 10) / 10), 1.0)
 
 
-def plot_curves(metrics: pd.DataFrame, path: str | os.PathLike, title: str = "",
-                boundaries: list[tuple[float, str]] | None = None) -> Figure:
-    """Accuracy and loss per epoch, train and val, side by side; optional labelled vertical boundaries (a pipeline's
-    phases). Returns the (closed) figure, so that its axes can be read back."""
+def plot_curves(metrics: pd.DataFrame, path: str | os.PathLike, title: str = "", best_epoch: int | None = None
+                ) -> Figure:
+    """A run's curves.png: accuracy and loss per epoch, train and val, side by side. ``best_epoch`` (best.ckpt's,
+    summary.json's) is starred; without it, the highest val/acc. Returns the (closed) figure, so that its axes can
+    be read back. (A pipeline's: carnet.training.phases.plot_pipeline.)"""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     x = metrics["epoch"] if "epoch" in metrics else pd.Series(range(len(metrics)))
     for ax, name in ((ax_acc, "acc"), (ax_loss, "loss")):
@@ -54,9 +55,6 @@ def plot_curves(metrics: pd.DataFrame, path: str | os.PathLike, title: str = "",
             column = f"{split}/{name}"
             if column in metrics and metrics[column].notna().any():
                 ax.plot(x, metrics[column], style, label=split, markersize=3, clip_on=False)
-        for position, label in boundaries or []:
-            ax.axvline(position, color="grey", linestyle="--", linewidth=0.8)
-            ax.text(position, 1.0, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
         epoch_axis(ax, x)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
@@ -66,12 +64,14 @@ def plot_curves(metrics: pd.DataFrame, path: str | os.PathLike, title: str = "",
     losses = [float(v) for c in ("train/loss", "val/loss") if c in metrics for v in metrics[c] if v == v]
     if losses:
         ax_loss.set_ylim(0.0, max(max(losses) * 1.1, 1e-3))
-    if "val/acc" in metrics and metrics["val/acc"].notna().any():
+    chosen = metrics.index[x == best_epoch] if best_epoch is not None else []
+    if len(chosen) or (best_epoch is None and "val/acc" in metrics and metrics["val/acc"].notna().any()):
         # The best epoch as a marker with its value in the legend: a text beside the point would sit on the line or
         # be clipped at the axis' edge.
-        best = metrics["val/acc"].idxmax()
+        best = chosen[0] if len(chosen) else metrics["val/acc"].idxmax()
+        what = "best.ckpt, val/acc" if len(chosen) else "best val/acc"
         ax_acc.plot([x[best]], [metrics["val/acc"][best]], "*", color="tab:red", markersize=11, zorder=3,
-                    clip_on=False, label=f"best val/acc {metrics['val/acc'][best]:.4f} (epoch {int(x[best])})")
+                    clip_on=False, label=f"{what} {metrics['val/acc'][best]:.4f} (epoch {int(x[best])})")
     for ax in (ax_acc, ax_loss):
         if ax.lines:
             ax.legend(fontsize=8)

@@ -87,8 +87,8 @@ def test_only_last_fraction_of_blocks_trains(tiny_data: Path, tmp_path: Path, mo
     unfrozen = sum(backbone[n].numel() for n in params - frozen)
     train_bn = bn == "train"
     expected = head + unfrozen + (sum(backbone[n].numel() for n in frozen_bn_params) if train_bn else 0)
-    assert summary["trainable_params"] == expected
-    assert summary["unfrozen_fraction"] == fraction
+    assert summary.trainable_params == expected
+    assert summary.unfrozen_fraction == fraction
 
     def moved(names: set[str]) -> set[str]:
         return {n for n in names if not torch.equal(start[f"net.backbone.{n}"], end[f"net.backbone.{n}"])}
@@ -169,5 +169,5 @@ def test_model_summary_counts_what_trains(tiny_data: Path, tmp_path: Path) -> No
                                         f"+callbacks.summary={{_target_: tests.test_finetune.SummaryProbe, "
                                         f"path: '{probe}'}}")
     head = sum(v.numel() for k, v in start.items() if k.startswith("net.head."))
-    assert summary["trainable_params"] == head
-    assert json.loads(probe.read_text()) == summary["trainable_params"]
+    assert summary.trainable_params == head
+    assert json.loads(probe.read_text()) == summary.trainable_params

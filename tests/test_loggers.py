@@ -22,7 +22,8 @@ def test_logger_group_options_give_the_trainer_its_loggers(tmp_path: Path, monke
         trainer = build_trainer(cfg, tmp_path, [], resolve_runtime(cfg))
         return {type(logger).__name__ for logger in trainer.loggers}
 
-    assert loggers() == {"CSVLogger"}
+    assert loggers() == set()  # carnet's own metrics.csv and summary.json only, unless a logger is asked for
+    assert loggers("logger=csv") == {"CSVLogger"}
     assert loggers("logger=[csv,tensorboard]") == {"CSVLogger", "TensorBoardLogger"}
     assert loggers("logger=all") == {"CSVLogger", "TensorBoardLogger", "MLFlowLogger"}
     assert loggers("logger=none") == set()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from carnet.artifacts import read_summary
 from carnet.errors import CarnetError
 from carnet.models.checkpoint import read_checkpoint
+from carnet.summary import read_summary
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH, TINY
@@ -100,7 +100,7 @@ def test_a_signal_ends_the_run_interrupted_with_a_resumable_last_ckpt(tiny_data:
     train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", f"trainer.max_epochs={done + 1}", f"resume={last}",
                        f"run_dir={tmp_path / 'resumed'}"]))
     resumed = read_summary(tmp_path / "resumed")
-    assert resumed["status"] == "completed" and resumed["epochs_run"] == done + 1
+    assert resumed.status == "completed" and resumed.epochs_run == done + 1
 
 
 def test_a_schedulers_preemption_handler_ends_the_run_interrupted(tiny_data: Path, tmp_path: Path) -> None:

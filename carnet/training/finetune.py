@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from carnet.config_check import BN_POLICIES
 from carnet.errors import CarnetError
 from carnet.models.network import compile_status
+from carnet.summary import RunSummary
 
 Schedule = list[tuple[int, float]]
 
@@ -162,9 +163,10 @@ class ProgressiveUnfreezing(pl.Callback):
         self._norms_to_eval()
         return self.fraction
 
-    def summary_fields(self) -> dict[str, Any]:
-        """summary.json's ``unfrozen_fraction``: where the schedule stood when the run ended."""
-        return {"unfrozen_fraction": self.fraction if self.fraction is not None else fraction_at(self.schedule, 0)}
+    def add_to_summary(self, summary: RunSummary) -> None:
+        """summary.json's ``unfrozen_fraction``: where the schedule stood when the run ended (:class:`SummaryReporter`;
+        a run without a schedule trains everything and reports none)."""
+        summary.unfrozen_fraction = self.fraction if self.fraction is not None else fraction_at(self.schedule, 0)
 
     def _norms_to_eval(self) -> None:
         for module in self.frozen_norms:

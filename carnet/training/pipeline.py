@@ -202,8 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     folder = run_pipeline(args.overrides, [p for p in args.phases.split(",") if p], folder=args.dir)
     for row in json.loads((folder / PIPELINE_FILE).read_text())["phases"]:
-        acc = row["best_val_acc"]
-        print(f"{row['phase']:>14}: best val/acc={acc:.4f}" if acc is not None else f"{row['phase']:>14}: -")
+        acc, epoch = row["best_val_acc"], row["best_epoch"]
+        handed = "its start" if epoch == 0 else f"epoch {epoch}"
+        print(f"{row['phase']:>14}: handed on {handed}, val/acc={acc:.4f}" if acc is not None
+              else f"{row['phase']:>14}: -")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import CSVLogger
 
-from carnet.artifacts import SUMMARY_FILE, read_summary
 from carnet.errors import CarnetError
 from carnet.models.checkpoint import CHECKPOINT_KEY, load_weights_only
+from carnet.summary import RunSummary, read_summary
 from carnet.training.phases import check_fits
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def scheduler_job_id() -> str | None:
     return None
 
 
-def continue_in_place(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+def continue_in_place(cfg: DictConfig, run_dir: Path) -> RunSummary | None:
     """Decide what a run continues when its folder may already hold a stopped run of it; set ``cfg.resume``.
 
     A run continues the stopped run in its own folder from that run's ``checkpoints/last.ckpt`` (the epochs it
@@ -60,12 +60,13 @@ def continue_in_place(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     Every DDP rank decides alike: what it reads (``last.ckpt``, the run's config, job id and whether it completed)
     is what rank 0 leaves in place while the others decide.
     """
-    summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else {}
+    summary = read_summary(run_dir, missing_ok=True)
+    status, job_id = (summary.status, summary.job_id) if summary is not None else (None, None)
     last = run_dir / "checkpoints" / "last.ckpt"
     if str(cfg.get("resume") or "") == AUTO:
         with open_dict(cfg):
             cfg.resume = None
-        if summary.get("status") == "completed":
+        if summary is not None and status == "completed":
             log.info("resume=auto: the run in %s already completed; nothing to train", run_dir)
             return summary
         if not last.is_file():
@@ -77,7 +78,7 @@ def continue_in_place(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
                               ": continue it with its own config, or give this run its own folder (hydra.run.dir=DIR)")
     else:
         job = scheduler_job_id()
-        requeued = (job is not None and summary.get("job_id") == job and summary.get("status") != "completed"
+        requeued = (job is not None and job_id == job and status != "completed"
                     and last.is_file() and not _config_differences(run_dir / "config.yaml", cfg))
         if not requeued:
             return None  # resume=PATH, or a fresh run, as given

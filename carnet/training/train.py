@@ -27,18 +27,17 @@ from carnet.data.layout import scan_train
 from carnet.errors import RunInterrupted, exit_on_error, note_scheduler_signal, stopping_signal
 from carnet.models.hub import check_pretrained_available
 from carnet.runtime import resolve_runtime
+from carnet.summary import RunSummary
 from carnet.training.budget import plan_budget
 from carnet.training.builders import build_callbacks, build_datamodule, build_module, build_trainer
-from carnet.training.console import quiet_lightning
+from carnet.training.console import log_to_files, quiet_lightning
 from carnet.training.finite import StopOnNonFinite
 from carnet.training.resume import check_resumable, continue_in_place, scheduler_job_id
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.tune import tune
 
-log = logging.getLogger(__name__)
 
-
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig) -> RunSummary:
     """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``).
 
     The run owns its directory while it runs (:func:`run_dir_lock`), and the directory gets a summary whatever
@@ -54,9 +53,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with run_dir_lock(run_dir) if is_rank_zero else nullcontext(), signals_stop_the_run():
         if (completed := continue_in_place(cfg, run_dir)) is not None:
             return completed
-        facts = {"run_dir": str(run_dir), "model": cfg.model.name, "image_size": int(cfg.image_size),
-                 "seed": int(cfg.seed), "data_root": str(cfg.data.root), "overrides": overrides_of(cfg),
-                 "resumed_from": cfg.get("resume") or None, "job_id": scheduler_job_id()}
+        facts = RunSummary(run_dir=str(run_dir), model=cfg.model.name, image_size=int(cfg.image_size),
+                           head=cfg.head.get("_target_", "").rsplit(".", 1)[-1], seed=int(cfg.seed),
+                           data_root=str(cfg.data.root), overrides=overrides_of(cfg),
+                           resumed_from=cfg.get("resume") or None, job_id=scheduler_job_id())
         artifacts = RunArtifacts(run_dir, facts, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
         if is_rank_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -67,8 +67,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             signum = stopping_signal(err)
             if is_rank_zero:
                 artifacts.fail(err)
-                _log_to_files(f"run interrupted by {signum.name}" if signum is not None
-                              else f"run failed: {type(err).__name__}: {err}")
+                log_to_files(f"run interrupted by {signum.name}" if signum is not None
+                             else f"run failed: {type(err).__name__}: {err}", logging.ERROR)
             if signum is None:
                 raise
             raise RunInterrupted(_how_to_continue(run_dir, signum), signum) from err
@@ -123,7 +123,7 @@ def signals_stop_the_run() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> RunSummary:
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
@@ -143,21 +143,17 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         datamodule.write_split(run_dir / SPLIT_FILE)
     if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
         result = tune(cfg, module, datamodule, run_dir, runtime, callbacks)
-        if is_rank_zero:
-            artifacts.finish(tune=result)
-        return result
+        if is_rank_zero:  # the finder's curve stays in its own file (tune.py's lr_find.json): numbers only here
+            artifacts.finish(tune={k: v for k, v in result.items() if not isinstance(v, list | tuple | dict)})
+        return artifacts.summary
     counts = datamodule.split.split.value_counts()
     budget = plan_budget(cfg, int(counts.get("train", 0)), datamodule.batch_size)
-    artifacts.summary.update({
-        "head": cfg.head.get("_target_", "").rsplit(".", 1)[-1],
-        "data_root": str(datamodule.root),
-        "num_train": int(counts.get("train", 0)),
-        "num_val": int(counts.get("val", 0)),
-        "num_excluded": len(datamodule.excluded),
+    artifacts.summary.update(
+        data_root=str(datamodule.root), num_train=int(counts.get("train", 0)), num_val=int(counts.get("val", 0)),
+        num_excluded=len(datamodule.excluded),  # photos left out as unreadable (data.verify)
         **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
         **budget,
-        "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
-    })
+    )
     artifacts.best_checkpoint = run_dir / "checkpoints" / "best.ckpt"
     guard = StopOnNonFinite(lr=cfg.optimizer.get("lr"))
     # artifacts last: it records what the others did
@@ -169,25 +165,34 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
     summary = artifacts.summary
-    if summary.get("best_val_acc") is not None:
-        print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
+    if is_rank_zero and (line := result_line(summary)) is not None:
+        print(line)
+        log_to_files(line)
     return summary
 
 
-def _log_to_files(message: str) -> None:
-    """Put ``message`` in the run's log files only (Hydra's ``<job>.log``): the terminal gets the one-line error
-    from :func:`carnet.errors.exit_on_error`, and a failed run's log says why instead of staying empty."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+def result_line(summary: RunSummary) -> str | None:
+    """The line a run ends with: best.ckpt's epoch and scores, and why that epoch (``monitor``); the highest val/acc
+    too when another epoch had it, since the two are easily taken for each other."""
+    if summary.best_val_acc is None:
+        return None
+    which = f"{'lowest' if summary.monitor_mode == 'min' else 'highest'} {summary.monitor}"
+    line = (f"best.ckpt: epoch {summary.best_epoch} of {summary.epochs_run} ({which}), "
+            f"val/acc={summary.best_val_acc:.4f} val/loss={summary.best_val_loss:.4f}")
+    if summary.kept_start:
+        line = (f"best.ckpt: epoch 0, the phase's start (no epoch of {summary.epochs_run} beat its {summary.monitor}), "
+                f"val/acc={summary.best_val_acc:.4f} val/loss={summary.best_val_loss:.4f}")
+    if summary.max_val_acc is not None and summary.max_val_acc_epoch != summary.best_epoch \
+            and summary.max_val_acc > summary.best_val_acc:
+        line += f"; highest val/acc {summary.max_val_acc:.4f} at epoch {summary.max_val_acc_epoch}"
+    return line
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """``carnet-train [group=option ...] [key=value ...]``: returns best val/acc, what Hydra sweepers maximise."""
     with exit_on_error("train"):
-        return train(cfg).get("best_val_acc")
+        return train(cfg).best_val_acc
 
 
 if __name__ == "__main__":
