@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from carnet.data.datamodule import CarDataModule
-from carnet.data.decode import decode_image, decode_min_side
-from carnet.data.transforms import build_eval_transform, build_train_transform, eval_transforms
+from carnet.data.decode import decode_image
+from carnet.data.transforms import build_eval_transform, build_train_transform, decode_min_side, eval_transforms
 from tests.helpers.images import train_jpegs
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

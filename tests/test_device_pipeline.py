@@ -17,7 +17,6 @@ from PIL import Image
 from scipy import stats
 
 from carnet.data.datamodule import CarDataModule, ImageDataset
-from carnet.data.decode import decode_min_side
 from carnet.data.device_pipeline import (
     EncodedBatch,
     EncodedDataset,
@@ -28,7 +27,7 @@ from carnet.data.device_pipeline import (
     unsupported,
 )
 from carnet.data.layout import DataError
-from carnet.data.transforms import build_eval_transform, build_train_transform
+from carnet.data.transforms import build_eval_transform, build_train_transform, decode_min_side
 from carnet.training.builders import build_datamodule, build_module
 from tests.helpers.config import compose_cfg
 from tests.helpers.images import train_jpegs

@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from carnet.data.cache import ImageCache
-from carnet.data.decode import decode_image, decode_min_side, find_undecodable
+from carnet.data.decode import decode_image, find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
 from carnet.data.device_pipeline import EncodedDataset, collate_encoded, unsupported
 from carnet.data.layout import DataError, read_test, scan_train
 from carnet.data.sources import merge_sources, read_sources
 from carnet.data.splits import assign_split
-from carnet.data.transforms import build_eval_transform, build_train_transform
+from carnet.data.transforms import build_eval_transform, build_train_transform, decode_min_side
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from carnet.data.decode import decode_image, pil_to_rgb
+from carnet.data.transforms import EvalViewStep
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_ORIENTATION = 0x0112  # values 5-8 store the picture transposed: its shown width is the stored height
-CROPS = (A.RandomResizedCrop, A.CenterCrop)
+CROPS = (A.RandomResizedCrop, A.CenterCrop, EvalViewStep)  # EvalViewStep: resize, then crop
 GEOMETRY = (*CROPS, A.SmallestMaxSize, A.Resize)
 PIXEL = (A.HorizontalFlip, A.RandomBrightnessContrast)
 # Applied by the CPU pipeline only: the device batch stays uint8, and the model normalises it.
@@ -112,6 +113,12 @@ def plan_view(transform: A.BaseCompose, shape: tuple[int, int]) -> Plan:
             geometry.append(("crop", (x0, y0, x1, y1)))
             geometry.append(("resize", tuple(t.size), t._get_interpolation_for_resize((y1 - y0, x1 - x0), "image")))
             h, w = t.size
+        elif isinstance(t, EvalViewStep):  # the CPU view's own geometry, so both paths crop the same box
+            (nh, nw), flag = t.view.resize(h, w)
+            geometry.append(("resize", (nh, nw), flag))
+            h, w = nh, nw
+            geometry.append(("crop", t.view.crop_box(h, w)))
+            h = w = t.view.image_size
         elif isinstance(t, A.SmallestMaxSize):
             nh, nw = max(1, round(h * params["scale"])), max(1, round(w * params["scale"]))
             shrink = params["scale"] < 1.0 and t.area_for_downscale in ("image", "image_mask")

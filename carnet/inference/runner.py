@@ -17,9 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from carnet.data.datamodule import ImageDataset, default_num_workers
-from carnet.data.decode import decode_min_side
 from carnet.data.layout import DataError
-from carnet.data.transforms import build_eval_transform
+from carnet.data.transforms import build_eval_transform, decode_min_side
 from carnet.inference.ensemble import Model, ensemble
 from carnet.inference.selection import Images
 from carnet.inference.tta import TTA, view_logits
