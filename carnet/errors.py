@@ -119,6 +119,21 @@ class ModelLoadError(CarnetError):
     """The checkpoint / ONNX file cannot be served; the message names the file."""
 
 
+try:  # the error gunicorn's worker reports in one line (and its master stops on, exit status 4)
+    from gunicorn.errors import AppImportError
+except ImportError:  # no gunicorn (another WSGI server, the development server): a plain CarnetError then
+    AppImportError = CarnetError  # type: ignore[assignment,misc]
+
+
+class ModelNotLoaded(ModelLoadError, AppImportError):
+    """The model cannot be loaded when the app is created (a missing file, not a checkpoint, NaN weights, ...).
+
+    Also gunicorn's ``AppImportError``: a gunicorn worker then prints this one line instead of two tracebacks,
+    and the master stops with "App failed to load." and exit status 4 instead of restarting workers that cannot
+    boot. A ModelLoadError for everyone else (``carnet-serve`` prints it as one line and exits 2).
+    """
+
+
 class ModelUnavailable(CarnetError):
     """The model cannot be loaded (answered 503); the message is safe to show: ours, or the error's type only."""
 

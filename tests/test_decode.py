@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from carnet.data.decode import decode_image, decode_min_side
-from carnet.data.transforms import build_eval_transform, build_train_transform, eval_transforms
+from carnet.data.decode import decode_image
+from carnet.data.transforms import build_eval_transform, build_train_transform, decode_min_side, eval_transforms
 from tests.helpers.images import train_jpegs
 from tests.helpers.recipe import data_module
 

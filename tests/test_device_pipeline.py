@@ -19,7 +19,6 @@ from PIL import Image
 from scipy import stats
 
 from carnet.data.dataset import ImageDataset
-from carnet.data.decode import decode_min_side
 from carnet.data.device_pipeline import (
     EncodedBatch,
     EncodedDataset,
@@ -29,7 +28,7 @@ from carnet.data.device_pipeline import (
     plan_view,
     unsupported,
 )
-from carnet.data.transforms import build_eval_transform, build_train_transform
+from carnet.data.transforms import build_eval_transform, build_train_transform, decode_min_side
 from carnet.errors import DataError
 from carnet.runtime import resolve_runtime
 from carnet.training.builders import build_datamodule, build_module

@@ -2,7 +2,7 @@
 
 JPEG decoding is most of a data loader's CPU time. When a dataset is small enough (or the same images feed a
 long 448 px phase), decoding each file once and keeping the result, already shrunk to the smallest size the
-pipeline needs (``min_side``, see :func:`carnet.data.decode.decode_min_side`), lets every later epoch skip it.
+pipeline needs (``min_side``, see :func:`carnet.data.transforms.decode_min_side`), lets every later epoch skip it.
 
 Entries are keyed by the file's path, its size in bytes, its modification time (ns) and ``min_side`` (so each
 image size gets its own entries): an edited or replaced file misses and is decoded again; a disk entry of the

@@ -27,13 +27,13 @@ from carnet.data.dataset import (
     seed_epoch,
     seed_worker_augmentations,
 )
-from carnet.data.decode import decode_min_side, find_undecodable
+from carnet.data.decode import find_undecodable
 from carnet.data.dedup import drop_val_near_duplicates
 from carnet.data.device_pipeline import EncodedDataset, collate_encoded, why_not_on_device
 from carnet.data.layout import read_test, scan_train
 from carnet.data.sources import merge_sources, read_sources
 from carnet.data.splits import assign_split
-from carnet.data.transforms import build_eval_transform, build_train_transform
+from carnet.data.transforms import build_eval_transform, build_train_transform, decode_min_side
 from carnet.errors import DataError
 
 log = logging.getLogger(__name__)

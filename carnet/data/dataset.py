@@ -29,7 +29,7 @@ from carnet.data.decode import decode_image
 class ImageDataset(Dataset):
     """(image tensor, label) pairs from files; label -1 for unlabelled (test) images.
 
-    Images are decoded at reduced JPEG scale down to ``min_side`` (see :func:`carnet.data.decode.decode_min_side`);
+    Images are decoded at reduced JPEG scale down to ``min_side`` (see :func:`carnet.data.transforms.decode_min_side`);
     with a ``cache`` they come decoded and shrunk to ``min_side`` from it instead.
     """
 

@@ -43,6 +43,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from carnet.data.decode import decode_image, pil_to_rgb
+from carnet.data.transforms import EvalViewStep
 
 # data.decode: cpu = workers decode and augment (the default); gpu = workers read bytes, the run's
 # CUDA device decodes and augments; auto = gpu when the run is on CUDA; device = the byte path on whatever device
@@ -52,7 +53,7 @@ DECODE_MODES = ("cpu", "gpu", "auto", "device")
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_ORIENTATION = 0x0112  # values 5-8 store the picture transposed: its shown width is the stored height
-CROPS = (A.RandomResizedCrop, A.CenterCrop)
+CROPS = (A.RandomResizedCrop, A.CenterCrop, EvalViewStep)  # EvalViewStep: resize, then crop
 GEOMETRY = (*CROPS, A.SmallestMaxSize, A.Resize)
 PIXEL = (A.HorizontalFlip, A.RandomBrightnessContrast)
 # Applied by the CPU pipeline only: the device batch stays uint8, and the model normalises it.
@@ -134,6 +135,12 @@ def plan_view(transform: A.BaseCompose, shape: tuple[int, int]) -> Plan:
             shrink = (y1 - y0 > t.size[0] or x1 - x0 > t.size[1]) and t.area_for_downscale in ("image", "image_mask")
             geometry.append(("resize", tuple(t.size), cv2.INTER_AREA if shrink else t.interpolation))
             h, w = t.size
+        elif isinstance(t, EvalViewStep):  # the CPU view's own geometry, so both paths crop the same box
+            (nh, nw), flag = t.view.resize(h, w)
+            geometry.append(("resize", (nh, nw), flag))
+            h, w = nh, nw
+            geometry.append(("crop", t.view.crop_box(h, w)))
+            h = w = t.view.image_size
         elif isinstance(t, A.SmallestMaxSize):
             nh, nw = max(1, round(h * params["scale"])), max(1, round(w * params["scale"]))
             shrink = params["scale"] < 1.0 and t.area_for_downscale in ("image", "image_mask")

@@ -7,7 +7,7 @@
 The ONNX graph maps ``images`` (N, 3, H, W uint8 pixels, RGB; N is dynamic) to ``logits`` (N, C): the
 normalisation is part of the graph, as it is part of the network in training, predict and serving. Everything
 needed to feed it is stored in the file's metadata (:mod:`carnet.inference.onnx_meta`, with ``input_dtype``), so
-:func:`carnet.inference.onnx_meta.read_onnx_meta` and :func:`carnet.data.transforms.build_eval_transform` rebuild
+:func:`carnet.inference.onnx_meta.read_onnx_meta` and :meth:`carnet.data.eval_view.EvalView.of` rebuild
 the exact eval view. The TorchScript module takes the same uint8 batch (or float 0..255). After writing, the
 export runs the file with onnxruntime and checks its probabilities against torch's. Files are written under a
 temporary name and renamed (:func:`carnet.artifacts.atomic_path`), so a failed export leaves no half file.

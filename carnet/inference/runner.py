@@ -18,8 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from carnet.data.dataset import ImageDataset
-from carnet.data.decode import decode_min_side
-from carnet.data.transforms import build_eval_transform
+from carnet.data.transforms import build_eval_transform, decode_min_side
 from carnet.errors import DataError
 from carnet.inference.ensemble import Model, ensemble
 from carnet.inference.selection import Images

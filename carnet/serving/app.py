@@ -26,6 +26,8 @@ log has the details under that id.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import logging
 import os
 import re
@@ -41,8 +43,8 @@ import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from carnet.errors import BadUpload, CarnetError, ModelLoadError, ModelUnavailable, ServerBusy
-from carnet.serving.backends import BACKENDS
+from carnet.errors import BadUpload, CarnetError, ModelLoadError, ModelNotLoaded, ModelUnavailable, ServerBusy
+from carnet.serving.backends import BACKENDS, check_model_file
 from carnet.serving.classifier import Classifier, ModelHolder
 from carnet.serving.upload import (
     DEFAULT_BODIES_IN_MEMORY,
@@ -130,7 +132,10 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     ckpt = Path(ckpt)
     holder = ModelHolder(lambda: Classifier(ckpt, backend, tta, num_threads))
     if not lazy:
-        holder.get()
+        try:
+            holder.get()
+        except CarnetError as err:  # bad input (the file); anything else is a bug and keeps its traceback
+            raise ModelNotLoaded(load_failure(err)) from err
     page = index_page()
 
     app = Flask(__name__)
@@ -220,6 +225,31 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
                         "ms": round((time.perf_counter() - started) * 1000, 2)}), 200
 
     return app
+
+
+def precheck(app_uri: str) -> None:
+    """Check the model file of a gunicorn app URI ``carnet.serving.app:create_app(...)`` without loading anything
+    (:func:`carnet.serving.backends.check_model_file`: it exists and fits the backend), as gunicorn's master does
+    before forking workers (:mod:`carnet.serving.gunicorn_conf`). :class:`ModelNotLoaded` if it does not,
+    ``ValueError`` for an unknown backend. Other URIs, and calls gunicorn refuses itself (arguments that are not
+    literals or do not fit), are left alone: the workers report those.
+    """
+    module, _, call = app_uri.partition(":")
+    if module != __name__:
+        return
+    try:  # parsed as gunicorn parses it (gunicorn.util.import_app), bound as Python would call create_app
+        node = ast.parse(call.strip(), mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "create_app"):
+            return
+        bound = inspect.signature(create_app).bind(*[ast.literal_eval(a) for a in node.args],
+                                                   **{k.arg: ast.literal_eval(k.value) for k in node.keywords})
+    except (SyntaxError, ValueError, TypeError):
+        return
+    bound.apply_defaults()
+    try:
+        check_model_file(bound.arguments["ckpt"], bound.arguments["backend"])
+    except ModelLoadError as err:
+        raise ModelNotLoaded(load_failure(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

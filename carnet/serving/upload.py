@@ -239,7 +239,7 @@ def decode_upload(data: bytes, max_pixels: int | ImageLimits = DEFAULT_MAX_IMAGE
                   min_side: int | None = None) -> np.ndarray:
     """Decode uploaded bytes to RGB uint8 HxWx3 with :func:`carnet.data.decode.decode_image`, the function
     training and predict decode files with (upright by EXIF, 16 bits scaled, a JPEG at reduced scale down to
-    ``min_side``, which the model's eval view fixes: :func:`carnet.data.decode.decode_min_side`).
+    ``min_side``, which the model's eval view fixes: :func:`carnet.data.transforms.decode_min_side`).
 
     The size a file claims (pixels, sides, aspect ratio: ``max_pixels`` or an :class:`ImageLimits`) is checked
     from its header before any pixel is decoded, so a decompression bomb costs nothing; a truncated file fails
