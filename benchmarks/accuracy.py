@@ -84,8 +84,9 @@ from carnet.config import config_dir  # noqa: E402
 from carnet.data.decode import decode_image  # noqa: E402
 from carnet.data.layout import read_test, scan_train  # noqa: E402
 from carnet.data.transforms import build_eval_transform  # noqa: E402
+from carnet.summary import read_summary  # noqa: E402
 from carnet.training.head_fit import choose_l2, fit_logistic, photo_folds, single_thread  # noqa: E402
-from carnet.training.pipeline import PHASES, split_overrides  # noqa: E402
+from carnet.training.pipeline import phase_order, split_overrides  # noqa: E402
 
 METHODS = ("probe", "finetune", "carnet")
 SUMMARY_KEYS = ("best_val_acc", "best_val_loss", "best_epoch", "start_val_acc", "start_val_loss", "kept_start",
@@ -136,8 +137,7 @@ class EvalView:
     every method's test photos (and the probe's training photos) get, so that only training differs."""
 
     def __init__(self, data_config: dict[str, Any], image_size: int) -> None:
-        self.transform = build_eval_transform(image_size, data_config["mean"], data_config["std"],
-                                              data_config.get("interpolation", "bicubic"),
+        self.transform = build_eval_transform(image_size, data_config.get("interpolation", "bicubic"),
                                               float(data_config.get("crop_pct", 1.0)))
         # carnet's view ends in uint8 pixels (its network normalises them); the baselines' plain timm models
         # take normalised floats, so normalise here, as carnet's Normalize does.
@@ -378,11 +378,11 @@ def run_carnet(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict
             commands.append(shown)
     phases = []
     for phase in args.phases:
-        summary = json.loads((run_dirs[phase] / "summary.json").read_text())
-        phases.append({"phase": phase, "run_dir": str(run_dirs[phase]), **{k: summary.get(k) for k in SUMMARY_KEYS}})
+        summary = read_summary(run_dirs[phase])
+        phases.append({"phase": phase, "run_dir": str(run_dirs[phase]),
+                       **{k: getattr(summary, k) for k in SUMMARY_KEYS}})
     last = args.phases[-1]
-    checkpoint = json.loads((run_dirs[last] / "summary.json").read_text()).get("phase_checkpoint") \
-        or str(phases_dir / f"{last}.ckpt")
+    checkpoint = read_summary(run_dirs[last]).phase_checkpoint or str(phases_dir / f"{last}.ckpt")
     result = {"val_acc": phases[-1]["best_val_acc"], "phases": phases, "checkpoint": checkpoint}
     device = "cuda" if ctx["device"].type == "cuda" else "cpu"
     for key, tta in (("test_acc", "false"), ("test_acc_tta", "true")):
@@ -481,7 +481,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="tf_efficientnet_lite0", help="conf/model name (or a timm name)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--phases", default=",".join(PHASES), help="carnet phases in order, comma-separated")
+    ap.add_argument("--phases", default=",".join(phase_order()), help="carnet phases in order, comma-separated")
     ap.add_argument("--via", choices=("phases", "pipeline"), default="phases",
                     help="carnet: one train.py command per phase, or one carnet.training.pipeline command")
     ap.add_argument("--image-size", type=int, default=224, help="probe and fine-tune size; carnet phases that do "

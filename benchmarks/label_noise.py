@@ -59,10 +59,10 @@ from accuracy import (  # noqa: E402
 
 from carnet.data.corrections import apply_corrections, read_corrections  # noqa: E402
 from carnet.data.layout import scan_train  # noqa: E402
-from carnet.inference.runner import Runner  # noqa: E402
 from carnet.inference.selection import Images  # noqa: E402
 from carnet.inspection.probe import frozen_features, pretrained_backbone  # noqa: E402
 from carnet.inspection.targets import timm_model_name  # noqa: E402
+from carnet.tools.inspection import inspect_runner  # noqa: E402
 from carnet.training.head_fit import fit_head  # noqa: E402
 
 
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("features of every photo (for the probe's test accuracy)", flush=True)
     backbone = pretrained_backbone(timm_model_name(args.model), args.image_size, str(args.weights))
-    runner = Runner(device="cpu")
+    runner = inspect_runner(device="cpu")
     photos = Images(args.data, [*train.path, *test.path], [*train.path, *test.path], [-1] * (len(train) + len(test)))
     features = frozen_features(backbone.net, photos, backbone.meta, runner)
     by_id = dict(zip([Path(p).name for p in photos.paths], features, strict=True))

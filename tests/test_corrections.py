@@ -12,14 +12,15 @@ import pytest
 from carnet.artifacts import SPLIT_FILE
 from carnet.data.corrections import apply_corrections, read_corrections
 from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError
+from carnet.errors import DataError
 from carnet.tools.demo import CLASS_NAMES
+from tests.helpers.recipe import data_module
 
 NAMES = list(CLASS_NAMES)
 
 
-def _split(root: Path, corrections: Path | None = None) -> pd.DataFrame:
-    dm = CarDataModule(root, NAMES, image_size=64, verify=False, num_workers=0, corrections=corrections)
+def _split(root: Path, corrections: Path | None = None) -> tuple[pd.DataFrame, CarDataModule]:
+    dm = data_module(root, NAMES, image_size=64, verify=False, num_workers=0, corrections=corrections)
     dm.setup()
     return dm.split, dm
 

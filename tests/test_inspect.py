@@ -25,7 +25,7 @@ from carnet.inspection.probe import probe_oof
 from carnet.tools.demo import CLASS_NAMES
 from carnet.tools.inspection import main as inspect_main
 from tests.helpers.config import compose_cfg
-from tests.helpers.devtools import DevTools, find_browser
+from tests.helpers.devtools import ARTIFACTS, DevTools, require_browser
 from tests.helpers.overrides import ONE_BATCH
 from tests.helpers.runs import run_predict
 
@@ -185,12 +185,11 @@ def test_options_are_checked_by_argparse(capsys: pytest.CaptureFixture[str]) -> 
     assert caught.value.code == 2 and "--top 0: expected a whole number >= 1" in capsys.readouterr().err
 
 
-# Environment overrides, for a screenshot worth showing: CARNET_INSPECT_PAGE (a page already built, e.g. of the
-# demo run), CARNET_SCREENSHOT (where to keep the PNG, e.g. docs/inspect_screenshot.png).
+# Without Chromium the test skips, except under CARNET_REQUIRE_BROWSER=1 (.ci/run), where it fails. The screenshot is
+# kept in test-artifacts/. Environment overrides, for a screenshot worth showing: CARNET_INSPECT_PAGE (a page already
+# built, e.g. of the demo run), CARNET_INSPECT_SCREENSHOT (where to keep the PNG, e.g. docs/inspect_screenshot.png).
 def test_page_renders_in_chromium(tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path) -> None:
-    binary = find_browser()
-    if binary is None:
-        pytest.skip("no Chromium: install it (Debian: apt-get install chromium) to run the browser test")
+    binary = require_browser()
     page = Path(os.environ["CARNET_INSPECT_PAGE"]) if os.environ.get("CARNET_INSPECT_PAGE") else None
     if page is None:
         out = tmp_path / "page"
@@ -218,7 +217,8 @@ def test_page_renders_in_chromium(tiny_checkpoint: Path, tiny_data: Path, tmp_pa
         assert cells == len(CLASS_NAMES) + 1
         png = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
         assert png.startswith(b"\x89PNG")
-        if os.environ.get("CARNET_SCREENSHOT"):
-            Path(os.environ["CARNET_SCREENSHOT"]).write_bytes(png)
+        screenshot = Path(os.environ.get("CARNET_INSPECT_SCREENSHOT") or ARTIFACTS / "inspect_screenshot.png")
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        screenshot.write_bytes(png)
     finally:
         browser.close()

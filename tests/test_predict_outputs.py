@@ -7,6 +7,7 @@ Runs predict in-process on the session's tiny checkpoint and tiny dataset (tests
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,48 @@ def test_other_outputs_are_checked_before_loading(tiny_data: Path, tmp_path: Pat
     with pytest.raises(CarnetError, match=re.escape(f"report_dir={garbage}")):
         run_predict(*common, "split=val", f"report_dir={garbage}")
     assert not (tmp_path / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("which", ["out", "probs"])
+def test_a_read_only_output_is_refused_before_loading(which: str, tiny_checkpoint: Path, tiny_data: Path,
+                                                      tmp_path: Path) -> None:
+    """out= an existing 0444 file (or its probabilities file) is refused in one line; the file keeps its text and
+    mode (the atomic rename replaced it, root or not). Checked before the checkpoint is opened: an unreadable one
+    is not what is reported."""
+    out = tmp_path / "submission.csv"
+    locked = out if which == "out" else tmp_path / "submission.probs.csv"
+    locked.write_text("Id,Category\nkeep,0\n")
+    locked.chmod(0o444)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    for ckpt in (tiny_checkpoint, garbage):
+        with pytest.raises(CarnetError, match=re.escape(f"out={out}") + ".*read-only") as err:
+            run_predict(f"ckpt={ckpt}", f"data.root={tiny_data}", f"out={out}")
+        assert "\n" not in str(err.value) and str(locked) in str(err.value)
+        assert locked.read_text() == "Id,Category\nkeep,0\n" and locked.stat().st_mode & 0o777 == 0o444
+
+
+FORMULAS = ["=HYPERLINK(1).jpg", "+1.jpg", "-2.jpg", "@SUM(1).jpg"]
+
+
+def test_file_names_that_spreadsheets_run_are_neutralised(tiny_checkpoint: Path, tiny_data: Path,
+                                                          tmp_path: Path) -> None:
+    """Photo names starting with = + - @ are written with a leading single quote (OWASP, CSV injection) into
+    predictions.csv and its probabilities file; submission.csv keeps the Ids exactly as Kaggle lists them."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    source = next((tiny_data / "test_upload").glob("*.jpg"))
+    for name in [*FORMULAS, "plain.jpg"]:
+        shutil.copy(source, photos / name)
+    run_predict(f"ckpt={tiny_checkpoint}", f"images={photos}", f"out={tmp_path / 'predictions.csv'}")
+    expected = sorted(["'" + n for n in FORMULAS] + ["plain.jpg"])
+    for name in ("predictions.csv", "predictions.probs.csv"):
+        assert sorted(pd.read_csv(tmp_path / name).file) == expected, name
+
+    # The Kaggle layout: the same names as test Ids
+    root = tmp_path / "kaggle"
+    shutil.copytree(photos, root / "test_upload")
+    pd.DataFrame({"Id": [*FORMULAS, "plain.jpg"], "Category": 0}).to_csv(root / "sample-submission.csv", index=False)
+    run_predict(f"ckpt={tiny_checkpoint}", f"data.root={root}", f"out={tmp_path / 'submission.csv'}")
+    assert list(pd.read_csv(tmp_path / "submission.csv").Id) == [*FORMULAS, "plain.jpg"]
+    assert list(pd.read_csv(tmp_path / "submission.probs.csv").Id) == ["'" + n for n in FORMULAS] + ["plain.jpg"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from carnet.data.layout import DataError
+from carnet.errors import DataError
 
 ACTIONS = ("keep", "drop", "relabel")
 REQUIRED = ("path", "action")

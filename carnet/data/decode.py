@@ -1,19 +1,21 @@
 """Image decoding: files to RGB uint8 arrays, at a reduced JPEG scale where the pipeline allows it.
 
-:func:`pil_to_rgb` is the one place where a PIL image becomes the pixels a model sees; training and predict
-(:func:`decode_image`) and the web service (:func:`carnet.serving.upload.decode_upload`) all go through it, so a
-photo is the same array on every path: shown upright (EXIF orientation) and with 16-bit samples scaled to 8 bits.
+:func:`decode_image` decodes a file or an upload's bytes for training, predict and the web service
+(:func:`carnet.serving.upload.decode_upload`), at the reduced JPEG scale their transform allows
+(:func:`carnet.data.transforms.decode_min_side`; the eval view's is :attr:`carnet.data.eval_view.EvalView.resize_to`);
+:func:`pil_to_rgb` is the one place where a PIL image becomes the pixels a model sees. So a photo is the same array
+on every path: shown upright (EXIF orientation), with 16-bit samples scaled to 8 bits. PIL and NumPy only: the
+ONNX service decodes with this without torch.
 """
 
 from __future__ import annotations
 
-import math
+import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -45,42 +47,27 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Decode an image file to an RGB uint8 HxWx3 array (:func:`pil_to_rgb`: upright, 16 bits scaled).
+def decode_image(source: str | os.PathLike | bytes, min_side: int | None = None,
+                  check: Callable[[Image.Image], None] | None = None) -> np.ndarray:
+    """Decode an image file, or the bytes of one (an upload), to an RGB uint8 HxWx3 array (:func:`pil_to_rgb`:
+    upright, 16 bits scaled). Training, predict and the web service all decode with this, so a photo gives the
+    same pixels, and the same probabilities, on every path.
 
     With ``min_side``, JPEGs are decoded at a reduced DCT scale (PIL ``draft``) as long as the shorter side stays
-    at least ``min_side``: 2-4x less decoding work for a 640x480 photo fed to a 224 px model. The shorter side
-    does not change with the orientation, so the draft size is right for rotated photos too.
+    at least ``min_side``: 2-4x less decoding work for a 640x480 photo fed to a 224 px model, and a 36 MP upload
+    costs what its model input needs, not 36 MP. The shorter side does not change with the orientation, so the
+    draft size is right for rotated photos too. ``check`` sees the opened image before any pixel is decoded
+    (size and format, from the header) and may raise to refuse it.
     """
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        if check is not None:
+            check(img)
         if min_side and img.format == "JPEG":
             w, h = img.size
             scale = min_side / min(w, h)
             if scale < 1:
                 img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
         return pil_to_rgb(img)
-
-
-def decode_min_side(transform: A.Compose) -> int | None:
-    """The smallest shorter side an image may be decoded at without costing ``transform`` any detail.
-
-    - Evaluation view (``SmallestMaxSize`` first): its ``max_size`` (image_size / crop_pct); anything larger is
-      thrown away by the resize.
-    - ``RandomResizedCrop(size S, scale (s_min, _), ratio (3/4, 4/3))`` first: ``ceil(S / sqrt(s_min))``. The
-      smallest crop covers s_min of the frame; on a 4:3 frame with shorter side m (area 4/3 m^2) its shorter side
-      is at least m * sqrt(s_min) for every ratio in [3/4, 4/3] (exactly that at 3:4 and 4:3, a square crop's is
-      sqrt(4/3) times more), so m >= S / sqrt(s_min) means no crop is ever upsampled. At 224 px with light's
-      s_min = 0.5 that is 317 px (heavy's 0.35: 379 px); at 448 px, 634 px: a 640x480 photo is then decoded at
-      full size, but larger photos and the eval view at reduced scale (B6's 238 px eval side: 1/2 of 640x480).
-    - Anything else first: None (full decoding), since we cannot tell what the pipeline needs.
-    """
-    first = transform.transforms[0] if len(transform.transforms) else None
-    if isinstance(first, A.SmallestMaxSize) and first.max_size is not None:
-        size = first.max_size
-        return int(max(size) if isinstance(size, Sequence) else size)
-    if isinstance(first, A.RandomResizedCrop):
-        return math.ceil(max(first.size) / math.sqrt(min(first.scale)))
-    return None
 
 
 def _undecodable(path: Path) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import pandas as pd
 import torch
 from rich.table import Table
 
-from carnet.artifacts import atomic_path
-from carnet.inference.ensemble import PredictError
+from carnet.artifacts import atomic_path, spreadsheet_safe
+from carnet.errors import PredictError
 from carnet.inference.runner import console
 from carnet.inference.selection import Images
 
@@ -58,7 +59,25 @@ def check_outputs(out: str | os.PathLike, example: str = "submission.csv") -> tu
     _file_in_folder(out, "out", example)
     if probs.is_dir():
         raise PredictError(f"out={out}: its probabilities file {probs} is a folder; choose another out=")
+    for path in (out, probs):
+        if _read_only(path):
+            what = "" if path == out else f": its probabilities file {path}"
+            raise PredictError(f"out={out}{what} is read-only; carnet does not replace it: choose another out=, or "
+                               "make it writable first")
     return out, probs
+
+
+def _read_only(path: Path) -> bool:
+    """An existing file that its owner made read-only (no write bit), or that this user may not write.
+
+    Checked by hand because the outputs are written to a temporary file and renamed over the old one, and a rename
+    needs only the folder's permission: it would replace a 0444 file without a word (and root passes os.access).
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return False
+    return not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.W_OK)
 
 
 def check_report_dir(report_dir: str | os.PathLike) -> Path:
@@ -91,7 +110,8 @@ def write_submission(ids: Sequence[str], probs: torch.Tensor, class_names: Seque
     out, probs_path = check_outputs(out)
     id_column, class_column = SUBMISSION_COLUMNS
     submission = pd.DataFrame({id_column: list(ids), class_column: probs.argmax(-1).numpy().astype(int)})
-    _write_both([_probs_table(id_column, ids, probs, class_names), submission], [probs_path, out])
+    # submission.csv's Ids stay exactly what Kaggle expects; the probabilities file is for people and spreadsheets
+    _write_both([spreadsheet_safe(_probs_table(id_column, ids, probs, class_names)), submission], [probs_path, out])
     return out, probs_path
 
 
@@ -112,8 +132,8 @@ def write_image_predictions(files: Sequence[str], probs: torch.Tensor, class_nam
     """``images=DIR``: ``out`` (:func:`top_k_table`) and ``<out stem>.probs.csv`` (``file`` + one column per
     class); files are paths relative to the folder."""
     out, probs_path = check_outputs(out, "predictions.csv")
-    _write_both([_probs_table("file", files, probs, class_names), top_k_table(files, probs, class_names, top_k)],
-                [probs_path, out])
+    tables = [_probs_table("file", files, probs, class_names), top_k_table(files, probs, class_names, top_k)]
+    _write_both([spreadsheet_safe(table) for table in tables], [probs_path, out])
     return out, probs_path
 
 

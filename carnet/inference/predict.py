@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
-from carnet.config import config_dir
-from carnet.errors import exit_on_error
-from carnet.inference.ensemble import PredictError, load_models
+from carnet.config import config_dir, plain
+from carnet.config_check import check_predict_config
+from carnet.errors import PredictError, exit_on_error
+from carnet.inference.ensemble import load_models
 from carnet.inference.evaluate import describe, evaluate_oof, evaluate_val, uses_tta
 from carnet.inference.outputs import (
     check_outputs,
@@ -53,16 +54,9 @@ def build_tta(cfg: DictConfig | dict[str, Any] | bool | None) -> tuple[TTA, bool
         return TTA(), False
     if cfg is True:
         cfg = {"views": {"identity": {}, "hflip": {"hflip": True}}}
-    spec = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    spec = dict(plain(cfg))
     tta = TTA(tuple(build_views(spec.get("views"))), spec.get("merge", "mean"), spec.get("beta"))
     return tta, bool(spec.get("auto", False))
-
-
-def _checked_top_k(cfg: DictConfig) -> int:
-    top_k = cfg.get("top_k", 3)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise PredictError(f"top_k={top_k}: expected a whole number >= 1 (classes listed per photo)")
-    return top_k
 
 
 @dataclass
@@ -104,7 +98,7 @@ def _plan(cfg: DictConfig, auto: bool) -> _Plan:
         name = pseudo.get("name") or time.strftime("%Y-%m-%d_%H-%M-%S")
         plan.pseudo = threshold, check_pseudo_labels(threshold, Path(pseudo.dir) / name)
     if photos is not None:
-        plan.top_k = _checked_top_k(cfg)
+        plan.top_k = cfg.top_k
         plan.images = folder_images(photos)
     else:
         plan.images = test_images(cfg.data.root or "data")
@@ -114,11 +108,11 @@ def _plan(cfg: DictConfig, auto: bool) -> _Plan:
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run predict as configured (conf/predict.yaml); return what it wrote and measured."""
     started = time.time()
+    check_predict_config(cfg)
     tta, auto = build_tta(cfg.get("tta"))
     plan = _plan(cfg, auto)
     models = load_models(_as_list(cfg.ckpt), _as_list(cfg.get("weights")) or None)
-    runner = Runner(device=cfg.device, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                    channels_last=cfg.channels_last, amp=cfg.amp, draft=cfg.data.draft)
+    runner = Runner.from_config(cfg)
     result: dict[str, Any] = {"models": [str(m.path) for m in models]}
 
     if cfg.split == "oof":  # each image scored by its own fold's checkpoint: no ensemble, so no weights

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from carnet.artifacts import write_csv_atomic
-from carnet.data.layout import DataError
+from carnet.errors import DataError
 
 ISSUE_COLUMNS = ["rank", "path", "split", "given", "suggested", "score", "action"]
 DEFAULT_ACTION = "drop"  # what training with the file unedited does: cleanlab's own remedy (prune, then retrain)

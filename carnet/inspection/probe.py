@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
-from carnet.data.layout import DataError
-from carnet.errors import CarnetError
+from carnet.errors import CarnetError, DataError
 from carnet.inference.runner import Runner
 from carnet.inference.selection import Images
 from carnet.models.hub import check_pretrained_available

@@ -16,21 +16,18 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from carnet.artifacts import SPLIT_FILE, read_summary
+from carnet.artifacts import SPLIT_FILE
 from carnet.config import config_dir
 from carnet.data.layout import scan_train
 from carnet.data.splits import assign_split
-from carnet.errors import CarnetError
-from carnet.inference.ensemble import Model, PredictError, load_models
+from carnet.errors import CarnetError, InspectError, PredictError
+from carnet.inference.ensemble import Model, load_models
 from carnet.inference.runner import Runner, predict_probs
 from carnet.inference.selection import Images, find_run_dir, oof_images, val_images
 from carnet.inference.tta import TTA
 from carnet.models.checkpoint import read_checkpoint
+from carnet.summary import SUMMARY_FILE, read_summary
 from carnet.tools.report import find_runs
-
-
-class InspectError(CarnetError):
-    """carnet-inspect cannot go on with what it was given; the message names the path or option at fault."""
 
 
 @dataclass
@@ -107,11 +104,11 @@ def _from_models(kind: str, name: str, models: list[Model], default_out: Path, f
 def run_target(run_dir: Path, data: Path | None) -> Target:
     """A training run: its best checkpoint scores its validation photos."""
     summary = read_summary(run_dir)
-    if summary.get("status") == "running":
+    if summary.status == "running":
         raise InspectError(f"{run_dir} is still running (summary.json status: running); inspect it once it ends")
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     if not ckpt.is_file():
-        raise InspectError(f"{ckpt} not found: the run ({summary.get('status')}) has no best checkpoint to inspect")
+        raise InspectError(f"{ckpt} not found: the run ({summary.status}) has no best checkpoint to inspect")
     models = load_models([ckpt])
     images = val_images(models, data, [run_dir])
     note = f"the run's own split ({run_dir / SPLIT_FILE})"
@@ -125,7 +122,7 @@ def sweep_target(sweep_dir: Path, data: Path | None) -> Target:
     if not runs:
         raise InspectError(f"{sweep_dir} holds no carnet run (no summary.json in it or its sub-folders); expected a "
                            f"run directory, a k-fold sweep folder or a .ckpt file")
-    not_folds = [r.path for r in runs if r.summary.get("fold") is None]
+    not_folds = [r.path for r in runs if r.summary.fold is None]
     if not_folds:
         raise InspectError(f"{sweep_dir} holds runs that were not trained on a fold, e.g. {not_folds[0]}: pass one run "
                            f"directory, or the folder of a k-fold sweep (train.py -m data.fold=0,1,..)")
@@ -214,7 +211,7 @@ def resolve(target: str | os.PathLike | None, data: str | os.PathLike | None = N
     try:
         if path.is_file():
             return checkpoint_target(path, data, seed, val_fraction)
-        if (path / "summary.json").is_file():
+        if (path / SUMMARY_FILE).is_file():
             return run_target(path, data)
         return sweep_target(path, data)
     except (FileNotFoundError, ValueError) as err:

@@ -16,14 +16,18 @@ The parts: :mod:`~carnet.serving.upload` (request bytes, limits, decoding), :mod
 in memory; nothing is written to disk.
 
 Memory is bounded per request (body size; an image's pixels, sides and aspect ratio, checked before decoding)
-and per process (``max_concurrent`` requests are read, decoded and classified at once; the others wait up to
-``queue_timeout`` seconds, then get 503). A 500 tells the client an error id, never the exception's text (it can
-name files and library internals); the log has the details under that id.
+and per process (the bytes of bodies held at once; ``max_concurrent`` requests decoded and classified at once,
+the others wait up to ``queue_timeout`` seconds, then get 503). A body is read before its request takes a turn,
+within ``read_timeout`` seconds (then 408), so a client sending slowly holds a thread, never the model.
+A 500 tells the client an error id, never the exception's text (it can name files and library internals); the
+log has the details under that id.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import logging
 import os
 import re
@@ -33,24 +37,26 @@ import time
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from carnet.errors import CarnetError
-from carnet.serving.backends import BACKENDS, ModelLoadError
+from carnet.errors import BadUpload, CarnetError, ModelLoadError, ModelNotLoaded, ModelUnavailable, ServerBusy
+from carnet.serving.backends import BACKENDS, check_model_file
 from carnet.serving.classifier import Classifier, ModelHolder
 from carnet.serving.upload import (
+    DEFAULT_BODIES_IN_MEMORY,
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_CONTENT_LENGTH,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGE_SIDE,
     DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
     MAX_FORM_PARTS,
-    BadUpload,
+    BodyMemory,
     ImageLimits,
     InMemoryRequest,
     decode_upload,
@@ -67,10 +73,6 @@ def index_page() -> str:
 
 def _error(status: int, message: str) -> tuple[Any, int]:
     return jsonify({"error": message, "status": status}), status
-
-
-class ModelUnavailable(CarnetError):
-    """The model cannot be loaded (answered 503); the message is safe to show: ours, or the error's type only."""
 
 
 def load_failure(err: Exception) -> str:
@@ -98,15 +100,17 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
                max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-               queue_timeout: float = DEFAULT_QUEUE_TIMEOUT, num_threads: int | None = None,
-               lazy: bool = False) -> Flask:
+               queue_timeout: float = DEFAULT_QUEUE_TIMEOUT, read_timeout: float = DEFAULT_READ_TIMEOUT,
+               max_body_memory: int | None = None, num_threads: int | None = None, lazy: bool = False) -> Flask:
     """The Flask app serving ``ckpt`` (a carnet ``.ckpt``, or an ``.onnx`` file with ``backend="onnx"``).
 
     The model loads here, in the calling process (a gunicorn worker), unless ``lazy``: then on the first
     request or health check. ``num_threads`` caps the backend's intra-op threads per process (give
-    ``cores / workers`` to gunicorn workers so they do not oversubscribe the CPU). ``max_concurrent`` requests
-    per process are handled at once (each may hold a decoded 40 MP image); the rest wait up to
-    ``queue_timeout`` seconds, then get 503.
+    ``cores / workers`` to gunicorn workers so they do not oversubscribe the CPU). A request's body is read first,
+    within ``read_timeout`` seconds (408 after), with at most ``max_body_memory`` bytes of bodies in the process
+    at once (default: 8 x ``max_content_length``; 503 over it). Then ``max_concurrent`` requests per process are
+    decoded and classified at once (each may hold a decoded 40 MP image); the rest wait up to ``queue_timeout``
+    seconds, then get 503.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -117,12 +121,21 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     if max_aspect_ratio < 1 or max_image_side < 1:
         raise ValueError(f"max_aspect_ratio={max_aspect_ratio}, max_image_side={max_image_side}: expected a "
                          "ratio >= 1 and a positive side in pixels")
+    if max_body_memory is None:
+        max_body_memory = DEFAULT_BODIES_IN_MEMORY * max_content_length
+    if max_body_memory < max_content_length or read_timeout <= 0:
+        raise ValueError(f"max_body_memory={max_body_memory}, read_timeout={read_timeout}: expected room for one "
+                         f"body of max_content_length={max_content_length} bytes and a positive deadline")
     limits = ImageLimits(max_image_pixels, max_image_side, max_aspect_ratio)
+    bodies = BodyMemory(max_body_memory)
     slots = threading.BoundedSemaphore(max_concurrent)
     ckpt = Path(ckpt)
     holder = ModelHolder(lambda: Classifier(ckpt, backend, tta, num_threads))
     if not lazy:
-        holder.get()
+        try:
+            holder.get()
+        except CarnetError as err:  # bad input (the file); anything else is a bug and keeps its traceback
+            raise ModelNotLoaded(load_failure(err)) from err
     page = index_page()
 
     app = Flask(__name__)
@@ -130,7 +143,7 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     # MAX_FORM_MEMORY_SIZE at the body limit: a text field cannot hit it before the body does, so a 413 from the
     # form parser means the body (see InMemoryRequest), and too many fields are a 400 that says so.
     app.config.update(MAX_CONTENT_LENGTH=max_content_length, MAX_FORM_MEMORY_SIZE=max_content_length,
-                      MAX_FORM_PARTS=MAX_FORM_PARTS, MAX_IMAGE_PIXELS=max_image_pixels)
+                      MAX_FORM_PARTS=MAX_FORM_PARTS)
     app.json.sort_keys = False  # keep the documented key order: class_id, class_name, probability, ...
     app.extensions["carnet"] = holder
 
@@ -149,6 +162,12 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     @app.errorhandler(BadUpload)
     def bad_upload(err: BadUpload) -> tuple[Any, int]:
         return _error(400, str(err))
+
+    @app.errorhandler(ServerBusy)
+    def server_busy(err: ServerBusy) -> tuple[Any, int]:
+        response, status = _error(503, str(err))
+        response.headers["Retry-After"] = "5"
+        return response, status
 
     @app.errorhandler(ModelUnavailable)
     def model_unavailable(err: ModelUnavailable) -> tuple[Any, int]:
@@ -181,23 +200,24 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     @app.post("/predict")
     def predict() -> tuple[Any, int]:
         started = time.perf_counter()
-        # The slot is taken before the body is read: a waiting request holds no body and no decoded image.
-        if not slots.acquire(timeout=queue_timeout):
-            response, status = _error(503, f"server busy: {max_concurrent} request(s) in progress in this "
-                                           f"process and none finished within {queue_timeout:g} s; retry")
-            response.headers["Retry-After"] = "5"
-            return response, status
-        try:
-            image = decode_upload(upload_bytes(), limits)
+        with bodies.reserve() as take:
+            # The body first, then the slot: a client sending slowly holds its thread and the bytes it sent (both
+            # bounded), never the model. A waiting request holds its body, not a decoded image.
+            cast(InMemoryRequest, request).read_body(take, read_timeout)
+            if not slots.acquire(timeout=queue_timeout):
+                raise ServerBusy(f"server busy: {max_concurrent} request(s) in progress in this process and none "
+                                 f"finished within {queue_timeout:g} s; retry")
             try:
-                model = holder.get()
-            except Exception as err:
-                log.exception("model failed to load")
-                raise ModelUnavailable(load_failure(err)) from err
-            probs = model.predict_proba(image)
-            del image
-        finally:
-            slots.release()
+                try:
+                    model = holder.get()
+                except Exception as err:
+                    log.exception("model failed to load")
+                    raise ModelUnavailable(load_failure(err)) from err
+                image = decode_upload(upload_bytes(), limits, model.min_side)
+                probs = model.predict_proba(image)
+                del image
+            finally:
+                slots.release()
         order = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
         names = model.class_names
         ranked = [{"class_id": int(k), "class_name": names[k], "probability": float(probs[k])} for k in order]
@@ -205,6 +225,31 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
                         "ms": round((time.perf_counter() - started) * 1000, 2)}), 200
 
     return app
+
+
+def precheck(app_uri: str) -> None:
+    """Check the model file of a gunicorn app URI ``carnet.serving.app:create_app(...)`` without loading anything
+    (:func:`carnet.serving.backends.check_model_file`: it exists and fits the backend), as gunicorn's master does
+    before forking workers (:mod:`carnet.serving.gunicorn_conf`). :class:`ModelNotLoaded` if it does not,
+    ``ValueError`` for an unknown backend. Other URIs, and calls gunicorn refuses itself (arguments that are not
+    literals or do not fit), are left alone: the workers report those.
+    """
+    module, _, call = app_uri.partition(":")
+    if module != __name__:
+        return
+    try:  # parsed as gunicorn parses it (gunicorn.util.import_app), bound as Python would call create_app
+        node = ast.parse(call.strip(), mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "create_app"):
+            return
+        bound = inspect.signature(create_app).bind(*[ast.literal_eval(a) for a in node.args],
+                                                   **{k.arg: ast.literal_eval(k.value) for k in node.keywords})
+    except (SyntaxError, ValueError, TypeError):
+        return
+    bound.apply_defaults()
+    try:
+        check_model_file(bound.arguments["ckpt"], bound.arguments["backend"])
+    except ModelLoadError as err:
+        raise ModelNotLoaded(load_failure(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads of the backend")
     parser.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT,
                         help="requests decoded and classified at once (others wait, then 503)")
+    parser.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                        help="seconds a request body may take to arrive (408 after)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():
@@ -229,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     backend = args.backend or ("onnx" if args.ckpt.endswith(".onnx") else "torch")
     try:
         app = create_app(args.ckpt, backend, args.tta, args.top_k, max_content_length=int(args.max_mb * 2**20),
-                         max_concurrent=args.max_concurrent, num_threads=args.threads)
+                         max_concurrent=args.max_concurrent, read_timeout=args.read_timeout,
+                         num_threads=args.threads)
     except (ModelLoadError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     app.run(host=args.host, port=args.port, threaded=True)

@@ -1,20 +1,25 @@
 """Uploads: how the image bytes arrive (multipart field ``file`` or a raw image body, kept in memory), the
-limits on them, and their decoding, checked before any pixel is decoded."""
+limits on them (size, read deadline, bytes held per process), and their decoding, checked before any pixel is
+decoded."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import socket
+import threading
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
 from flask import Request, request
 from PIL import Image, UnidentifiedImageError
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge, RequestTimeout
 
-from carnet.data.decode import pil_to_rgb
-from carnet.errors import CarnetError
+from carnet.data.decode import decode_image
+from carnet.errors import BadImage, BadUpload, ServerBusy
 
 DEFAULT_MAX_CONTENT_LENGTH = 10 * 1024 * 1024  # bytes of one request body
 # A photo has a few megapixels; a tiny file that claims far more is a decompression bomb. 40 MP covers any
@@ -29,21 +34,95 @@ DEFAULT_MAX_ASPECT_RATIO = 10  # panoramas stay under ~8:1
 # hold a decoded 40 MP image (~120 MB, several times that while converting). Workers x this bounds the memory.
 DEFAULT_MAX_CONCURRENT = 1
 DEFAULT_QUEUE_TIMEOUT = 30.0  # seconds a request waits for its turn before it is answered 503
+# Seconds a request body may take to arrive (then 408). A body is read before the request takes its turn, so a
+# slow client holds a thread and its bytes, never the model; this frees the thread. 30 s fit a 3 MB phone photo
+# on a 1 Mbit/s uplink.
+DEFAULT_READ_TIMEOUT = 30.0
+# Bodies being read or waiting for their turn, per process, in units of the body limit (8 x 10 MB by default):
+# threads bound them under gunicorn (threads x body limit), nothing does under the development server's thread
+# per connection. Bytes count as they arrive, so a client trickling its upload in holds what it sent, not what
+# it announced.
+DEFAULT_BODIES_IN_MEMORY = 8
+READ_STEP = 64 * 1024  # bytes asked from the stream at a time while a body is read
 # The page sends one field; anything with more parts than this is not a carnet client (Flask allows 1,000).
 MAX_FORM_PARTS = 16
 RAW_BODY_TYPES = ("image/", "application/octet-stream")
 
 
-class BadUpload(CarnetError):
-    """The request does not carry a usable upload; the message says why (answered as 400)."""
-
-
-class BadImage(BadUpload):
-    """The uploaded bytes are not a usable image; the message says why (answered as 400)."""
-
-
 class BodyTooLarge(RequestEntityTooLarge):
     """The body is over MAX_CONTENT_LENGTH, also when it is chunked (no Content-Length to check up front)."""
+
+
+class BodyTimeout(RequestTimeout):
+    """The body did not arrive within the read deadline (answered as 408)."""
+
+
+class BodyMemory:
+    """The bytes of request bodies one process holds at once (being read, or read and waiting for their turn),
+    bounded: a body that would take the total over ``limit`` is refused (503) instead of being read further."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reserve(self) -> Iterator[Callable[[int], None]]:
+        """A ``take(n)`` for one request's bytes as they arrive; all of them are given back on exit."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            with self._lock:
+                if self.held + n > self.limit:
+                    raise ServerBusy(f"server busy: request bodies in memory would exceed {self.limit:,} bytes "
+                                     "in this process; retry")
+                self.held += n
+            taken += n
+
+        try:
+            yield take
+        finally:
+            with self._lock:
+                self.held -= taken
+
+
+class ReadDeadline:
+    """Ends a body read at a deadline, however the server reads: ``seconds`` after entering, the read side of the
+    client's socket is shut down, so a read blocked on it returns at once with end of file (``expired`` says so).
+
+    Our own, because neither gunicorn nor werkzeug has one: gunicorn's ``timeout`` restarts a silent worker, and
+    a socket timeout bounds each recv(), which a client sending a byte a second always satisfies. Without a socket
+    (Flask's test client, a WSGI server that does not expose it) there is no deadline.
+    """
+
+    def __init__(self, sock: socket.socket | None, seconds: float) -> None:
+        self.sock, self.seconds = sock, seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> ReadDeadline:
+        if self.sock is not None:
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            # The plain socket's shutdown: SSLSocket.shutdown would also drop the TLS layer the 408 goes out on.
+            # OSError: the client has closed it already.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self.sock, socket.SHUT_RD)
 
 
 @dataclass(frozen=True)
@@ -90,6 +169,41 @@ class InMemoryRequest(Request):
         # would raise 413; the rest of the body is never read.
         return bool(getattr(self.__dict__.get("stream"), "is_exhausted", False))
 
+    def read_body(self, take: Callable[[int], None], timeout: float) -> int:
+        """Read the whole body into memory (then form parsing and :func:`upload_bytes` use it), within ``timeout``
+        seconds (:class:`BodyTimeout` after), counting its bytes with ``take`` as they arrive (it raises
+        :class:`ServerBusy` when the process holds too many) and refusing a body over the limit (413).
+
+        The body is read before the request takes its inference slot, so a slow client never holds the model.
+        Returns the number of bytes read.
+        """
+        stream = self.stream  # 413 here if the Content-Length is over the limit
+        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
+        buf = io.BytesIO()
+        with ReadDeadline(sock if isinstance(sock, socket.socket) else None, timeout) as deadline:
+            try:
+                while not getattr(stream, "is_exhausted", False):
+                    chunk = stream.read(READ_STEP)
+                    if not chunk:
+                        break
+                    take(len(chunk))
+                    buf.write(chunk)
+                # Under gunicorn werkzeug reads a body of known length like a chunked one (up to the limit, an end
+                # of file is its end), so a body cut short ends without an error: check its length here.
+                if self.content_length is not None and buf.tell() < self.content_length:
+                    raise ClientDisconnected()
+            except (ClientDisconnected, OSError):
+                if not deadline.expired:
+                    raise
+                expected = f" of {self.content_length:,}" if self.content_length is not None else ""
+                raise BodyTimeout(f"the upload did not arrive within {timeout:g} s ({buf.tell():,}{expected} bytes "
+                                  "received); send it again over a faster connection") from None
+        if self.body_over_limit():
+            raise BodyTooLarge()  # chunked and cut at the limit: never classify the first 10 MB of something
+        # What get_data(cache=True) would have stored: werkzeug parses forms from it and returns it as the data.
+        self._cached_data = buf.getvalue()
+        return len(self._cached_data)
+
     def _load_form_data(self) -> None:
         # Werkzeug answers every form limit with the same 413; only a body over the limit is "too large".
         try:
@@ -121,9 +235,11 @@ def upload_bytes() -> bytes:
                    "field 'file', or the raw image with Content-Type image/jpeg (or another image/*)")
 
 
-def decode_upload(data: bytes, max_pixels: int | ImageLimits = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode uploaded bytes to RGB uint8 HxWx3 with :func:`carnet.data.decode.pil_to_rgb`, the function
-    training and predict decode files with (upright by EXIF, 16 bits scaled).
+def decode_upload(data: bytes, max_pixels: int | ImageLimits = DEFAULT_MAX_IMAGE_PIXELS,
+                  min_side: int | None = None) -> np.ndarray:
+    """Decode uploaded bytes to RGB uint8 HxWx3 with :func:`carnet.data.decode.decode_image`, the function
+    training and predict decode files with (upright by EXIF, 16 bits scaled, a JPEG at reduced scale down to
+    ``min_side``, which the model's eval view fixes: :func:`carnet.data.transforms.decode_min_side`).
 
     The size a file claims (pixels, sides, aspect ratio: ``max_pixels`` or an :class:`ImageLimits`) is checked
     from its header before any pixel is decoded, so a decompression bomb costs nothing; a truncated file fails
@@ -132,21 +248,24 @@ def decode_upload(data: bytes, max_pixels: int | ImageLimits = DEFAULT_MAX_IMAGE
     limits = max_pixels if isinstance(max_pixels, ImageLimits) else ImageLimits(max_pixels=max_pixels)
     if not data:
         raise BadImage("empty upload: expected the bytes of a JPEG/PNG/WebP/BMP image")
+    header: list[str] = []  # the format, once the header is read and within the limits
+
+    def check(img: Image.Image) -> None:
+        limits.check(*img.size, img.format)
+        header.append(img.format or "uploaded")
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # PIL warns (at open) between its limit and twice that: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            return decode_image(data, min_side, check)
+    except BadUpload:
+        raise
     except UnidentifiedImageError:
         raise BadImage(f"not an image: {len(data)} bytes that no image decoder recognises "
                        "(expected a JPEG, PNG, WebP or BMP file)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImage(f"decompression bomb: the image claims more than the {limits.max_pixels:,} pixels "
                        f"allowed (PIL: {err})") from None
-    except Exception as err:  # PIL raises many types on malformed headers
-        raise BadImage(f"truncated or corrupt image header ({type(err).__name__}: {err})") from None
-    with img:
-        limits.check(*img.size, img.format)
-        try:
-            return pil_to_rgb(img)
-        except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
-            raise BadImage(f"truncated or corrupt {img.format} image ({type(err).__name__}: {err})") from None
+    except Exception as err:  # PIL raises many types on malformed headers and on truncated or corrupt data
+        what = f"{header[0]} image" if header else "image header"
+        raise BadImage(f"truncated or corrupt {what} ({type(err).__name__}: {err})") from None

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from carnet.artifacts import write_csv_atomic, write_text_atomic
+from carnet.artifacts import spreadsheet_safe, write_csv_atomic, write_text_atomic
 from carnet.config import config_dir
 from carnet.data.dedup import (
     DEFAULT_SIMILARITY,
@@ -28,8 +28,9 @@ from carnet.data.dedup import (
     hash_images,
     nearest_distances,
 )
-from carnet.data.layout import IMAGE_EXTENSIONS, DataError
+from carnet.data.layout import IMAGE_EXTENSIONS
 from carnet.data.sources import read_sources
+from carnet.errors import DataError
 
 PAIR_COLUMNS = ["kind", "scope", "distance", "similarity", "label_conflict", "group_a", "path_a", "label_a",
                 "group_b", "path_b", "label_b"]
@@ -174,7 +175,7 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
     pairs, rejected = find_pairs(images, threshold, min_similarity, workers)
 
     pairs_path, md_path, png_path = out / "audit_pairs.csv", out / "audit.md", out / "audit_classes.png"
-    write_csv_atomic(pairs, pairs_path)
+    write_csv_atomic(spreadsheet_safe(pairs), pairs_path)
 
     labelled = images[images.label.notna()]
     counts = pd.crosstab(labelled.label.astype(int), labelled.group) if len(labelled) else pd.DataFrame()

@@ -20,11 +20,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from carnet.artifacts import write_csv_atomic, write_json, write_text_atomic
-from carnet.errors import exit_on_error
-from carnet.inspection.targets import InspectError, Scored, Target, resolve
+from carnet.config import config_dir
+from carnet.errors import InspectError, exit_on_error
+from carnet.inspection.targets import Scored, Target, resolve
+
+if TYPE_CHECKING:
+    from carnet.inference.runner import Runner
 
 ISSUES, SCORES, PAGE, FACTS = "label_issues.csv", "label_scores.csv", "index.html", "inspect.json"
 PREDICTIONS = "predictions.csv"
@@ -49,6 +53,28 @@ def check_out(out: Path) -> None:
                            f"it away or pass another --out, so that a new page does not overwrite it")
 
 
+def inspect_runner(device: str | None = None, batch_size: int | None = None,
+                   workers: int | str | None = None) -> Runner:
+    """predict's batched inference (conf/predict.yaml: memory format, mixed precision, reduced-scale decoding, and
+    the defaults of the three arguments), with the options this command was given."""
+    from omegaconf import OmegaConf
+
+    from carnet.inference.runner import Runner
+
+    cfg = OmegaConf.load(config_dir() / "predict.yaml")  # its values only: no Hydra composition is needed
+    for key, value in (("device", device), ("data.batch_size", batch_size), ("data.num_workers", workers)):
+        if value is not None:
+            OmegaConf.update(cfg, key, value)
+    return Runner.from_config(cfg)
+
+
+def _workers(text: str) -> int | str:
+    """``--workers``: ``auto`` or a whole number >= 0 (argparse reports anything else in one line)."""
+    if text == "auto" or (text.isdigit() and int(text) >= 0):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a whole number >= 0")
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="carnet-inspect", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,12 +96,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=40, help="duplicate pairs shown (40; all in audit/audit_pairs.csv)")
     ap.add_argument("--tta", action="store_true", help="score with test-time augmentation (photo + mirror image)")
     ap.add_argument("--no-audit", action="store_true", help="skip the duplicate and leak search")
-    ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", default="auto", help="loader workers (auto: one per core, at most 8)")
+    ap.add_argument("--device", help="auto (CUDA if available), cpu, cuda (default: conf/predict.yaml's, auto)")
+    ap.add_argument("--batch-size", type=int, help="photos per batch (default: conf/predict.yaml's, 32)")
+    ap.add_argument("--workers", type=_workers,
+                    help="loader workers (default: conf/predict.yaml's, auto: one per core, at most 8)")
     args = ap.parse_args(argv)
     for name in ("top", "show", "pairs", "batch_size", "image_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a whole number >= 1")
     if args.folds < 2:
         ap.error(f"--folds {args.folds}: expected at least 2")
@@ -135,12 +162,12 @@ def inspect(args: argparse.Namespace) -> dict[str, Any]:
     check_out(out)  # before anything is computed: a refusal costs nothing
 
     from carnet.inference.predict import build_tta
-    from carnet.inference.runner import Runner, progress_bars
+    from carnet.inference.runner import progress_bars
     from carnet.inspection import figures
     from carnet.inspection.issues import write_label_issues
     from carnet.inspection.page import Page, Thumbnails, render, wanted_photos
 
-    runner = Runner(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+    runner = inspect_runner(args.device, args.batch_size, args.workers)
     tta, _ = build_tta(bool(args.tta))
     seconds: dict[str, float] = {}
     scored = target.predict(runner, tta)

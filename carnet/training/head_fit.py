@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carnet.errors import CarnetError
+from carnet.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,9 @@ class HeadFit(pl.Callback):
     configured. With a frozen backbone the SGD epochs that follow only refine it (and validation, with the
     phase's best checkpoint, decides whether they did)."""
 
-    def __init__(self, views: int = 4, folds: int = 5, grid: Sequence[float] = L2_GRID) -> None:
+    def __init__(self, *, views: int, folds: int, grid: Sequence[float] = L2_GRID) -> None:
         self.views, self.folds, self.grid = int(views), int(folds), tuple(float(g) for g in grid)
-        self.fields: dict[str, Any] = {}
+        self.head_fit: dict[str, Any] | None = None  # what the fit found, for summary.json
 
     @torch.no_grad()
     def features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
@@ -164,11 +165,11 @@ class HeadFit(pl.Callback):
             layer.weight.copy_(weight)
             layer.bias.copy_(bias)
             train_acc = (pl_module.head(x).argmax(1) == y).float().mean().item()
-        self.fields = {"head_fit": {"photos": len(np.unique(groups)), "views": self.views + 1, **info,
-                                    "train_acc": round(train_acc, 4), "seconds": round(time.time() - started, 1)}}
+        self.head_fit = {"photos": len(np.unique(groups)), "views": self.views + 1, **info,
+                         "train_acc": round(train_acc, 4), "seconds": round(time.time() - started, 1)}
         log.info("head fitted on frozen features: %d photos x %d views, l2=%g (cross-validated), train acc %.3f, "
-                 "%.1f s", self.fields["head_fit"]["photos"], self.views + 1, info["l2"], train_acc,
-                 self.fields["head_fit"]["seconds"])
+                 "%.1f s", self.head_fit["photos"], self.views + 1, info["l2"], train_acc, self.head_fit["seconds"])
 
-    def summary_fields(self) -> dict[str, Any]:
-        return self.fields
+    def add_to_summary(self, summary: RunSummary) -> None:
+        """summary.json's ``head_fit``: photos, views, the chosen L2, train accuracy, seconds (SummaryReporter)."""
+        summary.head_fit = self.head_fit

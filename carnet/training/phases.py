@@ -14,24 +14,30 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
 
-from carnet.artifacts import SUMMARY_FILE, atomic_path, plot_curves, read_metrics, read_summary, write_json
-from carnet.errors import CarnetError
-from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from carnet.artifacts import atomic_path, read_metrics, write_json
+from carnet.config import plain
+from carnet.errors import CheckpointError, PhaseError
+from carnet.models.checkpoint import CHECKPOINT_KEY, read_checkpoint
+from carnet.plots import epoch_axis
+from carnet.summary import RunSummary, read_summary
 from carnet.training.finetune import fraction_at, parse_schedule
 from carnet.training.module import CarClassifier
 
 log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
-
-
-class PhaseError(CarnetError):
-    """A phase cannot start: its predecessor is missing or does not fit; the message says what to do."""
+# What pipeline.json lists of each phase run, from its summary.json (carnet.summary.RunSummary's fields).
+PIPELINE_KEYS = ("status", "best_val_acc", "best_epoch", "kept_start", "image_size", "trainable_params")
 
 
 def phase_checkpoint(phases_dir: str | os.PathLike, phase: str) -> Path:
@@ -54,25 +60,22 @@ def resolve_init_from(init_from: str, phases_dir: str | os.PathLike) -> Path:
                      f"phase={text}` with the same data/model/paths overrides (or pass init_from=PATH to a .ckpt)")
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: str, head: Any,
-               num_classes: int) -> None:
-    """The model, the head and the class count of ``checkpoint`` must be this run's; else name both sides.
+               num_classes: int, key: str = "init_from") -> None:
+    """The model, the head and the class count of ``checkpoint`` must be this run's; else name both sides and the
+    ``key`` that named the checkpoint (``init_from``, ``resume``).
 
     The image size may differ (e.g. the 448 px phase starts from a 224 px one).
     """
     meta = checkpoint["carnet"]
     for label, theirs, mine in (("model", meta.get("model_name"), model_name),
-                                ("head", _plain(meta.get("head")), _plain(head))):
+                                ("head", plain(meta.get("head")), plain(head))):
         if theirs != mine:
-            raise PhaseError(f"init_from={path} does not fit this run: the checkpoint's {label} is {theirs}, this "
+            raise PhaseError(f"{key}={path} does not fit this run: the checkpoint's {label} is {theirs}, this "
                              f"run's {label} is {mine}")
     theirs_n = len(meta.get("class_names", []))
     if theirs_n != num_classes:
-        raise PhaseError(f"init_from={path} does not fit this run: the checkpoint has {theirs_n} classes, this run "
+        raise PhaseError(f"{key}={path} does not fit this run: the checkpoint has {theirs_n} classes, this run "
                          f"has {num_classes} (data.class_names)")
 
 
@@ -87,8 +90,8 @@ def own_weights(cfg: DictConfig) -> str | None:
 
 
 def frozen_at_start(unfreeze: Any) -> bool:
-    """Does the run start with (part of) its backbone frozen (``unfreeze`` below 1 at epoch 0)?"""
-    return unfreeze is not None and fraction_at(parse_schedule(_plain(unfreeze)), 0) < 1.0
+    """Does the run start with (part of) its backbone frozen (``unfreeze`` below 1 in its first epoch)?"""
+    return unfreeze is not None and fraction_at(parse_schedule(plain(unfreeze)), 0) < 1.0
 
 
 def warn_if_frozen_random(cfg: DictConfig) -> None:
@@ -100,7 +103,7 @@ def warn_if_frozen_random(cfg: DictConfig) -> None:
     log.warning("%s trains on a frozen backbone (unfreeze=%s) with random weights: model %s has "
                 "model.pretrained=false, no model.weights file and no init_from, so its accuracy will stay at "
                 "chance; set model.pretrained=true, model.weights=PATH or init_from=PHASE|PATH", what,
-                _plain(cfg.unfreeze), cfg.model.name)
+                plain(cfg.unfreeze), cfg.model.name)
 
 
 class Phase(pl.Callback):
@@ -116,9 +119,10 @@ class Phase(pl.Callback):
     """
 
     def __init__(self, name: str | None, init_from: str | os.PathLike | None, phases_dir: str | os.PathLike,
-                 model_name: str, head: Any, num_classes: int, monitor: str = "val/loss", mode: str = "min",
-                 starts_from: str | None = None) -> None:
+                 model_name: str, head: Any, num_classes: int, *, monitor: str, mode: str,
+                 starts_from: str | None = None, resume_from: str | os.PathLike | None = None) -> None:
         self.name = name
+        self.resume_from = Path(resume_from) if resume_from else None  # the last.ckpt a resumed run continues
         self.phases_dir = Path(phases_dir)
         self.monitor, self.mode = monitor, mode
         self.init_path: Path | None = None
@@ -151,7 +155,8 @@ class Phase(pl.Callback):
         starts_from = (f"resume={cfg.resume} (its own checkpoint)" if cfg.get("resume") else own_weights(cfg)
                        or "random weights (model.pretrained=false, no model.weights, no init_from)")
         return cls(cfg.get("phase"), init_from, cfg.paths.phases, cfg.model.name, cfg.head, len(cfg.data.class_names),
-                   monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, starts_from=starts_from)
+                   monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, starts_from=starts_from,
+                   resume_from=cfg.get("resume"))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
@@ -167,8 +172,33 @@ class Phase(pl.Callback):
     def _start_path(self, trainer: pl.Trainer) -> Path:
         return Path(trainer.checkpoint_callback.dirpath) / "start.ckpt"
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed phase run needs of its start: the start's scores, and where it came from (summary.json)."""
+        return {"start": self.start, "start_at_new_size": self.start_at_new_size, "init_size": self.init_size,
+                "init_path": str(self.init_path) if self.init_path else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed phase run loads no ``init_from`` (its weights are in the checkpoint), but its start stays the
+        candidate the phase hands on if no epoch beats it, as in the run it continues."""
+        self.start = dict(state_dict.get("start") or {})
+        self.start_at_new_size = dict(state_dict.get("start_at_new_size") or {})
+        self.init_size = state_dict.get("init_size")
+        self.init_path = Path(state_dict["init_path"]) if state_dict.get("init_path") else None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path or trainer.checkpoint_callback is None:  # resumed: its start was judged before
+        if trainer.checkpoint_callback is None:
+            return
+        if trainer.ckpt_path:  # resumed: its start was judged before; into a new folder, its start.ckpt comes along
+            previous = self.resume_from.parent / "start.ckpt" if self.resume_from else None
+            start = self._start_path(trainer)
+            if self.start and not start.is_file() and previous is not None and previous.is_file():
+                if trainer.is_global_zero:
+                    with atomic_path(start) as tmp:
+                        shutil.copyfile(previous, tmp)
+            elif self.start and not start.is_file():
+                log.warning("phase %s: its start weights (%s) are gone, so it cannot hand them on if no epoch beats "
+                            "them", self.name, previous or start)
+                self.start = {}
             return
         size = int(pl_module.hparams.image_size)
         if self.init_size is not None and self.init_size != size:
@@ -207,21 +237,20 @@ class Phase(pl.Callback):
             log.info("phase %s: handed on %s as %s (init_from: %s for the next phase)", self.name, best,
                      self.published, self.name)
 
-    def summary_fields(self) -> dict[str, Any]:
-        """What summary.json records of this phase (collected by :class:`carnet.training.run_dir.RunArtifacts`)."""
-        fields: dict[str, Any] = {"phase": self.name, "init_from": str(self.init_path) if self.init_path else None}
+    def add_to_summary(self, summary: RunSummary) -> None:
+        """What summary.json records of this phase (:class:`carnet.summary.SummaryReporter`)."""
+        summary.update(phase=self.name, init_from=str(self.init_path) if self.init_path else None)
         if self.start:
-            fields.update(start_val_loss=self.start["val/loss"], start_val_acc=self.start["val/acc"],
-                          kept_start=self.kept_start)
+            summary.update(start_val_loss=self.start["val/loss"], start_val_acc=self.start["val/acc"],
+                           kept_start=self.kept_start)
         if self.start_at_new_size:
-            fields.update(start_image_size=self.init_size,
-                          start_val_loss_at_image_size=self.start_at_new_size["val/loss"],
-                          start_val_acc_at_image_size=self.start_at_new_size["val/acc"])
-        if self.kept_start:  # the phase's best is its start, before epoch 0
-            fields.update(best_epoch=-1, best_val_loss=self.start["val/loss"], best_val_acc=self.start["val/acc"])
+            summary.update(start_image_size=self.init_size,
+                           start_val_loss_at_image_size=self.start_at_new_size["val/loss"],
+                           start_val_acc_at_image_size=self.start_at_new_size["val/acc"])
+        if self.kept_start:  # the phase's best is its start: epoch 0, the weights before the first epoch
+            summary.update(best_epoch=0, best_val_loss=self.start["val/loss"], best_val_acc=self.start["val/acc"])
         if self.published is not None:
-            fields["phase_checkpoint"] = str(self.published)
-        return fields
+            summary.phase_checkpoint = str(self.published)
 
 
 def better(score: float, reference: float, mode: str, rel_tol: float = 1e-5) -> bool:
@@ -282,17 +311,83 @@ def publish_checkpoint(best: str | os.PathLike, phases_dir: str | os.PathLike, p
 
 
 def join_phases(runs: list[tuple[str, str | os.PathLike]]) -> tuple[pd.DataFrame, list[tuple[float, str]]]:
-    """Metrics of consecutive phase runs on one epoch axis, and the (position, label) of each phase's start."""
+    """Metrics of consecutive phase runs on one axis of epochs trained since the pipeline began, and the
+    (position, label) of each phase's start.
+
+    Each phase's rows start with its start (``phase_epoch`` 0: the weights it began from, as it validated them,
+    summary.json's ``start_val_*``), drawn where the previous phase ended. ``kept``: the epoch lies on the way to
+    what the phase handed on (its best epoch and those before it); the epochs after it, and every epoch of a phase
+    that handed on its start, were thrown away. ``handed_on``: the phase's best epoch (0: its start)."""
     frames, boundaries, offset = [], [], 0
     for phase, run_dir in runs:
-        metrics = read_metrics(run_dir)
-        boundaries.append((offset - 0.5, phase))
-        if len(metrics):
-            metrics = metrics.assign(phase=phase, phase_epoch=metrics["epoch"], epoch=metrics["epoch"] + offset)
-            frames.append(metrics)
-            offset = int(metrics["epoch"].max()) + 1
+        metrics, summary = read_metrics(run_dir), read_summary(run_dir, missing_ok=True)
+        boundaries.append((offset, phase))
+        best = summary.best_epoch if summary is not None else None
+        if summary is not None and summary.start_val_loss is not None:
+            start = {"epoch": 0, "val/loss": summary.start_val_loss, "val/acc": summary.start_val_acc}
+            metrics = pd.concat([pd.DataFrame([start]), metrics], ignore_index=True)
+        if not len(metrics):
+            continue
+        phase_epoch = metrics["epoch"].astype(int)
+        frames.append(metrics.assign(
+            phase=phase, phase_epoch=phase_epoch, epoch=phase_epoch + offset,
+            kept=phase_epoch <= best if best is not None else True,
+            handed_on=(phase_epoch == best) & (summary is not None and summary.status == "completed")))
+        offset += int(phase_epoch.max())
     joined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["epoch"])
     return joined, boundaries
+
+
+THROWN = "thrown away (not handed on)"
+
+
+def plot_pipeline(joined: pd.DataFrame, boundaries: list[tuple[float, str]], path: str | os.PathLike,
+                  title: str = "") -> Figure:
+    """A pipeline's curves.png: accuracy and loss of every phase on one axis (:func:`join_phases`), each phase from
+    its start, what it handed on marked, the epochs it threw away faded and dotted; accuracy from 0 to 1, so that
+    small gains look small. Returns the (closed) figure, so that its axes can be read back."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, name in ((ax_acc, "acc"), (ax_loss, "loss")):
+        for split, style, color in (("train", "o-", "tab:blue"), ("val", "s-", "tab:orange")):
+            column = f"{split}/{name}"
+            if column not in joined:
+                continue
+            for _, rows in joined.groupby("phase", sort=False):
+                rows = rows[rows[column].notna()]
+                kept, thrown = rows[rows["kept"]], rows[~rows["kept"]]
+                if len(kept):  # (an empty line outside the clip box would collapse the layout)
+                    ax.plot(kept["epoch"], kept[column], style, color=color, markersize=3, clip_on=False,
+                            label=split)
+                if len(thrown):  # from the last kept point on, so the line shows where the discarded epochs began
+                    tail = pd.concat([kept.tail(1), thrown])
+                    ax.plot(tail["epoch"], tail[column], style[0] + ":", color=color, alpha=0.35, markersize=3,
+                            markerfacecolor="none", clip_on=False, label=THROWN)
+        column = f"val/{name}"
+        if column in joined:
+            handed = joined[joined["handed_on"].astype(bool) & joined[column].notna()]
+            if len(handed):
+                ax.plot(handed["epoch"], handed[column], "D", color="black", markersize=6, zorder=3, clip_on=False,
+                        label="handed on")
+        for position, label in boundaries:  # names upright along the line: short phases would overlap
+            ax.axvline(position, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(position, 0.98, f" {label}", transform=ax.get_xaxis_transform(), va="top", ha="right",
+                    rotation=90, fontsize=8)
+        epoch_axis(ax, joined["epoch"])
+        ax.set_xlabel("epochs trained (all phases)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))  # one entry per label
+        order = [label for label in ("train", "val", THROWN, "handed on") if label in handles]
+        if order:
+            ax.legend([handles[label] for label in order], order, fontsize=8)
+    ax_acc.set_ylim(0.0, 1.0)
+    losses = [float(v) for c in ("train/loss", "val/loss") if c in joined for v in joined[c] if v == v]
+    if losses:
+        ax_loss.set_ylim(0.0, max(max(losses) * 1.1, 1e-3))
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
 
 
 def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, str | os.PathLike]],
@@ -302,12 +397,11 @@ def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, s
     phases_dir.mkdir(parents=True, exist_ok=True)
     joined, boundaries = join_phases(runs)
     if len(joined):
-        plot_curves(joined, phases_dir / "curves.png", title=title or "pipeline", boundaries=boundaries)
+        plot_pipeline(joined, boundaries, phases_dir / "curves.png", title=title or "pipeline")
     results = []
     for phase, run_dir in runs:
-        summary = read_summary(run_dir) if (Path(run_dir) / SUMMARY_FILE).is_file() else {}
-        results.append({"phase": phase, "run_dir": str(run_dir), "status": summary.get("status"),
-                        "best_val_acc": summary.get("best_val_acc"), "best_epoch": summary.get("best_epoch"),
-                        "image_size": summary.get("image_size"), "trainable_params": summary.get("trainable_params")})
+        summary = read_summary(run_dir, missing_ok=True)  # None: the phase never started
+        results.append({"phase": phase, "run_dir": str(run_dir),
+                        **{key: getattr(summary, key, None) for key in PIPELINE_KEYS}})
     write_json(phases_dir / PIPELINE_FILE, {"phases": results})
     return phases_dir / "curves.png"

@@ -1,14 +1,19 @@
-"""The fine-tuning recipe in one command: each phase of conf/phase as its own ``train.py`` run, in order.
+"""The fine-tuning recipe in one command: each phase of conf/phase as its own ``train.py`` run, in the order their
+``init_from`` chains them (:func:`phase_order`).
 
     carnet-pipeline [--phases head,unfreeze_half,...] [--dir FOLDER] [OVERRIDE ...] [PHASE:OVERRIDE ...]
 
 An ``OVERRIDE`` (Hydra syntax, e.g. ``data.root=DIR model=tf_efficientnet_lite0``) goes to every phase; one
-prefixed with a phase name goes to that phase only (``finetune_448:data.image_size=300``). Everything a pipeline
+prefixed with a phase name goes to that phase only (``finetune_448:image_size=300``). Everything a pipeline
 writes stays in its own folder, ``<paths.output_dir>/pipeline/<time>/`` (or ``--dir``): each phase's run directory
 ``<i>-<phase>/``, and ``phases/<phase>.ckpt``, through which each phase starts from the previous one's best weights
 (the phases' ``init_from``, with ``paths.phases`` set to that folder), exactly as when the commands are typed one
 by one. Afterwards ``curves.png`` there shows all phases on one epoch axis and ``pipeline.json`` lists their runs
 and results. ``--dir`` of a stopped pipeline with ``--phases`` from the failed phase on resumes it.
+
+A phase that fails stops the pipeline with exit status 1; one interrupted (Ctrl-C, or SIGTERM sent to the pipeline,
+which passes it on to the phase) stops it with the phase's own status (130, 143). Either way the last line says
+how to continue.
 
 Why subprocesses: every phase is then literally ``carnet-train phase=NAME ...`` (fresh Hydra state, its own run
 directory, nothing carried over in memory that the hand-off through checkpoints would not carry).
@@ -19,19 +24,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from carnet.config import config_dir
+from carnet.errors import CarnetError
 from carnet.training.phases import PIPELINE_FILE, write_pipeline_report
 
-PHASES = ["head", "unfreeze_half", "unfreeze_3q", "unfreeze_all", "finetune_448"]
+
+def phase_order() -> list[str]:
+    """The phases of conf/phase that chain by ``init_from`` (each starts from the one before), first to last.
+
+    Read from the phase configs, the one place that says which phase starts from which: a phase added to the chain
+    joins the pipeline. A phase that starts from nothing and that no phase starts from (``progressive``, the
+    whole recipe in one run) is not in it.
+    """
+    starts_from = {p.stem: OmegaConf.load(p).get("init_from") for p in sorted((config_dir() / "phase").glob("*.yaml"))}
+    following: dict[str, str] = {}
+    for phase, before in starts_from.items():
+        if before and following.setdefault(before, phase) != phase:
+            raise CarnetError(f"conf/phase: {following[before]} and {phase} both start from {before} (init_from): "
+                              "the pipeline needs one chain of phases")
+    firsts = [phase for phase, before in starts_from.items() if not before and phase in following]
+    if len(firsts) != 1:
+        raise CarnetError(f"conf/phase: expected one chain of phases linked by init_from, found {len(firsts)} "
+                          f"starting from nothing ({', '.join(firsts) or 'none'})")
+    order = firsts
+    while order[-1] in following and following[order[-1]] not in order:
+        order.append(following[order[-1]])
+    return order
 
 
 def split_overrides(args: list[str], phases: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -97,12 +126,41 @@ def earlier_runs(folder: Path, phases: list[str]) -> list[tuple[str, Path]]:
     return [(row["phase"], Path(row["run_dir"])) for row in rows if row["phase"] not in phases]
 
 
+def run_phase(command: list[str], env: dict[str, str]) -> int:
+    """Run one phase's command and return its exit status, passing a SIGTERM sent to the pipeline on to it.
+
+    A scheduler that preempts the pipeline (Kubernetes signals the main process only) then gets the phase's own
+    ending: an ``interrupted`` run with a whole ``last.ckpt``. Ctrl-C reaches the phase from the terminal (same
+    process group), so the pipeline ignores its own copy and waits for the phase's verdict.
+    """
+    child = subprocess.Popen(command, env=env)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return child.wait()
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupting_signal(code: int) -> signal.Signals | None:
+    """The signal a phase's exit status reports: train's own 130 (Ctrl-C) or 143 (SIGTERM), or -N for a process
+    that signal N killed outright (SIGKILL, the OOM killer); None for a failure."""
+    if code < 0:
+        return signal.Signals(-code)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return signal.Signals(code - 128)
+    return None
+
+
 def run_pipeline(overrides: list[str], phases: list[str] | None = None, console: Console | None = None,
                  folder: str | os.PathLike | None = None) -> Path:
-    """Run ``phases`` in order (:func:`plan_pipeline`); return the pipeline's folder. A failing phase stops the
-    pipeline (SystemExit with the command that resumes it)."""
+    """Run ``phases`` in order (:func:`plan_pipeline`); return the pipeline's folder. A failed or interrupted phase
+    stops the pipeline: SystemExit, with the command that continues it (status 1, or the interrupted phase's)."""
     console = console or Console()
-    phases = list(phases or PHASES)
+    phases = list(phases or phase_order())
     available = sorted(p.stem for p in (config_dir() / "phase").glob("*.yaml"))
     unknown = [p for p in phases if p not in available]
     if unknown:
@@ -114,12 +172,17 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
         console.rule(f"[bold]phase {i + 1}/{len(commands)}: {phase}")
         console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
         runs.append((phase, run_dir))
-        code = subprocess.call(command, env=env)
+        code = run_phase(command, env)
         write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs))
-        if code != 0:
+        if code == 0:
+            continue
+        resume = f"carnet-pipeline --dir {folder} --phases {','.join(phases[i:])} and the same overrides"
+        if (signum := interrupting_signal(code)) is None:
             raise SystemExit(f"pipeline stopped: phase {phase} failed (exit {code}); its run directory is {run_dir}. "
-                             f"Fix it, then resume with: carnet-pipeline --dir {folder} "
-                             f"--phases {','.join(phases[i:])} and the same overrides")
+                             f"Fix it, then resume with: {resume}")
+        print(f"pipeline stopped: phase {phase} was interrupted by {signum.name}; its run directory is {run_dir}. "
+              f"Continue with: {resume}", file=sys.stderr)
+        raise SystemExit(128 + signum)
     console.rule("[bold]pipeline done")
     console.print(f"{folder / PIPELINE_FILE}, {folder / 'curves.png'}; runs and hand-offs (phases/) in {folder}")
     return folder
@@ -129,17 +192,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="carnet-pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="e.g. carnet-pipeline data.root=data model=tf_efficientnet_lite0 "
-                                            "finetune_448:data.image_size=300")
-    parser.add_argument("--phases", default=",".join(PHASES),
-                        help=f"comma-separated phases to run in order (default: {','.join(PHASES)})")
+                                            "finetune_448:image_size=300")
+    order = ",".join(phase_order())
+    parser.add_argument("--phases", default=order,
+                        help=f"comma-separated phases to run in order (default: {order}, conf/phase's init_from chain)")
     parser.add_argument("--dir", default=None, help="the pipeline's folder (default: <paths.output_dir>/pipeline/"
                         "<time>); a stopped pipeline's folder resumes it, with --phases from the failed one")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every phase, or PHASE:override for one")
     args = parser.parse_args(argv)
     folder = run_pipeline(args.overrides, [p for p in args.phases.split(",") if p], folder=args.dir)
     for row in json.loads((folder / PIPELINE_FILE).read_text())["phases"]:
-        acc = row["best_val_acc"]
-        print(f"{row['phase']:>14}: best val/acc={acc:.4f}" if acc is not None else f"{row['phase']:>14}: -")
+        acc, epoch = row["best_val_acc"], row["best_epoch"]
+        handed = "its start" if epoch == 0 else f"epoch {epoch}"
+        print(f"{row['phase']:>14}: handed on {handed}, val/acc={acc:.4f}" if acc is not None
+              else f"{row['phase']:>14}: -")
 
 
 if __name__ == "__main__":

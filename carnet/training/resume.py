@@ -1,91 +1,143 @@
 """What a resume needs beyond Lightning's checkpoint, so that ``resume=last.ckpt`` continues the run it stopped:
 
-- randomness per epoch: each epoch is seeded from (seed, epoch, rank), so the resumed epochs draw the same
-  shuffles, augmentations and dropout masks as an uninterrupted run (Lightning saves no random state);
+- (randomness per epoch is no resume matter: every run seeds each epoch from (seed, epoch, rank),
+  :mod:`carnet.training.seeding`, so the resumed epochs draw what an uninterrupted run draws);
+- the epoch-end ReduceLROnPlateau step: Lightning takes it after ``last.ckpt`` is written and never takes it for
+  the checkpoint's epoch when resuming, so the checkpoint carries the value it needs and the resumed run takes it;
 - Lightning's CSV log (``csv/metrics.csv``): its logger starts a resumed run's file empty (and deletes one in its
-  folder), so the history up to the checkpoint is written back first.
+  folder), so the history up to the checkpoint is written back first;
+- ``resume=auto`` and a cluster's requeue: which checkpoint a run in a folder holding a stopped run continues
+  (:func:`continue_in_place`).
 """
 
 from __future__ import annotations
 
-import random
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
-import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
-import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import CSVLogger
 
 from carnet.errors import CarnetError
+from carnet.models.checkpoint import CHECKPOINT_KEY, load_weights_only
+from carnet.summary import RunSummary, read_summary
+from carnet.training.phases import check_fits
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"  # resume=auto: continue the unfinished run in this run's own folder, if there is one
+# Keys that may differ between a run and the one that continues it in the same folder.
+_NOT_THE_RUN = ("resume", "run_dir")
 
 
-def check_resumable(path: str | Path) -> None:
-    """A one-line error, before anything is built, for a ``resume=`` that cannot continue a run: a missing file, or
-    a weights-only checkpoint (``best.ckpt``, a phase hand-off) that has no optimizer state to continue from."""
+def scheduler_job_id() -> str | None:
+    """The cluster job this process runs in, an id a requeued job keeps: SLURM's (``sbatch``, the submitit_slurm
+    launcher) or submitit's local executor's (submitit_local). None outside such a job.
+
+    Read from the environment the scheduler sets, rather than ``submitit.JobEnvironment``, so that a plain
+    ``sbatch --requeue`` job counts too and submitit stays optional."""
+    for variable in ("SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID"):
+        if os.environ.get(variable):
+            return f"{variable}={os.environ[variable]}"
+    return None
+
+
+def continue_in_place(cfg: DictConfig, run_dir: Path) -> RunSummary | None:
+    """Decide what a run continues when its folder may already hold a stopped run of it; set ``cfg.resume``.
+
+    A run continues the stopped run in its own folder from that run's ``checkpoints/last.ckpt`` (the epochs it
+    finished are kept, the one it stopped in runs again) when asked to (``resume=auto``), or when it is a requeue of
+    the cluster job that left that run unfinished: same :func:`scheduler_job_id` and the same config (submitit and
+    SLURM requeue a preempted or timed-out job with the same arguments, hence into the same folder).
+
+    With ``resume=auto``: no ``last.ckpt`` means a fresh start; a run of another config stops with the keys that
+    differ; a run that already completed is left as it is, its summary is returned and nothing is trained.
+
+    Every DDP rank decides alike: what it reads (``last.ckpt``, the run's config, job id and whether it completed)
+    is what rank 0 leaves in place while the others decide.
+    """
+    summary = read_summary(run_dir, missing_ok=True)
+    status, job_id = (summary.status, summary.job_id) if summary is not None else (None, None)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if str(cfg.get("resume") or "") == AUTO:
+        with open_dict(cfg):
+            cfg.resume = None
+        if summary is not None and status == "completed":
+            log.info("resume=auto: the run in %s already completed; nothing to train", run_dir)
+            return summary
+        if not last.is_file():
+            log.info("resume=auto: no stopped run to continue in %s (no checkpoints/last.ckpt): a new run starts",
+                     run_dir)
+            return None
+        if differences := _config_differences(run_dir / "config.yaml", cfg):
+            raise CarnetError(f"resume=auto: {run_dir} holds a stopped run of another config ({'; '.join(differences)})"
+                              ": continue it with its own config, or give this run its own folder (hydra.run.dir=DIR)")
+    else:
+        job = scheduler_job_id()
+        requeued = (job is not None and job_id == job and status != "completed"
+                    and last.is_file() and not _config_differences(run_dir / "config.yaml", cfg))
+        if not requeued:
+            return None  # resume=PATH, or a fresh run, as given
+    with open_dict(cfg):
+        cfg.resume = str(last)
+    log.info("continuing the stopped run in %s from %s", run_dir, last)
+    return None
+
+
+def _config_differences(saved: Path, cfg: DictConfig, shown: int = 3) -> list[str]:
+    """``key: theirs -> mine`` for the keys (dotted) in which ``cfg`` differs from the run config saved in ``saved``
+    (``config.yaml``, resolved), except those of :data:`_NOT_THE_RUN`; at most ``shown`` of them and a count."""
+    if not saved.is_file():
+        return []
+    theirs = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    mine = _flat(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(k for k in theirs.keys() | mine.keys()
+                  if k.split(".", 1)[0] not in _NOT_THE_RUN and theirs.get(k) != mine.get(k))
+    rows = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in keys[:shown]]
+    return rows + ([f"{len(keys) - shown} more"] if len(keys) > shown else [])
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def check_resumable(path: str | Path, model_name: str, head: Any, num_classes: int) -> None:
+    """A one-line error, before anything is built, for a ``resume=`` that cannot continue this run: a missing or
+    unreadable file, one holding pickled objects (refused), a weights-only checkpoint (``best.ckpt``, a phase
+    hand-off) that has no optimizer state to continue from, or the checkpoint of another model, head or class count
+    (Lightning would fail on mis-sized tensors once the model is built)."""
     path = Path(path)
     if not path.is_file():
         raise CarnetError(f"resume={path}: file not found (expected a run's checkpoints/last.ckpt)")
-    try:  # mmap: only the keys are read, not gigabytes of tensors
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a truncated or foreign file: whatever torch raises
-        raise CarnetError(f"resume={path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    # mmap: only the keys are read, not gigabytes of tensors
+    checkpoint = load_weights_only(path, f"resume={path}", mmap=True)
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise CarnetError(f"resume={path} is not a carnet checkpoint (no '{CHECKPOINT_KEY}' metadata): expected a "
+                          "run's checkpoints/last.ckpt")
     if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
         raise CarnetError(f"resume={path} holds weights only (a best.ckpt or a phase hand-off): resume from the run's "
                           "checkpoints/last.ckpt, or start a new run from these weights with init_from=PATH")
-
-
-def _train_transform(trainer: pl.Trainer) -> A.BaseCompose | None:
-    loader = getattr(trainer.fit_loop, "_combined_loader", None)
-    loaders = loader.flattened if loader is not None else []
-    transform = getattr(getattr(loaders[0], "dataset", None), "transform", None) if loaders else None
-    return transform if isinstance(transform, A.BaseCompose) else None
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """The seed of one epoch on one rank: a function of these alone, so a resumed epoch draws what it drew before."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def seed_epoch(trainer: pl.Trainer, seed: int, transform: A.BaseCompose | None = None) -> None:
-    """Seed Python, NumPy, torch (CUDA too) and the training pipeline's albumentations generators for
-    ``trainer.current_epoch``, once per epoch, before its first batch is drawn.
-
-    Called from two places because Lightning draws an epoch's first batch at two different moments: for the first
-    epoch of a fit (epoch 0, or the first resumed one) while it builds the loaders, before ``on_train_epoch_start``
-    (:meth:`carnet.data.datamodule.CarDataModule.train_dataloader` calls this); for later epochs after it
-    (:class:`ResumeState` calls this).
-    """
-    epoch = trainer.current_epoch
-    if getattr(trainer, "_carnet_seeded_epoch", None) == epoch:
-        return
-    trainer._carnet_seeded_epoch = epoch
-    value = epoch_seed(seed, epoch, trainer.global_rank)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-    if (transform := transform or _train_transform(trainer)) is not None:
-        transform.set_random_seed(value)
+    check_fits(checkpoint, path, model_name, head, num_classes, key="resume")
 
 
 class ResumeState(pl.Callback):
-    """Seeds every epoch from (seed, epoch, rank) alone, and continues Lightning's CSV log when a run resumes.
+    """Takes the plateau step a checkpoint was written before, and continues Lightning's CSV log, when a run
+    resumes."""
 
-    Why reseed instead of saving the random state in the checkpoint: the state at a checkpoint is not the state at
-    the next epoch's start (validation's loader draws a seed in between, in an order Lightning does not promise),
-    while a seed per epoch makes each epoch's shuffle, augmentation (albumentations' own generators, and loader
-    workers, which take their seeds from torch's when an epoch starts) and dropout masks independent of what ran
-    before: a run resumed from ``last.ckpt`` repeats the epochs an uninterrupted run would have had.
-    """
-
-    def __init__(self, seed: int, resume: str | None = None) -> None:
-        self.seed = int(seed)
+    def __init__(self, resume: str | None = None) -> None:
         self.resume = resume  # the checkpoint a resumed run continues
         self.csv_history: dict[int, pd.DataFrame] = {}
+        self.trainer: pl.Trainer | None = None
+        self.saved: dict[str, Any] = {}  # this callback's part of the checkpoint a run resumes from
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.trainer = trainer
         if self.resume and trainer.is_global_zero:
             # Now: Lightning's CSV writer deletes a metrics.csv in its folder when it starts (a resume in place).
             self.csv_history = read_csv_logs(trainer, Path(self.resume))
@@ -99,17 +151,43 @@ class ResumeState(pl.Callback):
             writer.save()
         self.csv_history = {}
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(trainer, "_carnet_seeded_epoch", None) == trainer.current_epoch:
-            return  # seeded before its first batch was drawn (the first epoch of a fresh run)
-        first_of_fit = getattr(trainer, "_carnet_seeded_epoch", None) is None or trainer.fit_loop.is_resuming
-        seed_epoch(trainer, self.seed)
-        if first_of_fit:
-            # A resumed run: Lightning drew this epoch's first batch while estimating the step count (before the
-            # checkpoint restored the epoch number), under epoch 0's seed, and keeps that iterator for the first
-            # resumed epoch. Draw it again, now seeded for this epoch. (A private attribute: Lightning has no hook
-            # between restoring the epoch and drawing the first batch.)
-            iter(trainer.fit_loop._data_fetcher)
+    def state_dict(self) -> dict[str, Any]:
+        """Written into every checkpoint: its epoch, and the values its epoch-end plateau steps read.
+
+        Lightning steps epoch-interval ReduceLROnPlateau schedulers in the fit loop's ``on_advance_end``, after the
+        ``on_train_epoch_end`` hooks in which ModelCheckpoint writes ``last.ckpt``; and a resumed run never takes
+        that step (Lightning #14699: the monitored value is not in the checkpoint). Without it the resumed run's
+        plateau counts one epoch fewer and cuts the rate an epoch late.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        monitored = {config.monitor: float(trainer.callback_metrics[config.monitor])
+                     for config in _epoch_plateaus(trainer) if config.monitor in trainer.callback_metrics}
+        return {"epoch": trainer.current_epoch, "monitored": monitored}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = dict(state_dict)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed run takes the plateau steps of the checkpoint's epoch, once, before its first batch.
+
+        Only when the checkpoint was written in the epoch before the one this run starts with: Lightning then never
+        steps for that epoch. (A checkpoint written after the step, e.g. at an interruption, is in the next epoch.)
+        """
+        saved, self.saved = self.saved, {}
+        epoch = saved.get("epoch")
+        if epoch is None or trainer.current_epoch != epoch + 1:
+            return
+        for config in _epoch_plateaus(trainer):
+            value = saved.get("monitored", {}).get(config.monitor)
+            if value is not None and (epoch + 1) % config.frequency == 0:  # Lightning's own condition
+                pl_module.lr_scheduler_step(config.scheduler, value)
+
+
+def _epoch_plateaus(trainer: pl.Trainer) -> list[Any]:
+    """The trainer's ReduceLROnPlateau schedulers stepped at the end of an epoch (Lightning's scheduler configs)."""
+    return [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau and c.interval == "epoch"]
 
 
 def read_csv_logs(trainer: pl.Trainer, checkpoint: Path) -> dict[int, pd.DataFrame]:

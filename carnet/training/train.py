@@ -6,7 +6,11 @@
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -14,40 +18,45 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from carnet.artifacts import SPLIT_FILE
-from carnet.config import config_dir
+from carnet.config import config_dir, overrides_of, run_dir_of
+from carnet.config_check import check_train_config
 from carnet.data.layout import scan_train
-from carnet.errors import exit_on_error
+from carnet.errors import RunInterrupted, exit_on_error, note_scheduler_signal, stopping_signal
 from carnet.models.hub import check_pretrained_available
-from carnet.training.builders import (
-    build_callbacks,
-    build_datamodule,
-    build_module,
-    build_trainer,
-    overrides_of,
-    plan_budget,
-    run_dir_of,
-)
-from carnet.training.console import quiet_lightning
-from carnet.training.resume import check_resumable
+from carnet.runtime import resolve_runtime
+from carnet.summary import RunSummary
+from carnet.training.budget import plan_budget
+from carnet.training.builders import build_callbacks, build_datamodule, build_module, build_trainer
+from carnet.training.console import log_to_files, quiet_lightning
+from carnet.training.finite import StopOnNonFinite
+from carnet.training.resume import check_resumable, continue_in_place, scheduler_job_id
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.tune import tune
 
-log = logging.getLogger(__name__)
 
-
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig) -> RunSummary:
     """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``).
 
     The run owns its directory while it runs (:func:`run_dir_lock`), and the directory gets a summary whatever
-    happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it.
+    happens: ``failed`` with the reason for a failure before training (bad data, bad weights) as during it, and
+    ``interrupted`` for Ctrl-C or SIGTERM, which then raise :class:`carnet.errors.RunInterrupted` (exit 130, 143).
+    A value the user typed wrong is refused before that: no run starts, nothing is written (carnet.config_check).
+    With ``resume=auto``, or as a cluster's requeue of its job, it continues the stopped run its folder holds
+    (:func:`continue_in_place`).
     """
+    check_train_config(cfg)
     run_dir = run_dir_of(cfg)
     is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
-    with run_dir_lock(run_dir) if is_rank_zero else nullcontext():
-        facts = {"run_dir": str(run_dir), "model": cfg.model.name, "image_size": int(cfg.image_size),
-                 "seed": int(cfg.seed), "data_root": str(cfg.data.root), "overrides": overrides_of(cfg)}
+    with run_dir_lock(run_dir) if is_rank_zero else nullcontext(), signals_stop_the_run():
+        if (completed := continue_in_place(cfg, run_dir)) is not None:
+            return completed
+        facts = RunSummary(run_dir=str(run_dir), model=cfg.model.name, image_size=int(cfg.image_size),
+                           head=cfg.head.get("_target_", "").rsplit(".", 1)[-1], seed=int(cfg.seed),
+                           data_root=str(cfg.data.root), overrides=overrides_of(cfg),
+                           resumed_from=cfg.get("resume") or None, job_id=scheduler_job_id())
         artifacts = RunArtifacts(run_dir, facts, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
         if is_rank_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -55,69 +64,135 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         try:
             return _train(cfg, run_dir, artifacts, is_rank_zero)
         except BaseException as err:
+            signum = stopping_signal(err)
             if is_rank_zero:
                 artifacts.fail(err)
-                _log_to_files(f"run failed: {type(err).__name__}: {err}")
-            raise
+                log_to_files(f"run interrupted by {signum.name}" if signum is not None
+                             else f"run failed: {type(err).__name__}: {err}", logging.ERROR)
+            if signum is None:
+                raise
+            raise RunInterrupted(_how_to_continue(run_dir, signum), signum) from err
 
 
-def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> dict[str, Any]:
+def _how_to_continue(run_dir: Path, signum: signal.Signals) -> str:
+    """The one line an interrupted run ends with: how to continue it from its last whole epoch."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return (f"interrupted by {signum.name}; continue the run with the same overrides plus resume={last} "
+                "(the epoch that was cut short is trained again)")
+    return f"interrupted by {signum.name} before its first epoch ended (no last.ckpt yet): run it again"
+
+
+@contextmanager
+def signals_stop_the_run() -> Iterator[None]:
+    """SIGTERM (how SLURM and Kubernetes preempt) stops the run as Ctrl-C does, at any moment of it; a scheduler's
+    own preemption signal (SIGUSR1/SIGUSR2, e.g. submitit's, whose handler requeues the job and exits) is noted, so
+    that the run ends ``interrupted``, not ``failed``.
+
+    Inside ``trainer.fit`` Lightning's own handler runs first: it notes the signal and stops at the end of the
+    batch (``SIGTERMException``), and this one, which it calls after its own, leaves that to it. Before ``fit``
+    (data checks, building the model, a download) and after it, Python's default would kill the process and leave
+    ``summary.json`` saying ``running``: this raises Lightning's exception there, once.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    raised = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal raised
+        if signal.getsignal(signal.SIGTERM) is stop and not raised:  # not inside fit, not already stopping
+            raised = True
+            raise SIGTERMException()
+
+    def noting(handler: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
+        def note_then_handle(signum: int, frame: Any) -> Any:
+            note_scheduler_signal(signum)
+            return handler(signum, frame)
+
+        return note_then_handle
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
+    for other in (signal.SIGUSR1, signal.SIGUSR2):
+        if callable(handler := signal.getsignal(other)):  # a scheduler's handler, installed before the run
+            previous[other] = signal.signal(other, noting(handler))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> RunSummary:
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))
     if cfg.get("resume"):
-        check_resumable(cfg.resume)
+        check_resumable(cfg.resume, cfg.model.name, cfg.head, len(cfg.data.class_names))
     if cfg.model.pretrained and not cfg.model.get("weights"):
         check_pretrained_available(cfg.model.name)  # offline: one line in a second, not a minute of retries
+    runtime = resolve_runtime(cfg)  # every `auto`, once, for the device the Trainer will train on
+    artifacts.summary.update(resolved=runtime.summary())  # what ran, for the user: also in a failed run's summary
     callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
-    module = build_module(cfg)
-    datamodule = build_datamodule(cfg, module)
+    module = build_module(cfg, runtime)
+    datamodule = build_datamodule(cfg, module, runtime)
     module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
     datamodule.setup("fit")
     if is_rank_zero:
         datamodule.write_split(run_dir / SPLIT_FILE)
     if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
-        result = tune(cfg, module, datamodule, run_dir, callbacks)
-        if is_rank_zero:
-            artifacts.finish(tune=result)
-        return result
+        result = tune(cfg, module, datamodule, run_dir, runtime, callbacks)
+        if is_rank_zero:  # the finder's curve stays in its own file (tune.py's lr_find.json): numbers only here
+            artifacts.finish(tune={k: v for k, v in result.items() if not isinstance(v, list | tuple | dict)})
+        return artifacts.summary
     counts = datamodule.split.split.value_counts()
     budget = plan_budget(cfg, int(counts.get("train", 0)), datamodule.batch_size)
-    artifacts.summary.update({
-        "head": cfg.head.get("_target_", "").rsplit(".", 1)[-1],
-        "data_root": str(datamodule.root),
-        "num_train": int(counts.get("train", 0)),
-        "num_val": int(counts.get("val", 0)),
-        "num_excluded": len(datamodule.excluded),
-        **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
-        "best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
+    artifacts.summary.update(
+        data_root=str(datamodule.root), num_train=int(counts.get("train", 0)), num_val=int(counts.get("val", 0)),
+        num_excluded=len(datamodule.excluded),  # photos left out as unreadable (data.verify)
+        **datamodule.data_summary(),  # extra_sources, fold, num_folds, num_dedup_excluded, corrections
         **budget,
-        "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
-    })
-    trainer = build_trainer(cfg, run_dir, [*callbacks, artifacts])  # artifacts last: it records what they did
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
+    )
+    artifacts.best_checkpoint = run_dir / "checkpoints" / "best.ckpt"
+    guard = StopOnNonFinite(lr=cfg.optimizer.get("lr"))
+    # artifacts last: it records what the others did
+    trainer = build_trainer(cfg, run_dir, [*callbacks, guard, artifacts], runtime)
+    with warnings.catch_warnings():
+        if cfg.get("resume") and Path(cfg.resume).parent.resolve() == (run_dir / "checkpoints").resolve():
+            # A run continued in its own folder finds its checkpoints there, as it should.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
     summary = artifacts.summary
-    if summary.get("best_val_acc") is not None:
-        print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
+    if is_rank_zero and (line := result_line(summary)) is not None:
+        print(line)
+        log_to_files(line)
     return summary
 
 
-def _log_to_files(message: str) -> None:
-    """Put ``message`` in the run's log files only (Hydra's ``<job>.log``): the terminal gets the one-line error
-    from :func:`carnet.errors.exit_on_error`, and a failed run's log says why instead of staying empty."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+def result_line(summary: RunSummary) -> str | None:
+    """The line a run ends with: best.ckpt's epoch and scores, and why that epoch (``monitor``); the highest val/acc
+    too when another epoch had it, since the two are easily taken for each other."""
+    if summary.best_val_acc is None:
+        return None
+    which = f"{'lowest' if summary.monitor_mode == 'min' else 'highest'} {summary.monitor}"
+    line = (f"best.ckpt: epoch {summary.best_epoch} of {summary.epochs_run} ({which}), "
+            f"val/acc={summary.best_val_acc:.4f} val/loss={summary.best_val_loss:.4f}")
+    if summary.kept_start:
+        line = (f"best.ckpt: epoch 0, the phase's start (no epoch of {summary.epochs_run} beat its {summary.monitor}), "
+                f"val/acc={summary.best_val_acc:.4f} val/loss={summary.best_val_loss:.4f}")
+    if summary.max_val_acc is not None and summary.max_val_acc_epoch != summary.best_epoch \
+            and summary.max_val_acc > summary.best_val_acc:
+        line += f"; highest val/acc {summary.max_val_acc:.4f} at epoch {summary.max_val_acc_epoch}"
+    return line
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """``carnet-train [group=option ...] [key=value ...]``: returns best val/acc, what Hydra sweepers maximise."""
     with exit_on_error("train"):
-        return train(cfg).get("best_val_acc")
+        return train(cfg).best_val_acc
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -55,11 +57,11 @@ def stop_server(proc: subprocess.Popen) -> str:
     return proc.stdout.read()
 
 
-def post(url: str, data: bytes, content_type: str) -> tuple[int, dict]:
+def post(url: str, data: bytes, content_type: str, timeout: float = 30) -> tuple[int, dict]:
     """POST a body; (status, JSON answer), error statuses included."""
     request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as err:
         return err.code, json.load(err)
@@ -78,3 +80,62 @@ def memory_kb(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/status") as status:
         fields = dict(line.split(":", 1) for line in status)
     return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+
+
+class SlowUpload(threading.Thread):
+    """A client that POSTs ``body`` to /predict one byte every ``interval`` seconds, as a dead mobile link or an
+    attacker would, for at most ``seconds`` (then it hangs up). ``status`` is the server's answer if one came
+    meanwhile (None if not), ``elapsed`` when it came, ``sent`` the body bytes sent."""
+
+    def __init__(self, port: int, body: bytes, content_type: str = "image/jpeg", seconds: float = 30.0,
+                 interval: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.port, self.body, self.content_type = port, body, content_type
+        self.seconds, self.interval = seconds, interval
+        self.status: int | None = None
+        self.elapsed: float | None = None
+        self.sent = 0
+        self.started = threading.Event()  # set once the request line and headers are sent
+        self._hang_up = threading.Event()
+
+    def stop(self) -> None:
+        """Hang up (within ``interval``) without waiting for an answer."""
+        self._hang_up.set()
+
+    def run(self) -> None:
+        begin = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {self.content_type}\r\n"
+                         f"Content-Length: {len(self.body)}\r\n\r\n".encode())
+            self.started.set()
+            while self.sent < len(self.body) and time.monotonic() - begin < self.seconds:
+                if self._hang_up.is_set():
+                    return
+                if select.select([sock], [], [], self.interval)[0]:
+                    break  # the server answered (or closed) before the body was complete
+                try:
+                    sock.sendall(self.body[self.sent:self.sent + 1])
+                except OSError:
+                    break
+                self.sent += 1
+            else:
+                if not select.select([sock], [], [], 0.1)[0]:
+                    return  # gave up: no answer within `seconds`
+            self.status = read_status(sock)
+            self.elapsed = time.monotonic() - begin
+
+
+def read_status(sock: socket.socket, timeout: float = 10.0) -> int | None:
+    """The status code of the HTTP answer on ``sock`` (None if the connection ends before a status line)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:  # reset after the answer: what arrived before still counts
+        pass
+    parts = data.split(b"\r\n", 1)[0].split()
+    return int(parts[1]) if len(parts) >= 2 and parts[0].startswith(b"HTTP/") else None
