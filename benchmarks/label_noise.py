@@ -62,6 +62,7 @@ from carnet.data.layout import scan_train  # noqa: E402
 from carnet.inference.selection import Images  # noqa: E402
 from carnet.inspection.probe import frozen_features, pretrained_backbone  # noqa: E402
 from carnet.inspection.targets import timm_model_name  # noqa: E402
+from carnet.summary import read_summary  # noqa: E402
 from carnet.tools.inspection import inspect_runner  # noqa: E402
 from carnet.training.head_fit import fit_head  # noqa: E402
 
@@ -149,22 +150,22 @@ def train_head(data: Path, out: Path, seed: int, args: argparse.Namespace, class
         train.append(f"data.corrections={corrections}")
     predict = [sys.executable, str(REPO / "predict.py"), f"ckpt={run / 'checkpoints' / 'best.ckpt'}",
                f"data.root={data}", f"out={submission}", "device=cpu"]
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    summary = read_summary(run, missing_ok=True)
     wanted = hashlib.sha256(corrections.read_bytes()).hexdigest() if corrections is not None else None
-    reuse = args.reuse and submission.is_file() and summary.get("status") == "completed" and \
-        (summary.get("corrections") or {}).get("sha256") == wanted
+    reuse = args.reuse and submission.is_file() and summary is not None and summary.status == "completed" and \
+        (summary.corrections or {}).get("sha256") == wanted
     if reuse:
         shown = [" ".join(shell_word(c) for c in ["python", Path(c[1]).name, *c[2:]]) for c in (train, predict)]
-        seconds = summary.get("seconds")
+        seconds = summary.seconds
     else:
         shutil.rmtree(out, ignore_errors=True)
         env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
         shown_train, train_s = run_command(train, out / "train.log", env)
         shown_predict, predict_s = run_command(predict, out / "predict.log", env)
         shown, seconds = [shown_train, shown_predict], round(train_s + predict_s, 1)
-        summary = json.loads((run / "summary.json").read_text())
-    return {"test_acc": submission_accuracy(submission, ctx), "best_val_acc": summary.get("best_val_acc"),
-            "num_train": summary.get("num_train"), "corrections": summary.get("corrections"), "commands": shown,
+        summary = read_summary(run)
+    return {"test_acc": submission_accuracy(submission, ctx), "best_val_acc": summary.best_val_acc,
+            "num_train": summary.num_train, "corrections": summary.corrections, "commands": shown,
             "seconds": seconds, "reused": bool(reuse)}
 
 
