@@ -213,8 +213,10 @@ def test_page_renders_in_chromium(tiny_checkpoint: Path, tiny_data: Path, tmp_pa
         assert cards[0] > 0 and cards[1] > 0
         resources = browser.evaluate("performance.getEntriesByType('resource').map(r => r.name)")
         assert all(r.startswith("file:") for r in resources), resources
-        cells = browser.evaluate("document.querySelectorAll('#confusion table.cm tr').length")
-        assert cells == len(CLASS_NAMES) + 1
+        rows = browser.evaluate("['#per-class table tr', '#confusion table.cm tr']"
+                                ".map(q => document.querySelectorAll(q).length)")
+        classes = len(CLASS_NAMES) if "CARNET_INSPECT_PAGE" not in os.environ else rows[0] - 1
+        assert rows == [classes + 1, classes + 1]  # a header row and a row per class in each table
         png = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
         assert png.startswith(b"\x89PNG")
         screenshot = Path(os.environ.get("CARNET_INSPECT_SCREENSHOT") or ARTIFACTS / "inspect_screenshot.png")
