@@ -13,7 +13,10 @@ from carnet.artifacts import SPLIT_FILE
 from carnet.data.corrections import apply_corrections, read_corrections
 from carnet.data.datamodule import CarDataModule
 from carnet.errors import DataError
+from carnet.summary import read_summary
 from carnet.tools.demo import CLASS_NAMES
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import ONE_BATCH
 from tests.helpers.recipe import data_module
 
 NAMES = list(CLASS_NAMES)
@@ -101,3 +104,18 @@ def test_training_records_the_corrections(train_run, tiny_data: Path, tmp_path: 
     assert summary["corrections"]["dropped"] == 1 and summary["corrections"]["file"] == str(issues)
     assert dropped not in set(pd.read_csv(run / SPLIT_FILE).path)
     assert (tiny_data / dropped).is_file()  # the data folder is never touched
+
+
+def test_a_bad_corrections_file_stops_the_run_before_the_model_is_built(tiny_data: Path, tmp_path: Path) -> None:
+    """A mistake inside the file is found with the data folder's checks, in a second: before the run resolves its
+    runtime and builds (or downloads) a model; the summary says why."""
+    from carnet.training.train import train
+
+    issues = _write(tmp_path / "label_issues.csv", [{"path": "train/0/x.jpg", "action": "remove"}])
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=r"row 2 .*action 'remove'"):
+        train(compose_cfg([f"data.root={tiny_data}", *ONE_BATCH, f"data.corrections={issues}", f"run_dir={run}",
+                           f"paths.output_dir={tmp_path / 'outputs'}"]))
+    summary = read_summary(run)
+    assert summary.status == "failed" and "action 'remove'" in summary.error
+    assert summary.resolved is None  # refused before carnet.runtime resolved the run's `auto` values

@@ -23,6 +23,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from carnet.artifacts import SPLIT_FILE
 from carnet.config import config_dir, overrides_of, run_dir_of
 from carnet.config_check import check_train_config
+from carnet.data.corrections import read_corrections
 from carnet.data.layout import scan_train
 from carnet.errors import RunInterrupted, exit_on_error, note_scheduler_signal, stopping_signal
 from carnet.models.hub import check_pretrained_available
@@ -128,6 +129,8 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))
+    if cfg.data.get("corrections"):  # the file's own mistakes (actions, classes); its paths are matched at setup
+        read_corrections(cfg.data.corrections, list(cfg.data.class_names))
     if cfg.get("resume"):
         check_resumable(cfg.resume, cfg.model.name, cfg.head, len(cfg.data.class_names))
     if cfg.model.pretrained and not cfg.model.get("weights"):
