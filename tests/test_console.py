@@ -27,8 +27,11 @@ def test_a_run_without_a_terminal_prints_one_line_per_epoch(tiny_data: Path, tmp
     # summary.json's best epoch is the console's; train.log holds the same lines and the result.
     run_dir = tmp_path / "run"
     metrics, summary = read_metrics(run_dir), read_summary(run_dir)
-    assert [(int(e), float(acc), float(s)) for _, e, acc, s in epochs] == [
-        (r.epoch, round(r["val/acc"], 4), round(r.epoch_seconds, 1)) for _, r in metrics.iterrows()]
+    assert [(int(e), float(acc)) for _, e, acc, _ in epochs] == [
+        (r.epoch, round(r["val/acc"], 4)) for _, r in metrics.iterrows()]
+    # The line shows the epoch's seconds to 0.1, metrics.csv to 0.01: 13.95 may print as 13.9 or 14.0.
+    shown = [float(s) for _, _, _, s in epochs]
+    assert all(abs(s - r.epoch_seconds) <= 0.05 + 1e-6 for s, (_, r) in zip(shown, metrics.iterrows(), strict=True))
     assert f"best.ckpt: epoch {summary.best_epoch} of 2" in proc.stdout and summary.best_epoch in (1, 2)
     log = (run_dir / "train.log").read_text()
     assert all(line in log for line, _, _, _ in epochs) and f"best.ckpt: epoch {summary.best_epoch} of 2" in log

@@ -158,10 +158,10 @@ def noise_note(runs: list[Run]) -> str | None:
     (about 95 %). The same seed validates every run on the same photos, so this errs on the cautious side.
     """
     ranked = [r for r in rank_runs(runs) if r.status == "completed" and r.best_val_acc is not None
-              and r.summary.get("num_val")]
+              and r.summary.num_val]
     if not ranked:
         return None
-    best, n = ranked[0], int(ranked[0].summary["num_val"])
+    best, n = ranked[0], int(ranked[0].summary.num_val)
     p1 = best.best_val_acc
     notes = []
     classes = _num_classes(best)
@@ -172,7 +172,7 @@ def noise_note(runs: list[Run]) -> str | None:
                          f"more than the noise of {n} validation photos")
     if len(ranked) > 1:
         second = ranked[1]
-        n = min(n, int(second.summary["num_val"]))
+        n = min(n, int(second.summary.num_val))
         p2 = second.best_val_acc
         variance = p1 * (1 - p1) + p2 * (1 - p2)
         margin = 2 * math.sqrt(variance / n)
