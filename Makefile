@@ -15,11 +15,13 @@ DATA ?= data
 install: $(STAMP)
 
 # Re-run only when pyproject.toml changes. pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk.
+# Quiet (pip's warnings and errors still show): one line says what it does instead of ~300 lines of pip.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
-	touch $(STAMP)
+	@echo "make install: installing carnet and its dependencies into $(VENV)/ (pip install -e '.[dev]'; first time: a few minutes, about 6 GB)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
 
 # Synthetic cars in the Kaggle layout, then a from-scratch CPU training of timm's tiny test_efficientnet
 # (recipe: conf/experiment/demo.yaml). DEMO_ARGS adds Hydra overrides, e.g. DEMO_ARGS=trainer.max_epochs=5.
@@ -27,8 +29,10 @@ demo: install
 	test -f $(DEMO_DATA)/sample-submission.csv || $(VENV)/bin/carnet-demo $(DEMO_DATA)
 	$(PY) train.py experiment=demo data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUN) $(DEMO_ARGS)
 	@echo "demo run: $(DEMO_RUN)/ (checkpoints/best.ckpt, curves.png, summary.json). The model has seen drawn cars"
-	@echo "only: it does not know real ones. Next: carnet-serve --ckpt $(DEMO_RUN)/checkpoints/best.ckpt, or the"
-	@echo "real data: make data, then README 'Quick start on the real data'."
+	@echo "only: it does not know real ones. Try it (or first: source $(VENV)/bin/activate, then drop $(VENV)/bin/):"
+	@echo "  $(VENV)/bin/carnet-serve --ckpt $(DEMO_RUN)/checkpoints/best.ckpt   (then open http://127.0.0.1:8000/)"
+	@echo "  $(PY) predict.py ckpt=$(DEMO_RUN)/checkpoints/best.ckpt images=$(DEMO_DATA)/test_upload"
+	@echo "Then the real data: make data, and README 'Quick start on the real data'."
 
 # The competition data via the official kaggle client (needs ~/.kaggle/kaggle.json; says how when missing).
 # Idempotent: an unpacked $(DATA) is left alone. The credentials check runs before installing the client.

@@ -14,6 +14,11 @@ Resolvers are registered when ``carnet`` is imported, before Hydra composes a co
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +78,45 @@ def register() -> None:
     """Register carnet's resolvers once (idempotent: safe on re-import)."""
     if not OmegaConf.has_resolver("carnet.phases_dir"):
         OmegaConf.register_new_resolver("carnet.phases_dir", phases_dir)
+
+
+@contextmanager
+def config_errors_in_one_line(prog: str) -> Iterator[None]:
+    """Hydra's errors about the command line (an option a config group does not have, a key the config does not
+    have, bad override syntax) as one line naming the override and what it expects, exit status 1, as carnet's own
+    errors (:func:`carnet.errors.exit_on_error`); not Hydra's dozen lines of search path and hints.
+
+    Hydra reports these itself, inside ``@hydra.main`` before the task runs, unless ``HYDRA_FULL_ERROR`` is set:
+    set here, they reach this wrapper. Anything else keeps its traceback (Python's whole one, no longer Hydra's
+    trimmed one), and a user who set ``HYDRA_FULL_ERROR`` gets Hydra's full report as before.
+    """
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        yield
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except (ConfigCompositionException, OverrideParseException) as err:
+        print(f"{prog}: error: {one_line_config_error(err)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def one_line_config_error(err: Exception) -> str:
+    """Hydra's multi-line message about an override, as one line that says what to type instead."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        valid = ", ".join(err.options or []) or "none"
+        return f"{group}={option}: conf/{group} has no option {option!r}; expected one of {valid}"
+    text = str(err)
+    if (match := re.search(r"Could not override '([^']+)'", text)) and "+" + match[1] in text:
+        key = match[1]
+        return f"{key}: no such key in the config; check its spelling, or add a new key with +{key}=VALUE"
+    named = f"{err.override}: " if getattr(err, "override", None) else ""  # OverrideParseException names it
+    cause = f" ({str(err.__cause__).splitlines()[0]})" if err.__cause__ is not None else ""
+    return named + " ".join(line.strip() for line in text.splitlines() if line.strip()) + cause

@@ -73,6 +73,24 @@ def test_train_py_says_every_bad_value_in_one_line(tmp_path: Path) -> None:
     assert not (run_dir / "summary.json").exists() and not (run_dir / "config.yaml").exists()
 
 
+@pytest.mark.parametrize(("script", "args", "line"), [
+    ("train.py", ["optimizer=adamx"],
+     "train: error: optimizer=adamx: conf/optimizer has no option 'adamx'; expected one of adam, adamw, sgd"),
+    ("train.py", ["optimizer.lrr=1e-3"],
+     "train: error: optimizer.lrr: no such key in the config; check its spelling, or add a new key with "
+     "+optimizer.lrr=VALUE"),
+    ("predict.py", ["ckpt=x.ckpt", "tta=tru"],
+     "predict: error: tta=tru: conf/tta has no option 'tru'; expected one of auto, false, full, true"),
+])
+def test_a_mistyped_option_or_key_is_one_line(script: str, args: list[str], line: str, tmp_path: Path) -> None:
+    """Hydra refuses these before carnet runs, in a dozen lines (its config search path, a HYDRA_FULL_ERROR hint):
+    the one-line promise of the README held only for carnet's own checks."""
+    proc = subprocess.run([sys.executable, str(REPO / script), *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr.strip()) == (1, line)
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_predict_values_are_one_line_before_loading(tiny_data: Path, tmp_path: Path) -> None:
     """predict's own keys, checked before the (here unreadable) checkpoint is opened."""
     garbage = tmp_path / "garbage.ckpt"

@@ -113,5 +113,5 @@ def test_callbacks_in_python_are_the_recipe_of_conf(tmp_path: Path) -> None:
     assert (head_fit.views, head_fit.folds) == (built[HeadFit].views, built[HeadFit].folds)
     conf = {"progress": True, "summary": False, "metrics_every": cfg.trainer.log_every_n_steps}
     assert defaulted(console_callbacks, {"metrics_every"}) == set()
-    bar, = console_callbacks(**{name: conf[name] for name in required(console_callbacks)}, tty=True)
+    bar, _ = console_callbacks(**{name: conf[name] for name in required(console_callbacks)}, tty=True)  # + EpochLines
     assert bar.metrics_every == cfg.trainer.log_every_n_steps == 10

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from carnet.runtime import resolve_runtime
+from carnet.summary import RunSummary
 from carnet.training.builders import build_datamodule, build_module, build_trainer
 from carnet.training.run_dir import RunArtifacts
 from tests.helpers.config import compose_cfg
@@ -65,7 +66,8 @@ def test_gradient_accumulation_steps_the_optimizer_less_often(tiny_data: Path, t
     datamodule = build_datamodule(cfg, module, runtime)
     datamodule.setup("fit")
     batches = len(datamodule.train_dataloader())
-    trainer = build_trainer(cfg, tmp_path, [RunArtifacts(tmp_path, {}, monitor="val/loss", mode="min")], runtime)
+    record = RunArtifacts(tmp_path, RunSummary(), monitor="val/loss", mode="min")
+    trainer = build_trainer(cfg, tmp_path, [record], runtime)
     trainer.fit(module, datamodule=datamodule)
     assert batches >= 3
     assert trainer.global_step == math.ceil(batches / 2)  # a leftover odd batch steps at epoch end

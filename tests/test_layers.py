@@ -166,3 +166,10 @@ def test_the_lifecycle_table_names_every_hook_carnet_implements() -> None:
     implemented = {(name, hook) for name, cls in callbacks.items() for hook in HOOKS
                    if any(hook in vars(base) for base in cls.__mro__ if base.__module__.startswith("carnet."))}
     assert implemented <= documented, f"hooks missing from the lifecycle table: {sorted(implemented - documented)}"
+
+
+def test_every_test_file_is_in_the_map_of_tests() -> None:
+    """docs/architecture.md's "Where each behaviour is tested" names every test file, and only files that exist."""
+    named = set(re.findall(r"`(test_\w+\.py)`", doc_section("Where each behaviour is tested")))
+    present = {path.name for path in (REPO / "tests").glob("test_*.py")}
+    assert named == present, f"not in the map: {sorted(present - named)}; no such file: {sorted(named - present)}"

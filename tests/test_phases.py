@@ -264,6 +264,19 @@ def test_pipeline_phases_hand_off_inside_the_pipeline_folder(tmp_path: Path) -> 
         str(tmp_path / "mine")
 
 
+def test_a_pipeline_continued_without_its_folder_says_which_folder_before_starting(tmp_path: Path) -> None:
+    """`--phases unfreeze_all,...` without --dir used to start a new folder whose first phase then failed
+    (init_from=unfreeze_3q: not found); now it stops first, naming the pipeline folder that holds the hand-off."""
+    earlier = tmp_path / "pipeline" / "2026-01-01_10-00-00"
+    (earlier / "phases").mkdir(parents=True)
+    (earlier / "phases" / "unfreeze_3q.ckpt").write_bytes(b"a hand-off")
+    with pytest.raises(SystemExit) as stopped:
+        run_pipeline([f"paths.output_dir={tmp_path}"], ["unfreeze_all", "finetune_448"],
+                     console=Console(file=io.StringIO()))
+    assert f"carnet-pipeline --dir {earlier} --phases unfreeze_all,finetune_448" in str(stopped.value.code)
+    assert sorted(p.name for p in (tmp_path / "pipeline").iterdir()) == [earlier.name]  # nothing started
+
+
 @pytest.mark.slow
 def test_pipeline_keeps_its_hand_offs_in_its_own_folder(tiny_data: Path, tmp_path: Path) -> None:
     """carnet-pipeline never overwrites ${paths.phases} of the single runs (another chain's hand-offs)."""

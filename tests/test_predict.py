@@ -180,6 +180,27 @@ def test_val_report_from_a_copied_checkpoint(trained: Path, tmp_path: Path) -> N
     assert result["val"]["confusion"].sum() == len(val)
 
 
+def test_val_report_goes_to_the_run_folder_not_the_working_folder(trained: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without report_dir, the reports land beside what they report on: the run's folder (issue 23 item 3: they
+    went into the working folder, a checkout's root)."""
+    monkeypatch.chdir(tmp_path)
+    run_predict(f"ckpt={trained}", "split=val")
+    assert list(tmp_path.iterdir()) == []
+    run = trained.parent.parent
+    for name in ("confusion_val.png", "val_report.csv", "val_predictions.csv"):
+        assert (run / name).stat().st_size > 0, name
+
+
+def test_reports_of_several_runs_go_to_the_folder_they_share(tmp_path: Path) -> None:
+    """An ensemble's or a k-fold sweep's reports: the sweep's folder (multirun/DATE/TIME), not the working one."""
+    from carnet.inference.outputs import reports_folder
+
+    sweep = tmp_path / "multirun" / "2026-01-01" / "10-00-00.000000"
+    assert reports_folder([sweep / "0", sweep / "1"]) == sweep
+    assert reports_folder([sweep / "0", sweep / "0"]) == sweep / "0"
+
+
 @pytest.mark.slow
 def test_predict_script_with_tta_true(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
     """The real entry point: `tta=true` (a bare boolean to Hydra) selects conf/tta/true.yaml."""

@@ -110,3 +110,31 @@ def test_report_plot_epochs_are_whole_numbers(runs_dir: Path, tmp_path: Path) ->
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0] == "best: optimizer=sgd head=linear (0.9000)"
     assert "optimizer=adam head=mlp (0.3000) [failed]" in labels
+
+
+def test_the_report_says_when_the_best_run_is_within_noise(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Two chance-level runs of 10 classes on 29 validation photos (issue 23 item 5: the report called one of them
+    "best" without a word); two runs far apart on 300 photos get no such note."""
+    import json
+
+    import yaml
+
+    def runs(root: Path, accs: tuple[float, float], num_val: int) -> Path:
+        for i, acc in enumerate(accs):
+            run = make_run(root / str(i), "completed", [acc], [f"optimizer.lr={10 ** -(i + 2)}"])
+            summary = json.loads((run / "summary.json").read_text())
+            write_json(run / "summary.json", {**summary, "num_val": num_val})
+            (run / "config.yaml").write_text(yaml.safe_dump({"data": {"class_names": [f"car {k}" for k in range(10)]}}))
+        return root
+
+    close = runs(tmp_path / "close", (0.1724, 0.1379), 29)
+    write_report(close)
+    said = capsys.readouterr().out
+    note = next(line for line in said.splitlines() if line.startswith("Within noise"))
+    assert "not above chance level (10 classes: 0.1000)" in note and "differ by 0.0345" in note
+    assert "validation photos would tell them apart" in note
+    assert note in (close / "report.md").read_text()
+
+    write_report(runs(tmp_path / "apart", (0.95, 0.60), 300))
+    assert "Within noise" not in capsys.readouterr().out

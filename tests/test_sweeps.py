@@ -38,7 +38,10 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def test_multirun_2x2_gives_four_runs_and_a_ranked_report(sweep: Sweep) -> None:
-    sweep_dir, _ = sweep("optimizer=adam,sgd", "head=linear,mlp")
+    sweep_dir, proc = sweep("optimizer=adam,sgd", "head=linear,mlp")
+    lines = proc.stdout.strip().splitlines()  # the folder, said when the sweep starts and when it ends
+    assert lines[0].startswith(f"sweep folder: {sweep_dir} ") and lines[-1].startswith(f"sweep folder: {sweep_dir};")
+    assert f"carnet-report {sweep_dir}" in lines[-1]
     jobs = job_dirs(sweep_dir)
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     tried = set()
@@ -102,7 +105,9 @@ def test_optuna_search_space_composes() -> None:
 
 @pytest.mark.slow
 def test_lr_find_writes_plot_and_a_positive_rate(train_run: Callable, tmp_path: Path) -> None:
-    run_dir, proc = train_run("tune=lr_find", "tune.num_training=24")
+    # From 1e-3: the 24 steps cover the decades where a model trained from scratch learns; from the default 1e-7
+    # its loss stays within its noise and the finder rightly suggests nothing (tests/test_lr_find.py).
+    run_dir, proc = train_run("tune=lr_find", "tune.num_training=24", "tune.min_lr=1e-3")
     result = json.loads((run_dir / "lr_find.json").read_text())
     assert result["suggested_lr"] > 0 and result["steps"] == 24
     assert f"suggested lr={result['suggested_lr']:.3g}" in proc.stdout

@@ -126,21 +126,24 @@ class ImageCache:
             np.save(f, image)
         return image
 
-    def warm(self, paths: Sequence[str | os.PathLike], min_side: int | None, workers: int = 4,
-             description: str = "caching images") -> None:
-        """Fill the cache for ``paths`` with threads (PIL and OpenCV release the GIL), with a progress bar.
+    def warm(self, items: Sequence[tuple[str | os.PathLike, int | None]], workers: int = 4,
+             description: str = "caching images") -> int:
+        """Fill the cache for ``(path, min_side)`` items with threads (PIL and OpenCV release the GIL); return how
+        many were decoded (the rest were there already). A progress bar on a terminal only: a log gets no bar.
 
         Meant for ``memory`` mode, in the parent process before the loader starts its workers; for ``disk`` it
-        just front-loads the first epoch's decoding.
+        just front-loads the first epoch's decoding. The caller says what it filled (one line for a whole split).
         """
-        if not self.enabled or not paths:
-            return
+        if not self.enabled or not items:
+            return 0
+        import sys
+
         from rich.progress import Progress
 
-        with Progress(transient=True) as progress, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            task = progress.add_task(f"{description} (data.cache={self.mode}, min side {min_side})",
-                                     total=len(paths))
-            for _ in pool.map(lambda p: self.get(p, min_side), paths):
+        misses = self.misses
+        with Progress(transient=True, disable=not sys.stdout.isatty()) as progress, \
+                ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            task = progress.add_task(f"{description} (data.cache={self.mode})", total=len(items))
+            for _ in pool.map(lambda item: self.get(*item), items):
                 progress.advance(task)
-        if self.mode == "memory":
-            log.info("image cache: %d images, %.0f MB in memory", len(self._memory), self.nbytes() / 2**20)
+        return self.misses - misses

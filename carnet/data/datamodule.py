@@ -109,6 +109,7 @@ class CarDataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.seeded_epoch: int | None = None  # the training epoch whose draws are seeded (set_epoch)
         self._train_transform: A.Compose | None = None  # the pipeline of the latest training loader
+        self._warmed = False  # data.cache=memory filled with the split (_warm_split)
         if self.on_device and (why := why_not_on_device([self.train_transform(), self.eval_transform()],
                                                         self.cache.mode)):
             raise DataError(f"data.decode={decode}: {why}; use data.decode=cpu")
@@ -202,8 +203,21 @@ class CarDataModule(pl.LightningDataModule):
             return EncodedDataset(self.root, paths, labels, transform)
         min_side = decode_min_side(transform)
         if self.cache.mode == "memory":
-            self.cache.warm([self.root / p for p in paths], min_side, workers=max(2, self.num_workers))
+            self._warm_split()
+            self.cache.warm([(self.root / p, min_side) for p in paths], workers=max(2, self.num_workers))
         return ImageDataset(self.root, paths, labels, transform, min_side=min_side, cache=self.cache)
+
+    def _warm_split(self) -> None:
+        """Fill a memory cache with the whole split at once, training photos at the training view's size and
+        validation photos at the evaluation view's, and say so in one line: Lightning builds the two loaders one
+        after the other, and each would otherwise report its half."""
+        if self._warmed:
+            return
+        self._warmed = True
+        sides = {"train": decode_min_side(self.train_transform()), "val": decode_min_side(self.eval_transform())}
+        items = [(self.root / p, sides[split]) for split in sides for p in self._rows(split).path]
+        self.cache.warm(items, workers=max(2, self.num_workers))
+        log.info("image cache: %d images, %.0f MB in memory", len(self.cache), self.cache.nbytes() / 2**20)
 
     def _loader(self, dataset: Dataset, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
         return DataLoader(

@@ -81,14 +81,25 @@ def _read_only(path: Path) -> bool:
 
 
 def check_report_dir(report_dir: str | os.PathLike) -> Path:
-    """``report_dir`` (split=val|oof) is a folder or can become one."""
+    """``report_dir`` (split=val|oof) is a folder or can become one, and can be written in."""
     report_dir = Path(report_dir)
     for path in (report_dir, *report_dir.parents):
         if path.exists():
             if not path.is_dir():
                 raise PredictError(f"report_dir={report_dir}: {path} is a file; expected a folder for the reports")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PredictError(f"report_dir={report_dir}: cannot write in {path} (permission denied); pass "
+                                   "report_dir= a folder of yours")
             break
     return report_dir
+
+
+def reports_folder(runs: Sequence[str | os.PathLike]) -> Path:
+    """Where the ``split=val|oof`` reports go unless ``report_dir=`` says: beside what they report on, the training
+    run's own folder, or for several runs (an ensemble, the folds of a k-fold sweep) the folder they share (the
+    sweep's). Not the working folder: a checkout would collect every report in its root."""
+    folders = [os.path.abspath(run) for run in runs]
+    return Path(folders[0] if len(set(folders)) == 1 else os.path.commonpath(folders))
 
 
 def _write_both(frames: Sequence[pd.DataFrame], paths: Sequence[Path]) -> None:

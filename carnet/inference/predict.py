@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from carnet.config import config_dir, plain
+from carnet.config import config_dir, config_errors_in_one_line, plain
 from carnet.config_check import check_predict_config
 from carnet.errors import PredictError, exit_on_error
 from carnet.inference.ensemble import load_models
@@ -29,6 +29,7 @@ from carnet.inference.outputs import (
     check_outputs,
     check_pseudo_labels,
     check_report_dir,
+    reports_folder,
     show_image_predictions,
     top_k_table,
     write_image_predictions,
@@ -83,8 +84,8 @@ def _plan(cfg: DictConfig, auto: bool) -> _Plan:
     default = "predictions.csv" if photos is not None else "submission.csv"
     out = cfg.get("out") or default
     plan = _Plan(Path(out))
-    if cfg.split != "test" or auto:  # tta=auto writes the val report too
-        plan.report_dir = check_report_dir(cfg.get("report_dir") or Path(out).parent)
+    if cfg.get("report_dir") and (cfg.split != "test" or auto):  # tta=auto writes the val report too
+        plan.report_dir = check_report_dir(cfg.report_dir)  # else the runs' folder, known once they are found
     if cfg.split != "test":
         return plan
     plan.out, _ = check_outputs(out, default)
@@ -119,13 +120,15 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         if _as_list(cfg.get("weights")) or (cfg.get("pseudo_label") or {}).get("threshold") is not None:
             console.print("weights and pseudo_label are ignored with split=oof (one checkpoint per fold)")
         parts, num_folds, total = oof_images(models, cfg.data.root, _as_list(cfg.get("run_dir")))
-        tta, report = evaluate_oof(parts, tta, auto, runner, plan.report_dir, num_folds, total)
+        report_dir = plan.report_dir or check_report_dir(reports_folder([p.run_dir for p in parts]))
+        tta, report = evaluate_oof(parts, tta, auto, runner, report_dir, num_folds, total)
         result.update(oof=report, tta=tta, seconds=time.time() - started)
         return result
 
     if cfg.split == "val" or auto:
         val = val_images(models, cfg.data.root, _as_list(cfg.get("run_dir")))
-        tta, report = evaluate_val(models, val, tta, auto, runner, plan.report_dir)
+        report_dir = plan.report_dir or check_report_dir(reports_folder(val.runs))
+        tta, report = evaluate_val(models, val, tta, auto, runner, report_dir)
         result.update(val=report, tta=tta)
         if cfg.split == "val":
             if (cfg.get("pseudo_label") or {}).get("threshold") is not None:
@@ -179,7 +182,8 @@ def _main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """``carnet-predict ckpt=PATH [tta=true] [split=val|oof]`` (conf/predict.yaml)."""
     sys.argv = quote_tta_option(sys.argv)
-    _main()
+    with config_errors_in_one_line("predict"):
+        _main()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class Images:
     ids: list[str]
     labels: list[int] = field(default_factory=list)
     what: str = "test"
+    runs: list[Path] = field(default_factory=list)  # split=val: the training runs whose validation split this is
 
 
 @dataclass
@@ -144,7 +145,9 @@ def val_images(models: Sequence[Model], root: str | os.PathLike | None,
         root = _run_data_root(frames[0][0], models[0])
         if root is None:
             raise PredictError(f"split=val: the run {frames[0][0]} does not record its data root; pass data.root=")
-    return _split_images(Path(root), rows, frames[0][0] / SPLIT_FILE, "validation")
+    images = _split_images(Path(root), rows, frames[0][0] / SPLIT_FILE, "validation")
+    images.runs = [run for run, _ in frames]
+    return images
 
 
 def oof_images(models: Sequence[Model], root: str | os.PathLike | None,

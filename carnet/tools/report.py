@@ -140,6 +140,51 @@ def optuna_result(root: Path) -> str | None:
     return f"Optuna best value {result.get('best_value')}: {params}"
 
 
+def _num_classes(run: Run) -> int | None:
+    """The run's class count, from its config.yaml (summary.json does not hold it)."""
+    try:
+        names = (yaml.safe_load((run.path / "config.yaml").read_text()) or {}).get("data", {}).get("class_names")
+    except (OSError, yaml.YAMLError):
+        return None
+    return len(names) if names else None
+
+
+def noise_note(runs: list[Run]) -> str | None:
+    """What the ranking cannot tell, in a sentence: the best run at chance level, or the best two apart by less
+    than their accuracies' sampling noise on the validation photos they were measured on.
+
+    A validation accuracy p on n photos has a standard error of sqrt(p(1-p)/n); two runs' accuracies differ within
+    noise when the difference is under twice the standard error of a difference, sqrt(p1(1-p1)/n + p2(1-p2)/n)
+    (about 95 %). The same seed validates every run on the same photos, so this errs on the cautious side.
+    """
+    ranked = [r for r in rank_runs(runs) if r.status == "completed" and r.best_val_acc is not None
+              and r.summary.num_val]
+    if not ranked:
+        return None
+    best, n = ranked[0], int(ranked[0].summary.num_val)
+    p1 = best.best_val_acc
+    notes = []
+    classes = _num_classes(best)
+    if classes:
+        chance = 1 / classes
+        if p1 <= chance + 2 * math.sqrt(chance * (1 - chance) / n):
+            notes.append(f"the best run ({p1:.4f}) is not above chance level ({classes} classes: {chance:.4f}) by "
+                         f"more than the noise of {n} validation photos")
+    if len(ranked) > 1:
+        second = ranked[1]
+        n = min(n, int(second.summary.num_val))
+        p2 = second.best_val_acc
+        variance = p1 * (1 - p1) + p2 * (1 - p2)
+        margin = 2 * math.sqrt(variance / n)
+        gap = p1 - p2
+        if gap < margin:
+            needed = f"about {math.ceil(4 * variance / gap ** 2):,} validation photos would tell them apart" \
+                if gap > 0 else "they are tied"
+            notes.append(f"the best two runs ({best.name}: {p1:.4f}, {second.name}: {p2:.4f}) differ by {gap:.4f}, "
+                         f"less than the noise of {n} validation photos (2 standard errors: {margin:.4f}); {needed}")
+    return "Within noise: " + "; ".join(notes) + "." if notes else None
+
+
 def to_markdown(frame: pd.DataFrame, title: str, note: str | None = None) -> str:
     """A GitHub-flavoured markdown table (hand-written: pandas' to_markdown needs the extra `tabulate`)."""
     lines = [f"# {title}", "", f"{len(frame)} runs, best first; failed or unfinished runs last.", "",
@@ -224,10 +269,10 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = report_frame(runs)
     title = f"carnet runs in {root}"
-    note = optuna_result(root)
+    note = "\n\n".join(n for n in (optuna_result(root), noise_note(runs)) if n) or None
     print_table(frame, title, console)
     if note:
-        (console or Console()).print(note)
+        (console or Console()).print(note, soft_wrap=True)
     write_text_atomic(out_dir / REPORT_MD, to_markdown(frame, title, note))
     plot_runs(runs, out_dir / REPORT_PNG, title=title)
     return frame

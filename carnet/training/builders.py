@@ -92,8 +92,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
         callbacks.append(LogConfig(cfg))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"], trainer_cfg["benchmark"] = runtime.precision, runtime.benchmark
-    # Lightning adds its own bar when enabled and none is given (as without a terminal, where EpochLines prints).
+    # Lightning adds its own bar and summary when enabled and none is given (as without a terminal, where EpochLines
+    # prints), and says so when it finds ours: carnet's console callbacks stand for both settings.
     trainer_cfg["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
+    trainer_cfg["enable_model_summary"] = False
     # Atomic either way: in the background thread too, a checkpoint file is whole or absent. A failed background
     # write is raised by Lightning at the next save or at the end of fit, so it fails the run.
     checkpoint_io = AtomicCheckpointIO()

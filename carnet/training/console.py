@@ -10,14 +10,19 @@ import warnings
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelSummary, RichModelSummary, RichProgressBar
 from pytorch_lightning.utilities.model_summary.model_summary import _format_summary_table
 
 from carnet.training.run_dir import RunArtifacts
 
-# Lightning's messages that say nothing about the run: an advert, and notes about its own internals or about short
-# runs (a dataset smaller than the logging interval is normal for small fine-tuning sets).
-QUIET = ("try installing [litlogger]", "is smaller than the logging interval")
+# Lightning's messages that say nothing about the run: an advert, notes about its own internals or about short
+# runs (a dataset smaller than the logging interval is normal for small fine-tuning sets), and the accelerators a
+# machine does not have (a CPU run hears "GPU available: False" and "TPU available: False" every time; a GPU run
+# still says which GPU it found and whether it uses it).
+QUIET = ("try installing [litlogger]", "is smaller than the logging interval", "GPU available: False",
+         "TPU available: False", "to estimate number of stepping batches")
 
 
 class _Quiet(logging.Filter):
@@ -52,8 +57,8 @@ class PlainSummary(ModelSummary):
                   **summarize_kwargs: Any) -> None:
         table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
                                       total_flops, *_drop_empty_flops(summary_data, total_flops))
-        if not total_flops:
-            table = "\n".join(line for line in table.splitlines() if not line.startswith("Total FLOPs"))
+        if not total_flops:  # the line reads "0         Total Flops"
+            table = "\n".join(line for line in table.splitlines() if not line.lower().endswith("total flops"))
         logging.getLogger("pytorch_lightning.callbacks.model_summary").info("\n" + table)
 
 
@@ -148,3 +153,33 @@ def console_callbacks(progress: bool, summary: bool, metrics_every: int,
     if summary:
         callbacks.append(RichSummary() if tty else PlainSummary())
     return callbacks
+
+
+class ShowFolder(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): a run or a sweep says where it writes, when it starts and when it
+    ends, so that nobody has to look for the newest folder under ``outputs/`` or ``multirun/``. The end of a sweep
+    also says how to compare its runs. Rank 0 only (DDP's other ranks rerun the script)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _rank_zero():
+            print(f"run folder: {config.hydra.run.dir}", flush=True)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _rank_zero():
+            print(f"run folder: {config.hydra.run.dir} (summary.json, metrics.csv, curves.png, checkpoints/)",
+                  flush=True)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _rank_zero():
+            print(f"sweep folder: {config.hydra.sweep.dir} (one run folder per job)", flush=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _rank_zero():
+            folder = config.hydra.sweep.dir
+            print(f"sweep folder: {folder}; compare its runs: carnet-report {folder}", flush=True)
+
+
+def _rank_zero() -> bool:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0

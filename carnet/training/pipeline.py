@@ -36,8 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from carnet.config import config_dir
-from carnet.errors import CarnetError
-from carnet.training.phases import PIPELINE_FILE, write_pipeline_report
+from carnet.errors import CarnetError, PhaseError
+from carnet.training.phases import PIPELINE_FILE, resolve_init_from, write_pipeline_report
 
 
 def phase_order() -> list[str]:
@@ -117,6 +117,30 @@ def plan_pipeline(overrides: list[str], phases: list[str], folder: str | os.Path
     return folder, commands
 
 
+def check_start(phases: list[str], command: list[str]) -> None:
+    """The first phase's ``init_from`` must be in the pipeline's folder: a pipeline that starts after the head phase
+    (``--phases unfreeze_all,...``) continues an earlier one, whose folder ``--dir`` names. Without it the folder
+    is new and holds no hand-off, and the phase would fail once started; this says so first, naming the folder
+    that holds the checkpoint."""
+    cfg = compose_common([arg for arg in command[3:] if "=" in arg])  # the phase's overrides, as it will compose
+    init_from = cfg.get("init_from")
+    if not init_from:
+        return
+    try:
+        resolve_init_from(init_from, cfg.paths.phases)
+    except PhaseError:
+        pass
+    else:
+        return
+    name, phase = str(init_from), phases[0]
+    holders = sorted(Path(cfg.paths.output_dir).glob(f"pipeline/*/phases/{name}.ckpt"), key=lambda p: p.stat().st_mtime)
+    where = (f"continue the pipeline that ran it (the latest with phases/{name}.ckpt): carnet-pipeline --dir "
+             f"{holders[-1].parent.parent} --phases {','.join(phases)} and the same overrides") if holders else \
+        "no pipeline folder holds it yet"
+    raise SystemExit(f"pipeline: phase {phase} starts from init_from={name}, and {cfg.paths.phases}/{name}.ckpt "
+                     f"does not exist: {where}; or start with --phases {name}, or give {phase}:init_from=PATH.ckpt")
+
+
 def earlier_runs(folder: Path, phases: list[str]) -> list[tuple[str, Path]]:
     """The runs a resumed pipeline keeps from its folder's pipeline.json: those of phases it does not rerun."""
     path = folder / PIPELINE_FILE
@@ -166,8 +190,11 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     if unknown:
         raise SystemExit(f"--phases: unknown phase(s) {unknown}; conf/phase has {available}")
     folder, commands = plan_pipeline(overrides, phases, folder)
+    check_start(phases, commands[0][2])
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     runs = earlier_runs(folder, phases)
+    console.print(f"pipeline folder: {folder} (a stopped pipeline continues with --dir {folder} and --phases from "
+                  "the phase that stopped)", soft_wrap=True)
     for i, (phase, run_dir, command) in enumerate(commands):
         console.rule(f"[bold]phase {i + 1}/{len(commands)}: {phase}")
         console.print(" ".join(command[1:]), style="dim", soft_wrap=True)

@@ -21,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from carnet.artifacts import SPLIT_FILE
-from carnet.config import config_dir, overrides_of, run_dir_of
+from carnet.config import config_dir, config_errors_in_one_line, overrides_of, run_dir_of
 from carnet.config_check import check_train_config
 from carnet.data.corrections import read_corrections
 from carnet.data.layout import scan_train
@@ -192,10 +192,16 @@ def result_line(summary: RunSummary) -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """``carnet-train [group=option ...] [key=value ...]``: returns best val/acc, what Hydra sweepers maximise."""
+def _main(cfg: DictConfig) -> float | None:
+    """Returns best val/acc, what Hydra sweepers maximise."""
     with exit_on_error("train"):
         return train(cfg).best_val_acc
+
+
+def main() -> None:
+    """``carnet-train [group=option ...] [key=value ...]`` (conf/train.yaml)."""
+    with config_errors_in_one_line("train"):
+        _main()
 
 
 if __name__ == "__main__":
