@@ -154,13 +154,14 @@ def test_a_damaged_summary_is_one_line_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_the_documentation_lists_every_key_in_order() -> None:
-    """docs/architecture.md's table "Every key of summary.json" is the record's field list (README links to it)."""
+    """docs/architecture.md's table "Every key of summary.json" is the record's field list (docs/runs.md, where the
+    README sends a user for the run directory, links to it)."""
     text = (REPO / "docs" / "architecture.md").read_text()
     table = text.split("### Every key of summary.json", 1)[1].split("\n\n#", 1)[0]
     documented = [key for line in table.splitlines() if line.startswith("| `")
                   for key in re.findall(r"`([a-z_]+)`", line.split("|")[1])]
     assert documented == KEYS
-    assert "docs/architecture.md#every-key-of-summaryjson" in (REPO / "README.md").read_text()
+    assert "architecture.md#every-key-of-summaryjson" in (REPO / "docs" / "runs.md").read_text()
 
 
 def test_one_writer_and_one_reader() -> None:
