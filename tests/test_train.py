@@ -47,11 +47,11 @@ def test_one_epoch_run_leaves_every_artifact(train_run):
     assert (summary["best_epoch"], summary["best_val_acc"]) == (best.epoch, best["val/acc"])
     assert (f"best.ckpt: epoch {summary['best_epoch']} of 2 (lowest val/loss), val/acc={summary['best_val_acc']:.4f} "
             f"val/loss={summary['best_val_loss']:.4f}") in proc.stdout
-    # the run's folder holds the files the README's table describes, and only those (no lock left behind)
+    # the run's folder holds the files docs/runs.md's table describes, and only those (no lock left behind)
     assert {p.name for p in run_dir.iterdir()} == {"summary.json", "metrics.csv", "checkpoints", "curves.png",
                                                   "split.csv", "config.yaml", ".hydra", "train.log"}
-    readme = (REPO / "README.md").read_text().split("## The run directory", 1)[1].split("\n\n#", 1)[0]
-    documented = {name.split("/")[0] for line in readme.splitlines() if line.startswith("| `")
+    table = (REPO / "docs" / "runs.md").read_text().split("## The run directory", 1)[1].split("\n\n#", 1)[0]
+    documented = {name.split("/")[0] for line in table.splitlines() if line.startswith("| `")
                   for name in re.findall(r"`([^`]+)`", line.split("|")[1])}
     assert {p.name for p in run_dir.iterdir()} <= documented
 
