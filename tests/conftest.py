@@ -4,6 +4,12 @@ checkpoint. Plain helpers (paths, overrides, compose_cfg, run_script, ...) are i
 from __future__ import annotations
 
 import os
+
+# One torch (OpenMP) thread per test process, set before anything imports torch and inherited by the runs the tests
+# start. The tests' tensors are tiny: a second thread gains nothing on them, and when other processes share the
+# cores (a second test run, a build) OpenMP's waiting threads turn milliseconds into seconds (the L-BFGS head-fit
+# tests: 3 s with one thread, 79 s with two, at a load average of 4). A test that is about threads sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import subprocess
 import warnings
 from collections.abc import Callable
