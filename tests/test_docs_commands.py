@@ -338,7 +338,8 @@ def _sandbox(root: Path, env: dict[str, str]) -> Path:
     (sandbox / "demo_data").symlink_to("data")
     demo = as_run(("python", "train.py", "experiment=demo", "data.root=demo_data", "hydra.run.dir=outputs/demo"),
                   sandbox, 0)
-    subprocess.run(demo, cwd=sandbox, env=env, capture_output=True, check=True, timeout=1800)
+    proc = subprocess.run(demo, cwd=sandbox, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"the demo run: {shlex.join(demo)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return sandbox
 
 

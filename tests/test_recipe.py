@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -121,3 +122,20 @@ def test_a_phase_that_changes_image_size_competes_with_its_predecessor_at_its_ow
         assert summary.best_epoch == 0 and handed["carnet"]["image_size"] == 64
     else:
         assert summary.best_epoch == 1 and handed["carnet"]["image_size"] == 48
+
+
+@pytest.mark.parametrize("total_steps", range(1, 13))
+def test_onecycle_runs_for_any_number_of_steps(total_steps: int) -> None:
+    """A tiny dataset's run may take 4 steps: at pct_start 0.25 torch's warm-up would be 0 steps long and divide
+    by it (ZeroDivisionError in the demo's one-cycle recipe on a few photos)."""
+    from carnet.training.schedulers import onecycle
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    scheduler = onecycle(optimizer, total_steps, 1, pct_start=0.25)["scheduler"]
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(total_steps - 1):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert all(0 < r <= 0.1 + 1e-9 for r in rates)

@@ -64,7 +64,12 @@ def cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_
 def onecycle(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, pct_start: float = 0.25,
              div_factor: float = 25.0, final_div_factor: float = 1e4) -> SchedulerConfig:
     """OneCycleLR over the whole run with each group's LR as its peak, stepped every batch."""
-    scheduler = OneCycleLR(optimizer, max_lr=_group_lrs(optimizer), total_steps=max(1, total_steps),
+    total_steps = max(1, total_steps)
+    if math.isclose(pct_start * total_steps, 1.0):
+        # torch's warm-up would end at step 0, where it starts, and OneCycleLR divides by that length (4 steps at
+        # pct_start 0.25: a tiny dataset's one-epoch run). A hair longer gives the same rates without the division.
+        pct_start = (1.0 + 1e-6) / total_steps
+    scheduler = OneCycleLR(optimizer, max_lr=_group_lrs(optimizer), total_steps=total_steps,
                            pct_start=pct_start, div_factor=div_factor, final_div_factor=final_div_factor,
                            cycle_momentum="momentum" in optimizer.defaults)
     return {"scheduler": scheduler, "interval": "step"}
