@@ -179,7 +179,8 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     if (phase := Phase.from_config(cfg)) is not None:
         callbacks.append(phase)
     if cfg.head_fit.enabled:
-        callbacks.append(HeadFit(views=cfg.head_fit.views, folds=cfg.head_fit.folds))
+        callbacks.append(HeadFit(views=cfg.head_fit.views, folds=cfg.head_fit.folds,
+                                 max_images=cfg.head_fit.get("max_images"), seed=cfg.seed))
     if cfg.ema.decay is not None:
         callbacks.append(EMAWeightAveraging(decay=float(cfg.ema.decay)))
     if cfg.get("unfreeze") is not None:
@@ -222,8 +223,9 @@ def plan_budget(cfg: DictConfig, num_train: int, batch_size: int) -> dict[str, i
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
     """The Trainer of ``cfg.trainer`` with carnet's checkpointing, progress bar and loggers."""
+    monitor = None if cfg.get("refit_from") else cfg.checkpoint.monitor  # a refit validates nothing: its last epoch
     checkpoints = WeightsCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
+        dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=cfg.checkpoint.mode,
         auto_insert_metric_name=False, enable_version_counter=False, resume_from=cfg.get("resume"),
     )
     # Not `save_last=True`: Lightning 2.6 rewrites last.ckpt only in epochs where the best improved, so it goes

@@ -119,8 +119,10 @@ class Phase(pl.Callback):
 
     def __init__(self, name: str | None, init_from: str | os.PathLike | None, phases_dir: str | os.PathLike,
                  model_name: str, head: Any, num_classes: int, monitor: str = "val/loss", mode: str = "min",
-                 starts_from: str | None = None, resume_from: str | os.PathLike | None = None) -> None:
+                 starts_from: str | None = None, resume_from: str | os.PathLike | None = None,
+                 refit: bool = False) -> None:
         self.name = name
+        self.refit = refit  # a refit (carnet.training.refit) has no validation: no start to judge, its last weights
         self.resume_from = Path(resume_from) if resume_from else None  # the last.ckpt a resumed run continues
         self.phases_dir = Path(phases_dir)
         self.monitor, self.mode = monitor, mode
@@ -155,7 +157,7 @@ class Phase(pl.Callback):
                        or "random weights (model.pretrained=false, no model.weights, no init_from)")
         return cls(cfg.get("phase"), init_from, cfg.paths.phases, cfg.model.name, cfg.head, len(cfg.data.class_names),
                    monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, starts_from=starts_from,
-                   resume_from=cfg.get("resume"))
+                   resume_from=cfg.get("resume"), refit=bool(cfg.get("refit_from")))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
@@ -185,7 +187,7 @@ class Phase(pl.Callback):
         self.init_path = Path(state_dict["init_path"]) if state_dict.get("init_path") else None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.checkpoint_callback is None:
+        if trainer.checkpoint_callback is None or self.refit:
             return
         if trainer.ckpt_path:  # resumed: its start was judged before; into a new folder, its start.ckpt comes along
             previous = self.resume_from.parent / "start.ckpt" if self.resume_from else None
@@ -222,6 +224,8 @@ class Phase(pl.Callback):
         if callback is None or trainer.interrupted or not trainer.is_global_zero:
             return
         best, score = callback.best_model_path, callback.best_model_score
+        if self.refit and not best:  # a refit of a selection that kept its start takes no step: its start it is
+            best = str(save_weights(Path(callback.dirpath) / "best.ckpt", pl_module))
         start = self.start.get(self.monitor)
         if start is not None and (not best or score is None or not better(float(score), start, self.mode)):
             self.kept_start = True  # training never beat the start on validation: the start is the best
@@ -310,10 +314,12 @@ def publish_checkpoint(best: str | os.PathLike, phases_dir: str | os.PathLike, p
     return target
 
 
-def join_phases(runs: list[tuple[str, str | os.PathLike]]) -> tuple[pd.DataFrame, list[tuple[float, str]]]:
+def join_phases(runs: list[tuple[str, str | os.PathLike | None]]) -> tuple[pd.DataFrame, list[tuple[float, str]]]:
     """Metrics of consecutive phase runs on one epoch axis, and the (position, label) of each phase's start."""
     frames, boundaries, offset = [], [], 0
     for phase, run_dir in runs:
+        if run_dir is None:  # a phase the pipeline skipped
+            continue
         metrics = read_metrics(run_dir)
         boundaries.append((offset - 0.5, phase))
         if len(metrics):
@@ -324,19 +330,37 @@ def join_phases(runs: list[tuple[str, str | os.PathLike]]) -> tuple[pd.DataFrame
     return joined, boundaries
 
 
-def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, str | os.PathLike]],
-                          title: str = "") -> Path:
-    """``<phases_dir>/curves.png`` (all phases, boundaries marked) and ``pipeline.json`` (run dirs, results)."""
+def _run_rows(runs: list[tuple[str, str | os.PathLike | None]], skipped: dict[str, str]) -> list[dict[str, Any]]:
+    results = []
+    for phase, run_dir in runs:
+        if run_dir is None:
+            results.append({"phase": phase, "run_dir": None, "skipped": skipped.get(phase, True)})
+            continue
+        summary = read_summary(run_dir) if (Path(run_dir) / SUMMARY_FILE).is_file() else {}
+        results.append({"phase": phase, "run_dir": str(run_dir), "status": summary.get("status"),
+                        "best_val_acc": summary.get("best_val_acc"), "best_epoch": summary.get("best_epoch"),
+                        "image_size": summary.get("image_size"), "trainable_params": summary.get("trainable_params"),
+                        "kept_start": summary.get("kept_start"), "planned_steps": summary.get("planned_steps"),
+                        "taken_steps": summary.get("taken_steps"), "trained_on": summary.get("trained_on")})
+    return results
+
+
+def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, str | os.PathLike | None]],
+                          title: str = "", skipped: dict[str, str] | None = None,
+                          refit: list[tuple[str, str | os.PathLike | None]] | None = None,
+                          final_checkpoint: str | None = None) -> Path:
+    """``<phases_dir>/curves.png`` (all phases, boundaries marked) and ``pipeline.json`` (run dirs, results; the
+    phases the pipeline skipped, with why; the refit runs and the checkpoint the pipeline ends with)."""
     phases_dir = Path(phases_dir)
     phases_dir.mkdir(parents=True, exist_ok=True)
     joined, boundaries = join_phases(runs)
     if len(joined):
         plot_curves(joined, phases_dir / "curves.png", title=title or "pipeline", boundaries=boundaries)
-    results = []
-    for phase, run_dir in runs:
-        summary = read_summary(run_dir) if (Path(run_dir) / SUMMARY_FILE).is_file() else {}
-        results.append({"phase": phase, "run_dir": str(run_dir), "status": summary.get("status"),
-                        "best_val_acc": summary.get("best_val_acc"), "best_epoch": summary.get("best_epoch"),
-                        "image_size": summary.get("image_size"), "trainable_params": summary.get("trainable_params")})
-    write_json(phases_dir / PIPELINE_FILE, {"phases": results})
+    report: dict[str, Any] = {"phases": _run_rows(runs, skipped or {})}
+    if refit:
+        report["refit"] = _run_rows(refit, {p: "takes no step: hands its predecessor's refit on"
+                                            for p, d in refit if d is None})
+    if final_checkpoint:
+        report["final_checkpoint"] = final_checkpoint
+    write_json(phases_dir / PIPELINE_FILE, report)
     return phases_dir / "curves.png"

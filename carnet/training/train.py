@@ -38,8 +38,10 @@ from carnet.training.builders import (
 )
 from carnet.training.console import quiet_lightning
 from carnet.training.finite import StopOnNonFinite
+from carnet.training.refit import REFIT_DIR, Refit, refit_config, wants_plain_refit
 from carnet.training.resume import check_resumable, continue_in_place, scheduler_job_id
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
+from carnet.training.stopping import stopping_callbacks
 from carnet.training.tune import tune
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             artifacts.start()
         try:
-            return _train(cfg, run_dir, artifacts, is_rank_zero)
+            summary = _train(cfg, run_dir, artifacts, is_rank_zero)
+            if wants_plain_refit(cfg) and summary.get("status") == "completed":
+                print(f"refit on every photo: {run_dir / REFIT_DIR}")
+                train(refit_config(cfg, run_dir))
+            return summary
         except BaseException as err:
             signum = stopping_signal(err)
             if is_rank_zero:
@@ -141,11 +147,14 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         check_resumable(cfg.resume, cfg.model.name, cfg.head, len(cfg.data.class_names))
     if cfg.model.pretrained and not cfg.model.get("weights"):
         check_pretrained_available(cfg.model.name)  # offline: one line in a second, not a minute of retries
+    refit = Refit.from_config(cfg)  # refit_from=RUN: this run trains every photo for RUN's chosen length
     callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
     datamodule.setup("fit")
+    if refit is not None:
+        refit.prepare(cfg, datamodule)  # every photo trains; no validation
     if is_rank_zero:
         datamodule.write_split(run_dir / SPLIT_FILE)
     if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
@@ -164,10 +173,15 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
         **budget,
         "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
+        "trained_on": "train",  # which photos trained the weights it hands on; a refit: train+val
     })
     artifacts.best_checkpoint = run_dir / "checkpoints" / "best.ckpt"
     guard = StopOnNonFinite(lr=cfg.optimizer.get("lr"))
-    trainer = build_trainer(cfg, run_dir, [*callbacks, guard, artifacts])  # artifacts last: it records what they did
+    stopping = stopping_callbacks(cfg, budget["steps_per_epoch"])  # after the phase: it counts from its start
+    if refit is not None:
+        stopping += refit.callbacks(budget["planned_steps"])
+        artifacts.summary.update(refit.summary_fields())
+    trainer = build_trainer(cfg, run_dir, [*callbacks, *stopping, guard, artifacts])  # artifacts last: it records
     with warnings.catch_warnings():
         if cfg.get("resume") and Path(cfg.resume).parent.resolve() == (run_dir / "checkpoints").resolve():
             # A run continued in its own folder finds its checkpoints there, as it should.
