@@ -10,7 +10,7 @@ DEMO_DATA ?= demo_data
 DEMO_RUN ?= outputs/demo
 DATA ?= data
 
-.PHONY: install demo data pipeline test test-all lint clean
+.PHONY: install demo data pipeline test test-all test-lowest lint clean
 
 install: $(STAMP)
 
@@ -37,7 +37,7 @@ data: install
 	test -f $(VENV)/.installed-data || { $(PY) -m pip install -q -e '.[data]' && touch $(VENV)/.installed-data; }
 	$(VENV)/bin/carnet-download --root $(DATA)
 
-# Progressive unfreezing: phases head -> unfreeze_half -> unfreeze_3q -> unfreeze_all -> finetune_448 (carnet/training/pipeline.py).
+# Progressive unfreezing: the phases of conf/phase in their init_from order (carnet-pipeline --help lists them).
 # DATA=dir MODEL=name (conf/model) ARGS='more Hydra overrides, or PHASE:key=value for one phase'.
 MODEL ?=
 ARGS ?=
@@ -60,8 +60,18 @@ test: install
 test-all: install
 	$(PY) -m pytest -q
 
+# The fast tests again on the lowest versions pyproject.toml allows: .ci/lowest.py pins its floors into
+# $(LOWEST) on top of .venv (torch stays .venv's); rebuilt when pyproject.toml changes.
+LOWEST := .venv-lowest
+$(LOWEST)/.installed: pyproject.toml .ci/lowest.py $(STAMP)
+	$(PY) .ci/lowest.py $(LOWEST)
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -m pytest -m "not slow" -q
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+	rm -rf outputs multirun .pytest_cache .ruff_cache test-artifacts $(LOWEST)

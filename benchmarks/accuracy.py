@@ -85,8 +85,9 @@ from carnet.config import config_dir  # noqa: E402
 from carnet.data.decode import decode_image  # noqa: E402
 from carnet.data.layout import read_test, scan_train  # noqa: E402
 from carnet.data.transforms import build_eval_transform, build_train_transform  # noqa: E402
+from carnet.summary import read_summary  # noqa: E402
 from carnet.training.head_fit import choose_l2, fit_head, fit_logistic, photo_folds, single_thread  # noqa: E402
-from carnet.training.pipeline import PHASES, split_overrides  # noqa: E402
+from carnet.training.pipeline import phase_order, split_overrides  # noqa: E402
 
 METHODS = ("probe", "headfit", "finetune", "carnet")
 SUMMARY_KEYS = ("best_val_acc", "best_val_loss", "best_epoch", "start_val_acc", "start_val_loss", "kept_start",
@@ -138,8 +139,7 @@ class EvalView:
     every method's test photos (and the probe's training photos) get, so that only training differs."""
 
     def __init__(self, data_config: dict[str, Any], image_size: int) -> None:
-        self.transform = build_eval_transform(image_size, data_config["mean"], data_config["std"],
-                                              data_config.get("interpolation", "bicubic"),
+        self.transform = build_eval_transform(image_size, data_config.get("interpolation", "bicubic"),
                                               float(data_config.get("crop_pct", 1.0)))
         # carnet's view ends in uint8 pixels (its network normalises them); the baselines' plain timm models
         # take normalised floats, so normalise here, as carnet's Normalize does.
@@ -170,7 +170,6 @@ class AugmentedView(EvalView):
         steps = OmegaConf.create({"image_size": image_size, "augment": OmegaConf.load(
             config_dir() / "augment" / f"{augment}.yaml")})
         self.transform = build_train_transform(OmegaConf.to_container(steps.augment.train, resolve=True), image_size,
-                                               data_config["mean"], data_config["std"],
                                                data_config.get("interpolation", "bicubic"),
                                                float(data_config.get("crop_pct", 1.0)))
         self.transform.set_random_seed(seed)
@@ -412,11 +411,11 @@ def phase_rows(run_dirs: dict[str, Path], phases: Sequence[str]) -> list[dict[st
     rows = []
     for phase in phases:
         path = run_dirs.get(phase)
-        if path is None or not (path / "summary.json").is_file():
+        summary = read_summary(path, missing_ok=True) if path is not None else None
+        if summary is None:
             rows.append({"phase": phase, "run_dir": None, "skipped": True})
             continue
-        summary = json.loads((path / "summary.json").read_text())
-        rows.append({"phase": phase, "run_dir": str(path), **{k: summary.get(k) for k in SUMMARY_KEYS}})
+        rows.append({"phase": phase, "run_dir": str(path), **{k: getattr(summary, k) for k in SUMMARY_KEYS}})
     return rows
 
 
@@ -461,8 +460,7 @@ def run_carnet(seed: int, ctx: dict[str, Any], args: argparse.Namespace, name: s
     ran = [p for p in phases if not p.get("skipped")]
     if final is None:
         last = ran[-1]
-        final = json.loads((Path(last["run_dir"]) / "summary.json").read_text()).get("phase_checkpoint") \
-            or str(phases_dir / f"{last['phase']}.ckpt")
+        final = read_summary(last["run_dir"]).phase_checkpoint or str(phases_dir / f"{last['phase']}.ckpt")
     result = {"val_acc": ran[-1]["best_val_acc"], "phases": phases, "refit": refit_rows, "checkpoint": final,
               "train_seconds": round(sum(seconds.values()), 1)}
     device = "cuda" if ctx["device"].type == "cuda" else "cpu"
@@ -607,7 +605,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="tf_efficientnet_lite0", help="conf/model name (or a timm name)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--phases", default=",".join(PHASES), help="carnet phases in order, comma-separated")
+    ap.add_argument("--phases", default=",".join(phase_order()), help="carnet phases in order, comma-separated")
     ap.add_argument("--via", choices=("phases", "pipeline"), default="phases",
                     help="carnet: one train.py command per phase, or one carnet.training.pipeline command")
     ap.add_argument("--image-size", type=int, default=224, help="probe and fine-tune size; carnet phases that do "

@@ -255,10 +255,12 @@ def loader_rate(a: argparse.Namespace, root: Path, batch_size: int, tmp: Path) -
     """images/s of carnet's training loader alone: every worker, batches copied to the device, no model."""
     from lightning_fabric.utilities.apply_func import move_data_to_device
 
+    from carnet.runtime import resolve_runtime
     from carnet.training.builders import build_datamodule, build_module
 
     cfg = train_cfg(a, root, batch_size, tmp / "loader")
-    dm = build_datamodule(cfg, build_module(cfg))
+    runtime = resolve_runtime(cfg)
+    dm = build_datamodule(cfg, build_module(cfg, runtime), runtime)
     dm.setup("fit")
     start, images = None, 0
     batches = iter(dm.train_dataloader())
@@ -297,16 +299,17 @@ def predict_rates(a: argparse.Namespace, root: Path, batch_size: int, tmp: Path)
     from carnet.inference.runner import Runner
     from carnet.inference.selection import Images
     from carnet.models.checkpoint import load_checkpoint
-    from carnet.training.module import CarClassifier
+    from carnet.runtime import inference_amp
     from tests.helpers.config import compose_cfg
+    from tests.helpers.recipe import classifier
 
-    module = CarClassifier(a.model, [f"class {k}" for k in range(10)], {"_target_": "carnet.models.heads.LinearHead"},
-                           image_size=a.image_size)
+    module = classifier(model_name=a.model, class_names=[f"class {k}" for k in range(10)], image_size=a.image_size)
     ckpt = tmp / "predict.ckpt"
     torch.save({"state_dict": module.state_dict(), "carnet": module.inference_meta()}, ckpt)
     del module
     photos = sorted((root / "photos").glob("*.jpg"))
-    runner = Runner(device=DEVICE, batch_size=batch_size, num_workers=a.workers, channels_last=True)
+    runner = Runner(device=DEVICE, batch_size=batch_size, num_workers=a.workers, channels_last=True,
+                    amp=inference_amp("auto", DEVICE), draft=True)
 
     def run_predict(views: int) -> float:
         cfg = compose_cfg([f"ckpt={ckpt}", f"images={root / 'photos'}", f"out={tmp / f'pred_{views}.csv'}",

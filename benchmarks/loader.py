@@ -32,9 +32,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate  # noqa: E402
 from torchvision import datasets  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from carnet.data.datamodule import CarDataModule, default_num_workers  # noqa: E402
+from carnet.data.datamodule import CarDataModule  # noqa: E402
 from carnet.data.decode import decode_image  # noqa: E402
+from carnet.runtime import default_num_workers  # noqa: E402
 from tests.helpers.config import compose_cfg  # noqa: E402
+from tests.helpers.recipe import data_module  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -127,7 +129,7 @@ def bench_size(root: Path, size: int, workers: int, batch_size: int, repeats: in
     class_names = sorted((p.name for p in (root / "train").iterdir() if p.is_dir()), key=int)
     common = dict(root=root, class_names=class_names, image_size=size, batch_size=batch_size,
                   num_workers=workers, verify=False, val_fraction=0.05, augment=light_augment(size))
-    module = CarDataModule(**common)
+    module = data_module(**common)  # conf/'s data recipe with these changes
     module.setup("fit")
     train_rows = module.split[module.split.split == "train"]
     wanted = {str((root / p).resolve()) for p in train_rows.path}
@@ -137,7 +139,7 @@ def bench_size(root: Path, size: int, workers: int, batch_size: int, repeats: in
     folder.imgs = folder.samples
     assert len(folder) == len(train_rows), "baseline and carnet must read the same files"
 
-    cached = CarDataModule(**common, cache="memory")
+    cached = data_module(**common, cache="memory")
     cached.split = module.split
     t0 = time.perf_counter()
     cached_loader = cached.train_dataloader()  # decodes every image once into memory, before workers fork

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from carnet.data.decode import decode_image
 from carnet.data.layout import read_test
 from carnet.inference.predict import predict
-from carnet.training.module import CarClassifier
+from tests.helpers.recipe import classifier
 from tests.helpers.reference import eval_transform
 
 CLASS_NAMES = [f"class {k}" for k in range(10)]
@@ -40,7 +40,7 @@ CLASS_NAMES = [f"class {k}" for k in range(10)]
 
 def make_checkpoint(path: Path, model: str, image_size: int) -> dict:
     """A carnet checkpoint of ``model`` with random weights (what read_checkpoint/load_checkpoint need)."""
-    module = CarClassifier(model, CLASS_NAMES, {"_target_": "carnet.models.heads.LinearHead"}, image_size=image_size)
+    module = classifier(model_name=model, class_names=CLASS_NAMES, image_size=image_size)
     meta = module.inference_meta()
     torch.save({"state_dict": module.state_dict(), "carnet": meta}, path)
     return meta

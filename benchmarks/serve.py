@@ -67,18 +67,16 @@ class RawForward:
     def __init__(self, ckpt: Path, image: bytes, threads: int) -> None:
         import torch
 
-        from carnet.data.decode import decode_min_side
-        from carnet.data.transforms import build_eval_transform
+        from carnet.data.eval_view import EvalView
         from carnet.models.checkpoint import load_checkpoint
         from carnet.serving.upload import decode_upload
 
         torch.set_num_threads(threads)
         self.torch = torch
         self.net, meta = load_checkpoint(ckpt)
-        transform = build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                         meta["crop_pct"])
-        # The service's decode (reduced-scale JPEG down to what the eval view needs): the same input it classifies.
-        self.x = transform(image=decode_upload(image, min_side=decode_min_side(transform)))["image"][None].contiguous()
+        view = EvalView.of(meta)
+        # The service's decode (reduced-scale JPEG down to what the eval view needs) and view: what it classifies.
+        self.x = torch.from_numpy(view.batch(decode_upload(image, min_side=view.resize_to)))
 
     def time(self, runs: int) -> tuple[list[float], list[float]]:
         """(wall ms, CPU ms) of ``runs`` forwards after 5 warm-up ones."""

@@ -39,8 +39,8 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from carnet.runtime import resolve_runtime  # noqa: E402
 from carnet.training.builders import build_module, build_trainer  # noqa: E402
-from carnet.training.optim import resolve_fused  # noqa: E402
 from carnet.training.run_dir import RunArtifacts  # noqa: E402
 from tests.helpers.config import compose_cfg  # noqa: E402
 
@@ -86,8 +86,9 @@ def batches(data: Path, cfg: DictConfig, n_images: int, batch_size: int) -> Data
     from carnet.data.datamodule import CarDataModule
     from carnet.training.builders import build_datamodule
 
-    module = build_module(cfg)
-    dm: CarDataModule = build_datamodule(cfg, module)
+    runtime = resolve_runtime(cfg)
+    module = build_module(cfg, runtime)
+    dm: CarDataModule = build_datamodule(cfg, module, runtime)
     dm.root, dm.num_workers, dm.verify = data, 0, False
     dm.setup("fit")
     dataset = dm.train_dataloader().dataset
@@ -128,16 +129,18 @@ def bench_model(model: str, data: Path, image_size: int, batch_size: int, steps:
     loader = batches(data, cfg, steps * batch_size, batch_size)
     n_images = steps * batch_size
 
+    runtime = resolve_runtime(cfg)
     torch.manual_seed(0)
-    plain_module = build_module(cfg)
+    plain_module = build_module(cfg, runtime)
     net = plain_module.net
-    optimizer = instantiate(resolve_fused(dict(cfg.optimizer), torch.device("cpu")))(plain_module.param_groups())
+    optimizer = instantiate(plain_module.hparams.optimizer)(plain_module.param_groups())  # fused as resolved
     torch.manual_seed(0)
-    module = build_module(cfg)
+    module = build_module(cfg, runtime)
 
     interleave = Interleave(plain_loop(net, optimizer, loader, cfg.label_smoothing))
     cfg.trainer.max_epochs = repeats + 1  # the first epoch of each is a warm-up (allocator, first-touch memory)
-    trainer = build_trainer(cfg, tmp / model, [interleave, RunArtifacts(tmp / model, {"model": model})])
+    artifacts = RunArtifacts(tmp / model, {"model": model}, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
+    trainer = build_trainer(cfg, tmp / model, [interleave, artifacts], runtime)
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     fit_s = time.perf_counter() - start - sum(map(sum, interleave.plain))

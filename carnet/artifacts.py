@@ -1,35 +1,28 @@
-"""The run directory's contract: file names, atomic writers and readers of ``metrics.csv`` and ``summary.json``.
+"""The run directory's contract: file names, atomic writers and the reader of ``metrics.csv``.
 
 Every later tool (phases, reports, sweeps, predict) reads these files, never a logger's internals, so they are
-written by carnet whatever loggers a run uses (:class:`carnet.training.run_dir.RunArtifacts`).
-``summary.json`` exists from a run's first moment with ``status: running`` and ends as ``completed`` or
-``failed``, so unfinished runs can be told apart.
+written by carnet whatever loggers a run uses (:class:`carnet.training.run_dir.RunArtifacts`). ``summary.json``,
+the record of how the run went, has a module of its own: :mod:`carnet.summary`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt
 import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-METRICS_FILE, CURVES_FILE, SUMMARY_FILE, SPLIT_FILE = "metrics.csv", "curves.png", "summary.json", "split.csv"
-EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "lr_backbone", "seconds"]
+METRICS_FILE, CURVES_FILE, SPLIT_FILE = "metrics.csv", "curves.png", "split.csv"  # summary.json: carnet/summary.py
+# metrics.csv, one row per epoch, epochs counted from 1 (carnet/summary.py): `epoch_seconds` is that epoch's time
+# (training and validation, as the console prints it), `elapsed_seconds` the run's time at its end.
+EPOCH_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "lr_backbone",
+                 "epoch_seconds", "elapsed_seconds"]
 
 
 def _umask() -> int:
@@ -107,95 +100,22 @@ def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns=safe)
 
 
-def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """A run's summary.json as a dict (a clear error if the run has none).
-
-    A run killed outright (kill -9, a lost machine) never writes its end, so its file still says ``running``: when
-    the process it names is gone from this host, the run is reported as ``interrupted``.
-    """
-    path = Path(run_dir) / SUMMARY_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a carnet run directory")
-    summary = json.loads(path.read_text())
-    if summary.get("status") == "running" and not _process_alive(summary.get("pid"), summary.get("host")):
-        summary.update(status="interrupted", error="the run's process ended without finishing (killed?)")
-    return summary
-
-
-def _process_alive(pid: Any, host: Any) -> bool:
-    """Whether ``pid`` on ``host`` may still be running (True when this host cannot tell: another machine)."""
-    if not isinstance(pid, int) or host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """A run's per-epoch metrics.csv (empty frame with the standard columns if no epoch finished)."""
+    """A run's per-epoch metrics.csv (empty frame with the standard columns if no epoch finished).
+
+    A file written before epochs were counted from 1 (its cumulative time is a ``seconds`` column) is read as one
+    written now: its epochs moved up by one, its ``seconds`` as ``elapsed_seconds`` and their steps as
+    ``epoch_seconds``."""
     path = Path(run_dir) / METRICS_FILE
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=EPOCH_COLUMNS)
+    if not path.is_file():
+        return pd.DataFrame(columns=EPOCH_COLUMNS)
+    return upgrade_metrics(pd.read_csv(path))
 
 
-def epoch_axis(ax: Axes, epochs: Iterable[float]) -> None:
-    """Whole epochs on the x axis, half an epoch of room either side: a 1-epoch run is one point at epoch 0, not a
-    -0.05..0.05 axis with fractional ticks."""
-    values = [int(e) for e in epochs if e == e]  # NaN-free
-    if not values:
-        return
-    lo, hi = min(values), max(values)
-    if hi - lo <= 20:
-        ax.set_xticks(range(lo, hi + 1))
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(lo - 0.5, hi + 0.5)
-
-
-def accuracy_axis(ax: Axes, values: Iterable[float]) -> None:
-    """Accuracy from a floor on the 0.1 grid at least 0.05 below the lowest value, up to 1: a gap between runs or
-    epochs is drawn at its real size (0.100 vs 0.107 does not fill the plot), and good runs still stand apart."""
-    finite = [float(v) for v in values if v == v]
-    lowest = min(finite, default=0.0)
-    ax.set_ylim(max(0.0, math.floor((lowest - 0.05) * 10) / 10), 1.0)
-
-
-def plot_curves(metrics: pd.DataFrame, path: str | os.PathLike, title: str = "",
-                boundaries: list[tuple[float, str]] | None = None) -> Figure:
-    """Accuracy and loss per epoch, train and val, side by side; optional labelled vertical boundaries (a pipeline's
-    phases). Returns the (closed) figure, so that its axes can be read back."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    x = metrics["epoch"] if "epoch" in metrics else pd.Series(range(len(metrics)))
-    for ax, name in ((ax_acc, "acc"), (ax_loss, "loss")):
-        for split, style in (("train", "o-"), ("val", "s-")):
-            column = f"{split}/{name}"
-            if column in metrics and metrics[column].notna().any():
-                ax.plot(x, metrics[column], style, label=split, markersize=3, clip_on=False)
-        for position, label in boundaries or []:
-            ax.axvline(position, color="grey", linestyle="--", linewidth=0.8)
-            ax.text(position, 1.0, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
-        epoch_axis(ax, x)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    columns = [c for c in ("train/acc", "val/acc") if c in metrics]
-    accuracy_axis(ax_acc, [v for c in columns for v in metrics[c]])
-    losses = [float(v) for c in ("train/loss", "val/loss") if c in metrics for v in metrics[c] if v == v]
-    if losses:
-        ax_loss.set_ylim(0.0, max(max(losses) * 1.1, 1e-3))
-    if "val/acc" in metrics and metrics["val/acc"].notna().any():
-        # The best epoch as a marker with its value in the legend: a text beside the point would sit on the line or
-        # be clipped at the axis' edge.
-        best = metrics["val/acc"].idxmax()
-        ax_acc.plot([x[best]], [metrics["val/acc"][best]], "*", color="tab:red", markersize=11, zorder=3,
-                    clip_on=False, label=f"best val/acc {metrics['val/acc'][best]:.4f} (epoch {int(x[best])})")
-    for ax in (ax_acc, ax_loss):
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return fig
+def upgrade_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Rows of metrics.csv as they are written now, from rows written before epochs counted from 1 (or as given)."""
+    if "seconds" not in metrics or "elapsed_seconds" in metrics:
+        return metrics
+    elapsed = metrics.pop("seconds")
+    return metrics.assign(epoch=metrics["epoch"] + 1, epoch_seconds=elapsed.diff().fillna(elapsed).round(2),
+                          elapsed_seconds=elapsed)

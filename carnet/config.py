@@ -1,4 +1,4 @@
-"""Where carnet's Hydra configs live, and the OmegaConf resolvers they use.
+"""Where carnet's Hydra configs live, the OmegaConf resolvers they use, and what a run asks of Hydra and OmegaConf.
 
 ``conf/`` sits at the top of a source checkout and is installed inside the package (``carnet/conf``, package
 data), so a plain ``pip install`` trains, predicts and runs the pipeline with the same configs.
@@ -15,8 +15,11 @@ Resolvers are registered when ``carnet`` is imported, before Hydra composes a co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from carnet.errors import CarnetError
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -40,6 +43,30 @@ def phases_dir(base: str) -> str:
         if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.runtime.output_dir:
             return f"{hydra_cfg.runtime.output_dir}/phases"
     return f"{base}/phases"
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers as plain dicts and lists (resolved), anything else as it is: what checkpoints, hparams
+    and comparisons keep, so that they stay simple to read and compare."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The Hydra run (or sweep job) directory; ``cfg.run_dir`` when called outside ``@hydra.main``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise CarnetError("no run directory: call train() from @hydra.main or set run_dir=PATH in the config")
+
+
+def overrides_of(cfg: DictConfig) -> list[str]:
+    """The command-line overrides of this run (for reports that compare runs)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def register() -> None:

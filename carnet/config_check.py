@@ -12,8 +12,9 @@ ranges, and the message must say what to type. The rules are data (:class:`Numbe
 them next to typed defaults later moves rows, not logic. A key a config does not have is skipped (an option of
 another group); Hydra has already refused keys that do not exist.
 
-Lightning's own Trainer arguments (``accelerator``, ``devices``, ``precision``, ``max_epochs``) are not here:
-Lightning checks them.
+Lightning's own Trainer arguments (``accelerator``, ``devices``, ``precision``) are not here: Lightning checks them.
+``trainer.max_epochs`` is, because Lightning accepts 0 and -1 (endless), with which a run would end at once as
+``completed`` without a checkpoint, or never.
 """
 
 from __future__ import annotations
@@ -28,15 +29,10 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from carnet.config import plain
 from carnet.data.cache import CACHE_MODES
-from carnet.data.datamodule import DECODE_MODES
-from carnet.errors import CarnetError
-from carnet.training.finetune import BN_POLICIES
-from carnet.training.tune import MODES as TUNE_MODES
-
-
-class ConfigError(CarnetError):
-    """A config value a user typed is not one carnet can run with; the message names the key and what it expects."""
+from carnet.errors import ConfigError
+from carnet.runtime import DECODE_MODES
 
 
 class Rule(Protocol):
@@ -175,6 +171,14 @@ class TorchDevice:
         return "auto or a torch device (cpu, cuda, cuda:1)"
 
 
+# Choice lists of training keys, here rather than beside their code so that predict, which checks its values here
+# too, imports no training (docs/architecture.md, "Layers").
+# What BatchNorm layers do while the backbone is (partly) frozen (carnet.training.finetune.ProgressiveUnfreezing):
+#   frozen:    every backbone BatchNorm keeps its running statistics; unfrozen blocks' scale and shift still train
+#   per_block: BatchNorm of unfrozen blocks re-estimate their statistics, frozen blocks keep theirs
+#   train:     every BatchNorm re-estimates its statistics and trains, frozen blocks too (fastai's train_bn)
+BN_POLICIES = ("frozen", "per_block", "train")
+TUNE_MODES = ("lr_find",)  # tune.mode (carnet.training.tune)
 # What CarClassifier logs once per validation epoch: what checkpoints and ReduceLROnPlateau can follow.
 MONITORED = ("val/loss", "val/acc")
 # torch.optim.lr_scheduler.CyclicLR's modes (torch keeps no public list of them).
@@ -226,6 +230,7 @@ TRAIN: tuple[Check, ...] = (
     ("data.dedup_threshold", Number(0, 64, whole=True), "bits of a 64-bit hash"),
     ("data.cache", OneOf(CACHE_MODES), ""),
     ("data.decode", OneOf(DECODE_MODES), ""),
+    ("trainer.max_epochs", COUNT, "epochs; budget.min_steps may add more"),
     ("trainer.accumulate_grad_batches", COUNT, ""),
     ("trainer.gradient_clip_val", optional(NON_NEGATIVE), ""),
     ("trainer.log_every_n_steps", COUNT, ""),
@@ -266,8 +271,7 @@ _ABSENT = object()
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return plain(OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False))
 
 
 def problems(cfg: DictConfig, checks: Sequence[Check]) -> list[str]:

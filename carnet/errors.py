@@ -1,9 +1,16 @@
-"""The one base class of carnet's own errors.
+"""carnet's own errors, all of them, and how an entry point ends on one.
 
-Every error that means "the input is not what carnet expects" (a data folder, a checkpoint, a config value)
-derives from :class:`CarnetError`; its message names the file, key or value and says what was expected.
-Entry points print it as one line and exit non-zero; anything else is a bug and keeps its traceback.
-A run stopped by a signal is neither: :class:`RunInterrupted` carries the line that says how to continue it.
+Every error that means "the input is not what carnet expects" (a data folder, a checkpoint, a config value, an
+upload) is a :class:`CarnetError`; its message names the file, key or value and says what was expected. Entry
+points print it as one line and exit non-zero (:func:`exit_on_error`), the service answers it with its HTTP status;
+anything else is a bug and keeps its traceback. A run stopped by a signal is neither: :class:`RunInterrupted`
+carries the line that says how to continue it.
+
+Why one module for all of them, not each beside the code that raises it: a layer catches the errors of the layers
+below it (predict and a phase turn a :class:`CheckpointError` into their own message) and should not import a
+layer's heavy modules for a name (the ONNX service stays free of torch); and what can go wrong is listed in one
+place, every kind a :class:`CarnetError` (tests/test_layers.py holds that). This module imports nothing of carnet,
+so every layer may import it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,124 @@ from contextlib import contextmanager
 
 class CarnetError(ValueError):
     """Bad input to carnet: the message alone tells the user what to fix. (A ValueError for older callers.)"""
+
+
+# Data on disk (carnet.data).
+
+
+class DataError(CarnetError):
+    """The dataset on disk is not in the layout or state carnet expects; the message says what and where."""
+
+
+class CacheError(CarnetError):
+    """A cache setting is invalid; the message names the key and the expected values."""
+
+
+# Run records (carnet.summary).
+
+
+class SummaryError(CarnetError):
+    """A summary.json that cannot be read: not JSON, not a summary, or written by a newer carnet."""
+
+
+# Config values a user typed (carnet.config_check).
+
+
+class ConfigError(CarnetError):
+    """A config value a user typed is not one carnet can run with; the message names the key and what it expects."""
+
+
+# Models, weights and checkpoints (carnet.models).
+
+
+class CheckpointError(CarnetError):
+    """A checkpoint cannot be read or is not a carnet checkpoint; the message names the file."""
+
+
+class WeightsError(CarnetError):
+    """A weights file does not fit the backbone; the message names the file and the keys."""
+
+
+class PretrainedUnavailable(CarnetError):
+    """Pretrained weights are neither cached nor downloadable; the message says how to run offline."""
+
+
+# Training runs (carnet.training).
+
+
+class PhaseError(CarnetError):
+    """A run cannot start from a checkpoint (a phase's predecessor, ``resume=``): it is missing or does not fit; the
+    message says what to do."""
+
+
+class RefitError(CarnetError):
+    """A refit cannot follow its selection run (missing, unfinished, or not a run), or ``refit=true`` was asked
+    where it cannot apply (a single phase run)."""
+
+
+class NonFiniteError(CarnetError):
+    """Training diverged: a loss or a weight is NaN or infinite."""
+
+
+class RunDirBusy(CarnetError):
+    """Another live run owns this run directory."""
+
+
+class RunDirNotWritable(CarnetError):
+    """The run directory cannot be created or written (a read-only folder or file system)."""
+
+
+# Prediction and export (carnet.inference).
+
+
+class PredictError(CarnetError):
+    """predict cannot go on as configured; the message names the file, key or value at fault."""
+
+
+class ExportError(CarnetError):
+    """An export or an exported file is not usable; the message names the file and what is wrong."""
+
+
+class TTAError(CarnetError):
+    """A TTA setting is invalid; the message names the key and what is expected."""
+
+
+# The web service (carnet.serving): each answered with its HTTP status, the message as the reason.
+
+
+class BadUpload(CarnetError):
+    """The request does not carry a usable upload; the message says why (answered as 400)."""
+
+
+class BadImage(BadUpload):
+    """The uploaded bytes are not a usable image; the message says why (answered as 400)."""
+
+
+class ServerBusy(CarnetError):
+    """This process cannot take the request now (answered as 503 with Retry-After); the message says why."""
+
+
+class ModelLoadError(CarnetError):
+    """The checkpoint / ONNX file cannot be served; the message names the file."""
+
+
+try:  # the error gunicorn's worker reports in one line (and its master stops on, exit status 4)
+    from gunicorn.errors import AppImportError
+except ImportError:  # no gunicorn (another WSGI server, the development server): a plain CarnetError then
+    AppImportError = CarnetError  # type: ignore[assignment,misc]
+
+
+class ModelNotLoaded(ModelLoadError, AppImportError):
+    """The model cannot be loaded when the app is created (a missing file, not a checkpoint, NaN weights, ...).
+
+    Also gunicorn's ``AppImportError``: a gunicorn worker then prints this one line instead of two tracebacks,
+    and the master stops with "App failed to load." and exit status 4 instead of restarting workers that cannot
+    boot. A ModelLoadError for everyone else (``carnet-serve`` prints it as one line and exits 2).
+    """
+
+
+class ModelUnavailable(CarnetError):
+    """The model cannot be loaded (answered 503); the message is safe to show: ours, or the error's type only."""
 
 
 class RunInterrupted(SystemExit):

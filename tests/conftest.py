@@ -19,6 +19,19 @@ from tests.helpers.runs import run_script
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run where torch sees a CUDA device and skip elsewhere, saying why (`pytest -m gpu` selects them)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch  # only when a gpu test was collected
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="gpu: needs a CUDA device (torch.cuda.is_available() is False here)")
+        for item in gpu:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 10-class synthetic dataset in the Kaggle layout: 4 train images per class, 6 test images."""
@@ -59,12 +72,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from carnet.training.module import CarClassifier
+    from tests.helpers.recipe import classifier
 
     pl.seed_everything(0, verbose=False)
-    module = CarClassifier("test_efficientnet", [f"car {k}" for k in range(10)],
-                           head={"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0}, image_size=64,
-                           optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2})
+    module = classifier(class_names=[f"car {k}" for k in range(10)],
+                        head={"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0},
+                        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2}, scheduler=None,
+                        label_smoothing=0.0)
     images = F.interpolate(torch.rand(32, 3, 4, 4) * 255, size=64, mode="bilinear")  # smooth colour fields, 0..255
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -79,4 +93,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         linear.bias.copy_(-linear.weight @ features.mean(0))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_checkpoint`` exported with carnet-export's code (uint8 input, the metadata inside the file)."""
+    from carnet.inference.export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(tiny_checkpoint, path, check=False)
     return path

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from carnet.data.datamodule import CarDataModule
 from carnet.tools.audit import main as audit_main
 from carnet.tools.demo import CLASS_NAMES, render
+from tests.helpers.recipe import data_module
 
 
 def _shrink(src: Path, dst: Path, factor: float = 0.5, quality: int = 70) -> None:
@@ -74,7 +74,7 @@ def test_audit_finds_planted_duplicates_leaks_and_conflicts(planted: dict, tmp_p
 
 def test_dedup_drops_training_twins_of_validation_images(tiny_data: Path, tmp_path: Path) -> None:
     kwargs = dict(root=tiny_data, class_names=CLASS_NAMES, num_workers=0, seed=5, verify=False)
-    plain = CarDataModule(**kwargs)
+    plain = data_module(**kwargs)
     plain.setup()
     val = plain.split[plain.split.split == "val"].head(3)
     twins = tmp_path / "twins"
@@ -83,10 +83,10 @@ def test_dedup_drops_training_twins_of_validation_images(tiny_data: Path, tmp_pa
     render(0, seed=9, key=9).save(twins / "0" / "unrelated.jpg")
     (tmp_path / "twins.yaml").write_text(f"name: twins\ntype: folder\npath: {twins}\n")
 
-    kept = CarDataModule(**kwargs, extra=[str(tmp_path / "twins.yaml")])
+    kept = data_module(**kwargs, extra=[str(tmp_path / "twins.yaml")])
     kept.setup()
     assert (kept.split.source == "twins").sum() == 4
-    dm = CarDataModule(**kwargs, extra=[str(tmp_path / "twins.yaml")], dedup=True)
+    dm = data_module(**kwargs, extra=[str(tmp_path / "twins.yaml")], dedup=True)
     dm.setup()
     assert sorted(Path(p).name for p in dm.dedup_dropped.path) == sorted(f"twin_{Path(p).name}" for p in val.path)
     assert set(dm.dedup_dropped.val_twin) == set(val.path)

@@ -1,15 +1,21 @@
-"""Phase budgets in optimizer steps: tiny data gets more epochs, Kaggle-sized data keeps its epochs."""
+"""Phase budgets in optimizer steps (carnet.training.budget): tiny data gets more epochs, Kaggle-sized data keeps its
+epochs, and the plan counts the steps a run takes."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from carnet.training.builders import budget_epochs, plan_budget, steps_per_epoch
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from carnet.training.budget import budget_epochs, plan_budget, steps_per_epoch
 from tests.helpers.config import compose_cfg
+from tests.helpers.recipe import data_module
 
 
 @pytest.mark.parametrize(("num_train", "batch", "accumulate", "expected"),
-                         [(40, 32, 1, 1), (20, 32, 1, 1), (292, 32, 1, 9), (12_449, 32, 1, 389), (12_449, 32, 2, 194)])
+                         [(40, 32, 1, 1), (20, 32, 1, 1), (292, 32, 1, 9), (12_449, 32, 1, 389), (12_449, 32, 2, 195)])
 def test_steps_per_epoch_drops_the_last_partial_batch(num_train: int, batch: int, accumulate: int,
                                                        expected: int) -> None:
     assert steps_per_epoch(num_train, batch, accumulate) == expected
@@ -27,3 +33,32 @@ def test_plan_budget_sets_the_trainer_epochs_and_reports_the_plan() -> None:
     plan = plan_budget(cfg, num_train=100, batch_size=32)
     assert cfg.trainer.max_epochs == plan["max_epochs"] == 17  # 3 steps an epoch
     assert plan == {"max_epochs": 17, "steps_per_epoch": 3, "planned_steps": 51}
+
+
+class _StepCounter(pl.LightningModule):
+    """The smallest module that takes optimizer steps: Lightning's ``global_step`` counts them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.weight * batch[0].float().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize(("batch_size", "accumulate"), [(7, 1), (8, 3), (5, 4), (64, 1)])
+def test_the_plan_counts_the_optimizer_steps_a_run_takes(tiny_data: Path, batch_size: int, accumulate: int) -> None:
+    """One epoch of the datamodule's own training loader under Lightning's gradient accumulation takes the steps
+    the plan says: the loader's drop_last rule and Lightning's step on a last, shorter accumulation group."""
+    datamodule = data_module(tiny_data, [str(k) for k in range(10)], image_size=32, batch_size=batch_size,
+                             num_workers=0, verify=False)
+    datamodule.setup("fit")
+    num_train = int((datamodule.split.split == "train").sum())
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=accumulate, accelerator="cpu",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(_StepCounter(), train_dataloaders=datamodule.train_dataloader())
+    assert trainer.global_step == steps_per_epoch(num_train, batch_size, accumulate)

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carnet.data.cache import CacheError, ImageCache, decode_resized
-from carnet.data.datamodule import CarDataModule
+from carnet.data.cache import ImageCache, decode_resized
 from carnet.data.decode import DECODE_VERSION, decode_image
+from carnet.errors import CacheError
 from tests.helpers.images import train_jpegs
+from tests.helpers.recipe import data_module
 
 
 @pytest.fixture
@@ -99,8 +100,8 @@ def test_bad_settings_are_clear_errors(tmp_path: Path) -> None:
 
 
 def test_datamodule_memory_cache_fills_once_and_serves_every_epoch(tiny_data: Path) -> None:
-    dm = CarDataModule(tiny_data, [str(k) for k in range(10)], image_size=64, batch_size=8, num_workers=0,
-                       verify=False, cache="memory")
+    dm = data_module(tiny_data, [str(k) for k in range(10)], image_size=64, batch_size=8, num_workers=0,
+                     verify=False, cache="memory")
     dm.setup("fit")
     loader = dm.train_dataloader()  # fills the cache before any worker would fork
     n_train = int((dm.split.split == "train").sum())

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from carnet.errors import CarnetError
-from carnet.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from carnet.errors import CarnetError, CheckpointError
+from carnet.models.checkpoint import load_checkpoint, read_checkpoint
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY

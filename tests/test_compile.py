@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from carnet.models.checkpoint import load_checkpoint, read_checkpoint
 from carnet.models.network import compile_regions, compile_status, use_compile_cache
-from carnet.training.builders import build_module, resolve_compile
+from carnet.runtime import resolve_runtime
+from carnet.training.builders import build_module
 from carnet.training.finetune import ProgressiveUnfreezing, backbone_blocks, unfrozen_block_count
 from carnet.training.module import CarClassifier
+from tests.helpers import recipe
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
 
@@ -49,8 +51,8 @@ def fresh_dynamo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
 def classifier(compile_: Any = False, backend: Any = "aot_eager", model: str = "test_efficientnet",
                seed: int = 0) -> CarClassifier:
     pl.seed_everything(seed, verbose=False)
-    return CarClassifier(model, [f"car {k}" for k in range(4)], HEAD, image_size=32, compile=compile_,
-                         compile_backend=backend, optimizer=ADAMW)
+    return recipe.classifier(model_name=model, class_names=[f"car {k}" for k in range(4)], head=HEAD, image_size=32,
+                             compile=compile_, compile_backend=backend, optimizer=ADAMW, scheduler=None)
 
 
 def compiled_modules(module: nn.Module) -> list[str]:
@@ -85,20 +87,11 @@ def test_regional_falls_back_to_stages_or_the_whole_backbone() -> None:
     assert compile_regions(plain) == [plain]
 
 
-def test_resolve_compile() -> None:
-    assert resolve_compile("regional", "cpu") == "regional"
-    assert resolve_compile(True, "gpu") is True and resolve_compile(False, "gpu") is False
-    assert resolve_compile("auto", "cpu") is False
-    with pytest.raises(ValueError, match=r"model\.compile='fast': expected true, false, regional or auto"):
-        resolve_compile("fast", "gpu")
+def test_an_unknown_compile_backend_is_named() -> None:
+    # model.compile=auto is resolved in carnet.runtime (tests/test_runtime.py), model.compile=fast refused by
+    # carnet.config_check (tests/test_config_values.py).
     with pytest.raises(ValueError, match=r"model\.compile_backend='nope'"):
-        CarClassifier("test_efficientnet", list("ab"), HEAD, compile="regional", compile_backend="nope")
-
-
-def test_auto_compiles_regionally_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the resolver looks
-    assert resolve_compile("auto", "auto") == "regional" and resolve_compile("auto", "gpu") == "regional"
-    assert resolve_compile("auto", "cpu") is False
+        recipe.classifier(compile="regional", compile_backend="nope")
 
 
 def test_compile_cache_is_persistent_and_the_users_choice_wins(monkeypatch: pytest.MonkeyPatch,
@@ -262,6 +255,6 @@ def test_the_run_config_reaches_the_compiled_network(tmp_path: Path, monkeypatch
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     cfg = compose_cfg([*TINY, "model.compile=regional", "model.compile_backend=aot_eager",
                        f"model.compile_cache={tmp_path / 'cache'}"])
-    module = build_module(cfg)
+    module = build_module(cfg, resolve_runtime(cfg))
     assert module.hparams.compile_backend == "aot_eager"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")

@@ -42,6 +42,9 @@ BAD_TRAIN_VALUES = [
     ("model.drop_rate=1", "model.drop_rate=1: expected a number in [0, 1)"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: expected a whole number >= 1"),
     ("scheduler.patience=-1", "scheduler.patience=-1: expected a whole number >= 0 (epochs)"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0: expected a whole number >= 1 (epochs; budget.min_steps may add"),
+    ("model.compile=fast", "model.compile='fast': expected true, false, regional or auto"),
+    ("data.decode=fast", "data.decode='fast': expected cpu, gpu, auto or device"),
 ]
 
 

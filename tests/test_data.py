@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError, read_test, scan_train
+from carnet.data.layout import read_test, scan_train
 from carnet.data.splits import stratified_split
+from carnet.errors import DataError
+from tests.helpers.recipe import data_module
 
 NAMES = [f"class {k}" for k in range(10)]
 
@@ -74,7 +75,7 @@ def test_train_csv_repeated_rows_are_dropped_with_a_warning(data):
         frame = scan_train(data, 10)
     assert table.Id[3] in str(record[0].message) and table.Id[7] in str(record[0].message)
     assert len(frame) == 40 and frame.path.is_unique
-    dm = CarDataModule(data, NAMES, num_workers=0, verify=False)
+    dm = data_module(data, NAMES, num_workers=0, verify=False)
     with pytest.warns(UserWarning, match="repeated row"):
         dm.setup()
     assert dm.split.path.is_unique and len(dm.split) == 40
@@ -109,7 +110,7 @@ def _damage(data: Path, count: int) -> list[Path]:
 
 def test_undecodable_images_are_left_out_with_a_warning(data):
     victims = _damage(data, 2)
-    dm = CarDataModule(data, NAMES, image_size=32, num_workers=0)
+    dm = data_module(data, NAMES, image_size=32, num_workers=0)
     with pytest.warns(UserWarning, match="leaving out 2 image") as record:
         dm.setup("fit")
     message = str(record[0].message)
@@ -119,7 +120,7 @@ def test_undecodable_images_are_left_out_with_a_warning(data):
 
 def test_strict_mode_lists_every_broken_image(data):
     victims = _damage(data, 2)
-    dm = CarDataModule(data, NAMES, image_size=32, num_workers=0, strict=True)
+    dm = data_module(data, NAMES, image_size=32, num_workers=0, strict=True)
     with pytest.raises(DataError) as err:
         dm.setup("fit")
     assert all(str(v) in str(err.value) for v in victims)
@@ -153,13 +154,13 @@ def test_val_fraction_out_of_range_is_an_error(fraction):
 
 
 def test_datamodule_split_file_round_trips(data, tmp_path):
-    dm = CarDataModule(data, NAMES, image_size=32, num_workers=0, seed=3)
+    dm = data_module(data, NAMES, image_size=32, num_workers=0, seed=3)
     dm.setup("fit")
     dm.write_split(tmp_path / "split.csv")
     again = pd.read_csv(tmp_path / "split.csv")
     assert again.equals(dm.split)
     assert set(again.split) == {"train", "val"}
-    dm2 = CarDataModule(data, NAMES, image_size=32, num_workers=0, seed=3)
+    dm2 = data_module(data, NAMES, image_size=32, num_workers=0, seed=3)
     dm2.setup("fit")
     assert dm2.split.equals(dm.split)
 
@@ -168,14 +169,40 @@ def test_loader_workers_draw_different_augmentations(tiny_data):
     """Forked workers must not replay one albumentations stream (the same image gets different views)."""
     from torch.utils.data import DataLoader
 
-    from carnet.data.datamodule import ImageDataset, _seed_worker_augmentations
+    from carnet.data.dataset import ImageDataset, seed_worker_augmentations
     from carnet.data.transforms import build_train_transform
 
     flip_and_crop = [{"_target_": "albumentations.RandomResizedCrop", "size": [32, 32], "scale": [0.2, 1.0]}]
-    transform = build_train_transform(flip_and_crop, 32, (0.5,) * 3, (0.5,) * 3)
+    transform = build_train_transform(flip_and_crop, 32)
     transform.set_random_seed(0)
     path = scan_train(tiny_data, 10).path[0]
     dataset = ImageDataset(tiny_data, [path] * 4, [0] * 4, transform)
-    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=_seed_worker_augmentations)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=seed_worker_augmentations)
     first_of_worker0, first_of_worker1, *_ = [images[0] for images, _ in loader]
     assert not torch.equal(first_of_worker0, first_of_worker1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_set_epoch_makes_an_epoch_draw_the_same_batches_whatever_ran_before(tiny_data, num_workers):
+    """``set_epoch`` seeds an epoch's shuffle, augmentations (in this process or in loader workers) and torch's
+    generator from (seed, epoch) alone, as DistributedSampler.set_epoch does for its shuffle: what a resumed run
+    relies on to repeat the epochs it continues."""
+    crop = [{"_target_": "albumentations.RandomResizedCrop", "size": [32, 32], "scale": [0.2, 1.0]}]
+    dm = data_module(tiny_data, NAMES, image_size=32, batch_size=8, num_workers=num_workers, verify=False,
+                     augment=crop)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+
+    def epoch(number: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        dm.set_epoch(number)
+        batches = [torch.cat([images.flatten(), labels]) for images, labels in loader]
+        return batches, torch.rand(3)  # what the training step draws next (dropout masks)
+
+    second, draws = epoch(2)
+    epoch(5)
+    torch.rand(100)  # anything else drawn in between
+    again, draws_again = epoch(2)
+    assert dm.seeded_epoch == 2
+    assert all(torch.equal(a, b) for a, b in zip(second, again, strict=True)) and torch.equal(draws, draws_again)
+    fifth, _ = epoch(5)
+    assert not all(torch.equal(a, b) for a, b in zip(second, fifth, strict=True))

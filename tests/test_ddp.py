@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from carnet.artifacts import read_summary
 from carnet.models.checkpoint import read_checkpoint
+from carnet.summary import read_summary
 from tests.helpers.overrides import TINY
 from tests.helpers.runs import run_script
 
@@ -21,10 +21,10 @@ def test_ddp_two_cpu_processes_one_epoch(train_run: Callable) -> None:
     log = proc.stdout + proc.stderr
     assert "distributed_backend=gloo" in log and "Starting with 2 processes" in log
     summary = read_summary(run_dir)
-    assert summary["status"] == "completed" and summary["epochs_run"] == 1
+    assert summary.status == "completed" and summary.epochs_run == 1
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert len(metrics) == 1 and metrics["val/acc"].notna().all()  # one row per epoch: rank 0 wrote alone
-    assert summary["best_val_acc"] == pytest.approx(metrics["val/acc"].max())
+    assert summary.best_val_acc == pytest.approx(metrics["val/acc"].max())
     assert read_checkpoint(run_dir / "checkpoints" / "best.ckpt")["carnet"]["model_name"] == "test_efficientnet"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["strategy"] == "ddp"
 
@@ -37,5 +37,5 @@ def test_submitit_local_launcher_runs_a_sweep(tiny_data: Path, tmp_path: Path) -
                f"paths.output_dir={tmp_path / 'outputs'}", "seed=1,2", timeout=900)
     jobs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
     assert [p.name for p in jobs] == ["0", "1"]
-    assert [read_summary(job)["status"] for job in jobs] == ["completed", "completed"]
+    assert [read_summary(job).status for job in jobs] == ["completed", "completed"]
     assert (sweep_dir / ".submitit").is_dir()  # the jobs really went through submitit

@@ -8,6 +8,8 @@ import io
 import logging
 from pathlib import Path
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -16,8 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats
 
-from carnet.data.datamodule import CarDataModule, ImageDataset
-from carnet.data.decode import decode_min_side
+from carnet.data.dataset import ImageDataset
 from carnet.data.device_pipeline import (
     EncodedBatch,
     EncodedDataset,
@@ -27,15 +28,16 @@ from carnet.data.device_pipeline import (
     plan_view,
     unsupported,
 )
-from carnet.data.layout import DataError
-from carnet.data.transforms import build_eval_transform, build_train_transform
+from carnet.data.transforms import build_eval_transform, build_train_transform, decode_min_side
+from carnet.errors import DataError
+from carnet.runtime import resolve_runtime
 from carnet.training.builders import build_datamodule, build_module
 from tests.helpers.config import compose_cfg
 from tests.helpers.images import train_jpegs
 from tests.helpers.overrides import ONE_BATCH
 from tests.helpers.paths import CONF
+from tests.helpers.recipe import data_module
 
-MEAN = STD = (0.5, 0.5, 0.5)  # unused by the uint8 pipelines; the builders still take them
 NAMES = [str(k) for k in range(10)]
 
 
@@ -49,14 +51,20 @@ def augment(name: str, size: int) -> list[dict]:
 
 
 def light(size: int = 64, seed: int = 0):
-    transform = build_train_transform(augment("light", size), size, MEAN, STD)
+    transform = build_train_transform(augment("light", size), size)
     transform.set_random_seed(seed)
     return transform
 
 
-def device_batch(dataset: EncodedDataset, indices: range) -> torch.Tensor:
+# Where EncodedBatch.to decodes and augments: the CPU everywhere, and CUDA (nvJPEG) where there is a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def device_batch(dataset: EncodedDataset, indices: range, device: str = "cpu") -> torch.Tensor:
     batch, _ = collate_encoded([dataset[i] for i in indices])
-    return batch.to("cpu")
+    out = batch.to(device)
+    assert out.device.type == device
+    return out.cpu()
 
 
 def cpu_batch(dataset: ImageDataset, indices: range) -> torch.Tensor:
@@ -81,6 +89,35 @@ def test_views_are_the_albumentations_transforms_own_draws() -> None:
         assert geometry[0] == ("crop", crop.params["crop_coords"])
         assert flipped == bool(flip.params)  # a transform's params are empty when it was not applied
         assert (alpha, beta) == (colour.params.get("alpha", 1.0), colour.params.get("beta", 0.0))
+
+
+@pytest.mark.parametrize("area_for_downscale", [None, "image"])
+def test_crop_resize_kernel_is_the_one_albumentations_applies(area_for_downscale: str | None) -> None:
+    """The device plan's kernel for each training crop's resize is the one albumentations used (INTER_AREA when it
+    shrinks with area_for_downscale, else the transform's interpolation), read off the CPU pipeline's pixels."""
+
+    def pipeline() -> A.Compose:
+        crop = A.RandomResizedCrop(size=(64, 64), scale=(0.08, 1.0), interpolation=cv2.INTER_LINEAR,
+                                   area_for_downscale=area_for_downscale, p=1.0)
+        compose = A.Compose([crop])
+        compose.set_random_seed(5)
+        return compose
+
+    cpu, device = pipeline(), pipeline()
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        image = rng.integers(0, 256, (int(rng.integers(40, 200)), int(rng.integers(40, 200)), 3), dtype=np.uint8)
+        out = cpu(image=image)["image"]
+        x0, y0, x1, y1 = cpu.transforms[0].params["crop_coords"]
+        used = {flag for flag in (cv2.INTER_AREA, cv2.INTER_LINEAR)
+                if np.array_equal(cv2.resize(image[y0:y1, x0:x1], (64, 64), interpolation=flag), out)}
+        (crop, resize), _, _, _ = plan_view(device, image.shape[:2])
+        assert crop[1] == (x0, y0, x1, y1) and len(used) >= 1
+        if len(used) == 1:  # a crop of exactly 64x64 is the same with both kernels
+            assert resize[2] in used
+            seen |= used
+    assert seen == ({cv2.INTER_AREA, cv2.INTER_LINEAR} if area_for_downscale else {cv2.INTER_LINEAR})
 
 
 def test_device_views_have_the_cpu_pipelines_distributions(tmp_path: Path) -> None:
@@ -126,51 +163,56 @@ def test_device_views_have_the_cpu_pipelines_distributions(tmp_path: Path) -> No
     assert abs(changed - 0.5) < 0.08 and shift_dev.abs().max() <= 0.15 * 128 + 0.15 * 255 + 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("view", ["eval", "train"])
-def test_views_match_albumentations_pixels(tiny_data: Path, view: str) -> None:
+def test_views_match_albumentations_pixels(tiny_data: Path, view: str, device: str) -> None:
     """The eval view (decoded at reduced scale on the CPU, as the datamodule does) and, seeded alike, the training
     view: the same pixels up to the resize kernels. OpenCV's INTER_AREA (a box filter, albumentations' choice when
     shrinking) against torchvision's antialiased bilinear/bicubic differs on sharp edges, by a pixel level on
     average: tolerance 3 levels mean per image, 99% of values within 20."""
     root, paths = tiny_data, [str(p.relative_to(tiny_data)) for p in train_jpegs(tiny_data)[:12]]
-    make = (lambda: build_eval_transform(64, MEAN, STD, "bicubic", crop_pct=0.875)) if view == "eval" else light
+    make = (lambda: build_eval_transform(64, "bicubic", crop_pct=0.875)) if view == "eval" else light
     cpu_t, dev_t = make(), make()
     # Training crops are drawn on the decoded size: the CPU side decodes at full size here to draw the same boxes.
     min_side = decode_min_side(cpu_t) if view == "eval" else None
     cpu = cpu_batch(ImageDataset(root, paths, None, cpu_t, min_side), range(12)).float()
-    dev = device_batch(EncodedDataset(root, paths, None, dev_t), range(12))
+    dev = device_batch(EncodedDataset(root, paths, None, dev_t), range(12), device)
     assert dev.dtype == torch.uint8 and dev.shape == (12, 3, 64, 64) and dev.is_contiguous()
     diff = (cpu - dev.float()).abs()
     assert diff.mean((1, 2, 3)).max() < 3.0, diff.mean((1, 2, 3))
     assert torch.quantile(diff.flatten(), 0.99) <= 20
 
 
-def test_rotated_jpegs_and_16bit_pngs_decode_as_on_the_cpu(tmp_path: Path) -> None:
-    """EXIF orientation (decode_jpeg applies it on the device; the header's size is swapped for the crop plan) and a
-    16-bit greyscale PNG (decoded in the worker by carnet.data.decode: scaled, not clipped to white)."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotated_jpegs_and_16bit_pngs_decode_as_on_the_cpu(tmp_path: Path, device: str) -> None:
+    """Every EXIF orientation (1-8: mirrored, rotated, transposed; applied after decoding by orient(), on the CPU
+    and after nvJPEG alike; the header's size is swapped for the crop plan) and a 16-bit greyscale PNG (decoded in
+    the worker by carnet.data.decode: scaled, not clipped to white)."""
     rng = np.random.default_rng(0)
     pixels = np.repeat(np.repeat(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8), 10, 0), 10, 1)  # 90x120 blocks
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored landscape, shown portrait (rotated 90 degrees clockwise)
+    names = []
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation  # 5-8: stored landscape, shown portrait
+        names.append(save(tmp_path / f"orientation{orientation}.jpg", pixels, quality=95, exif=exif))
     grey16 = (np.linspace(0, 65535, 90 * 120).reshape(90, 120)).astype(np.uint16)
-    names = [save(tmp_path / "rotated.jpg", pixels, quality=95, exif=exif),
-             save(tmp_path / "plain.jpg", pixels, quality=95), save(tmp_path / "grey16.png", grey16)]
-    cpu_t = build_eval_transform(48, MEAN, STD, "bilinear")
-    dev_set = EncodedDataset(tmp_path, names, None, build_eval_transform(48, MEAN, STD, "bilinear"))
-    image, _ = dev_set[0]
-    assert image.plan[0][0][1] == (64, 48)  # (h, w): the resize of a portrait, shown 90 wide and 120 high
-    assert dev_set[2][0].shape == (90, 120)  # the PNG travels as decoded pixels
-    cpu = cpu_batch(ImageDataset(tmp_path, names, None, cpu_t), range(3)).float()
-    dev = device_batch(dev_set, range(3)).float()
-    assert (cpu - dev).abs().mean((1, 2, 3)).max() < 3.0
-    assert dev[2].max() > 200  # 16-bit white stays white (clipping would make most of it 255, scaling a ramp)
-    assert (dev[2] == 255).float().mean() < 0.05
+    names.append(save(tmp_path / "grey16.png", grey16))
+    cpu_t = build_eval_transform(48, "bilinear")
+    dev_set = EncodedDataset(tmp_path, names, None, build_eval_transform(48, "bilinear"))
+    assert dev_set[5][0].plan[0][0][1] == (64, 48)  # orientation 6, (h, w): a portrait shown 90 wide, 120 high
+    assert dev_set[8][0].shape == (90, 120)  # the PNG travels as decoded pixels
+    cpu = cpu_batch(ImageDataset(tmp_path, names, None, cpu_t), range(9)).float()
+    dev = device_batch(dev_set, range(9), device).float()
+    assert (cpu - dev).abs().mean((1, 2, 3)).max() < 3.0, (cpu - dev).abs().mean((1, 2, 3))
+    assert len({tuple(img.flatten()[:64].tolist()) for img in cpu[:8]}) == 8  # eight different views
+    assert dev[8].max() > 200  # 16-bit white stays white (clipping would make most of it 255, scaling a ramp)
+    assert (dev[8] == 255).float().mean() < 0.05
 
 
 def test_encoded_batches_travel_through_loader_workers_reproducibly(tiny_data: Path) -> None:
     """feature_loader with 2 workers: EncodedBatch pickles through the worker queues; seeded views repeat."""
-    dm = CarDataModule(tiny_data, NAMES, image_size=64, batch_size=8, num_workers=2, verify=False,
-                       augment=augment("light", 64), decode="device")
+    dm = data_module(tiny_data, NAMES, image_size=64, batch_size=8, num_workers=2, verify=False,
+                     augment=augment("light", 64), decode="device")
     dm.setup()
 
     def first(seed: int) -> torch.Tensor:
@@ -183,39 +225,15 @@ def test_encoded_batches_travel_through_loader_workers_reproducibly(tiny_data: P
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_decode_gpu_without_cuda_says_so_once_and_keeps_the_cpu_pipeline(tiny_data: Path,
-                                                                          caplog: pytest.LogCaptureFixture) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    kwargs = {"image_size": 64, "batch_size": 4, "num_workers": 0, "verify": False, "augment": augment("light", 64)}
-    with caplog.at_level(logging.INFO, logger="carnet.data.datamodule"):
-        dm = CarDataModule(tiny_data, NAMES, decode="gpu", **kwargs)
-        dm.setup()
-        loaders = [dm.train_dataloader(), dm.val_dataloader(), dm.feature_loader(augmented=True)]
-    assert all(isinstance(loader.dataset, ImageDataset) for loader in loaders)
-    images, _ = next(iter(loaders[0]))
-    assert images.dtype == torch.uint8 and images.shape == (4, 3, 64, 64)
-    lines = [r.getMessage() for r in caplog.records if "data.decode" in r.getMessage()]
-    assert len(lines) == 1 and "no CUDA device" in lines[0] and lines[0].count("\n") == 0
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="carnet.data.datamodule"):
-        auto = CarDataModule(tiny_data, NAMES, decode="auto", **kwargs)
-        auto.setup()
-        assert isinstance(auto.train_dataloader().dataset, ImageDataset)
-    assert not [r for r in caplog.records if "data.decode" in r.getMessage()]  # auto picks the CPU silently
-
-
 def test_augmentations_without_a_device_version_are_named(tiny_data: Path) -> None:
-    heavy = build_train_transform(augment("heavy", 64), 64, MEAN, STD)
+    heavy = build_train_transform(augment("heavy", 64), 64)
     assert unsupported(heavy) == ["Affine", "ColorJitter", "ToGray", "OneOf", "CoarseDropout"]
-    assert unsupported(light()) == [] and unsupported(build_eval_transform(64, MEAN, STD)) == []
-    dm = CarDataModule(tiny_data, NAMES, image_size=64, num_workers=0, verify=False, augment=augment("heavy", 64),
-                       decode="device")
-    dm.setup()
+    assert unsupported(light()) == [] and unsupported(build_eval_transform(64)) == []
     with pytest.raises(DataError, match=r"data\.decode=device: augment has .*Affine.*; use data\.decode=cpu"):
-        dm.train_dataloader()
-    with pytest.raises(DataError, match=r"data\.decode='fast': expected one of cpu, gpu, auto, device"):
-        CarDataModule(tiny_data, NAMES, decode="fast")
+        data_module(tiny_data, NAMES, image_size=64, num_workers=0, verify=False, augment=augment("heavy", 64),
+                    decode="device")
+    with pytest.raises(DataError, match=r"data\.decode='auto': expected one of cpu, gpu, device \(auto is resolved"):
+        data_module(tiny_data, NAMES, decode="auto")  # carnet.runtime resolves it first (tests/test_runtime.py)
 
 
 class Batches(pl.Callback):
@@ -231,36 +249,37 @@ class Batches(pl.Callback):
         self.seen["val"].append(batch[0])
 
 
-@pytest.mark.parametrize("decode", ["device", "gpu"])
-def test_lightning_fit_with_decode(tiny_data: Path, decode: str, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(("decode", "accelerator"), [("device", "cpu"), ("gpu", "cpu"),
+                                                      pytest.param("gpu", "gpu", marks=pytest.mark.gpu)])
+def test_lightning_fit_with_decode(tiny_data: Path, decode: str, accelerator: str,
+                                   caplog: pytest.LogCaptureFixture) -> None:
     """A Lightning fit (sanity check, a training step, validation): decode=device sends encoded batches through the
     loops, moved and decoded by EncodedBatch.to, so training_step and validation_step get uint8 pixels; decode=gpu
-    on a run without CUDA says so once and trains on the CPU pipeline."""
-    if decode == "gpu" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    does the same on a CUDA run (nvJPEG), and on a CPU run says so once and trains on the CPU pipeline."""
     cfg = compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", f"data.decode={decode}"])
-    module, spy = build_module(cfg), Batches()
-    datamodule = build_datamodule(cfg, module)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=1,
-                         num_sanity_val_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[spy])
-    with caplog.at_level(logging.INFO, logger="carnet.data.datamodule"):
+    with caplog.at_level(logging.INFO, logger="carnet.runtime"):
+        runtime = resolve_runtime(cfg)
+        module, spy = build_module(cfg, runtime), Batches()
+        datamodule = build_datamodule(cfg, module, runtime)
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=1, limit_train_batches=1,
+                             limit_val_batches=1, num_sanity_val_steps=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[spy])
         trainer.fit(module, datamodule=datamodule)
     assert len(spy.seen["train"]) == 1 and len(spy.seen["val"]) == 2  # sanity check + the epoch's validation
+    on_device = decode == "device" or accelerator == "gpu"
     for images in spy.seen["train"] + spy.seen["val"]:
         assert isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (3, 64, 64)
-    dataset_type = EncodedDataset if decode == "device" else ImageDataset
-    assert isinstance(trainer.train_dataloader.dataset, dataset_type)
+        assert images.device.type == ("cuda" if accelerator == "gpu" else "cpu")
+    assert isinstance(trainer.train_dataloader.dataset, EncodedDataset if on_device else ImageDataset)
     lines = [r.getMessage() for r in caplog.records if "data.decode" in r.getMessage()]
-    expected = "decoded and augmented on the run's device" if decode == "device" else "this run has no CUDA device"
+    expected = "decoded and augmented on the run's device" if on_device else "this run has no CUDA device"
     assert len(lines) == 1 and expected in lines[0]
 
 
 @pytest.mark.slow
-def test_train_py_with_decode_gpu_without_cuda(train_run) -> None:
+def test_train_py_with_decode_gpu_without_cuda(train_run, monkeypatch: pytest.MonkeyPatch) -> None:
     """train.py end to end: decode=gpu on a machine without CUDA trains, and says once why on the CPU."""
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the child process sees no CUDA device, on any machine
     run_dir, proc = train_run(*ONE_BATCH, "data.decode=gpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (proc.stdout + proc.stderr).count("data.decode=gpu: this run has no CUDA device") == 1

@@ -1,4 +1,5 @@
-"""The unfreezing callback: which tensors train, which stay bit-identical, what BatchNorm does (carnet/finetune.py).
+"""The unfreezing callback: which tensors train, which stay bit-identical, what BatchNorm does
+(carnet/training/finetune.py).
 
 Runs are real (in-process) ``carnet.training.train.train`` runs on tiny data; expectations are computed here from the
 parameter names, independently of carnet.training.finetune's use of timm's group_matcher.
@@ -18,12 +19,13 @@ from pytorch_lightning.callbacks import ModelSummary
 from torch import nn
 
 from carnet.errors import CarnetError
+from carnet.runtime import resolve_runtime
 from carnet.training.builders import build_module
 from carnet.training.finetune import ProgressiveUnfreezing, fraction_at, parse_schedule
-from carnet.training.module import CarClassifier
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH
+from tests.helpers.recipe import classifier
 
 
 def efficientnet_blocks(names: list[str]) -> list[list[str]]:
@@ -51,7 +53,7 @@ def run_fraction(tiny_data: Path, run_dir: Path, model: str, fraction: float, bn
                        "model.drop_rate=0", "model.drop_path_rate=0", "image_size=32", f"data.root={tiny_data}",
                        f"unfreeze={fraction}", f"bn={bn}", f"run_dir={run_dir}", *extra])
     pl.seed_everything(cfg.seed, workers=True)  # train() seeds the same way before building: same start weights
-    start = {k: v.clone() for k, v in build_module(cfg).state_dict().items()}
+    start = {k: v.clone() for k, v in build_module(cfg, resolve_runtime(cfg)).state_dict().items()}
     summary = train(cfg)
     end = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     return summary, start, end, cfg
@@ -85,8 +87,8 @@ def test_only_last_fraction_of_blocks_trains(tiny_data: Path, tmp_path: Path, mo
     unfrozen = sum(backbone[n].numel() for n in params - frozen)
     train_bn = bn == "train"
     expected = head + unfrozen + (sum(backbone[n].numel() for n in frozen_bn_params) if train_bn else 0)
-    assert summary["trainable_params"] == expected
-    assert summary["unfrozen_fraction"] == fraction
+    assert summary.trainable_params == expected
+    assert summary.unfrozen_fraction == fraction
 
     def moved(names: set[str]) -> set[str]:
         return {n for n in names if not torch.equal(start[f"net.backbone.{n}"], end[f"net.backbone.{n}"])}
@@ -115,8 +117,7 @@ def test_schedule() -> None:
 def test_schedule_steps_set_requires_grad_and_batchnorm_modes() -> None:
     """Each epoch's state depends on the epoch only: unfreezing puts BatchNorm back in train mode, and going
     back to an earlier epoch (as a resume does) gives that epoch's frozen set again."""
-    module = CarClassifier("test_efficientnet", class_names=list("abc"),
-                           head={"_target_": "carnet.models.heads.LinearHead"})
+    module = classifier(class_names=list("abc"))
     module.train()
     norms = [m for m in module.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     head = sum(p.numel() for p in module.head.parameters())
@@ -168,5 +169,5 @@ def test_model_summary_counts_what_trains(tiny_data: Path, tmp_path: Path) -> No
                                         f"+callbacks.summary={{_target_: tests.test_finetune.SummaryProbe, "
                                         f"path: '{probe}'}}")
     head = sum(v.numel() for k, v in start.items() if k.startswith("net.head."))
-    assert summary["trainable_params"] == head
-    assert json.loads(probe.read_text()) == summary["trainable_params"]
+    assert summary.trainable_params == head
+    assert json.loads(probe.read_text()) == summary.trainable_params

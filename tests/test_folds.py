@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 from carnet.artifacts import SPLIT_FILE, write_json
-from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError
 from carnet.data.splits import assign_split, stratified_folds
+from carnet.errors import DataError
 from carnet.inference.oof import oof_frame
 from carnet.tools.demo import CLASS_NAMES
 from tests.helpers.overrides import TINY
+from tests.helpers.recipe import data_module
 from tests.helpers.runs import run_script
 
 
@@ -50,7 +50,7 @@ def _fold_runs(tiny_data: Path, tmp_path: Path, num_folds: int = 4) -> list[Path
     """What `train.py -m data.fold=0..3` leaves before training: split.csv + summary.json per fold."""
     runs = []
     for k in range(num_folds):
-        dm = CarDataModule(tiny_data, CLASS_NAMES, num_workers=0, verify=False, num_folds=num_folds, fold=k)
+        dm = data_module(tiny_data, CLASS_NAMES, num_workers=0, verify=False, num_folds=num_folds, fold=k)
         dm.setup()
         run = tmp_path / f"fold{k}"
         run.mkdir()
@@ -83,7 +83,7 @@ def test_oof_frame_refuses_runs_with_different_folds(tiny_data: Path, tmp_path: 
     runs = _fold_runs(tiny_data, tmp_path, num_folds=4)
     other = tmp_path / "other_seed"
     other.mkdir()
-    dm = CarDataModule(tiny_data, CLASS_NAMES, num_workers=0, verify=False, num_folds=4, fold=1, seed=99)
+    dm = data_module(tiny_data, CLASS_NAMES, num_workers=0, verify=False, num_folds=4, fold=1, seed=99)
     dm.setup()
     dm.write_split(other / SPLIT_FILE)
     (other / "summary.json").write_text(json.dumps(dm.data_summary()))

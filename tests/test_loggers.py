@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from carnet.runtime import resolve_runtime
 from carnet.training.builders import build_trainer
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
@@ -17,10 +18,12 @@ def test_logger_group_options_give_the_trainer_its_loggers(tmp_path: Path, monke
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # set by carnet.training.loggers.mlflow; undone after
 
     def loggers(*overrides: str) -> set[str]:
-        trainer = build_trainer(compose_cfg([*TINY, *overrides]), tmp_path, [])
+        cfg = compose_cfg([*TINY, *overrides])
+        trainer = build_trainer(cfg, tmp_path, [], resolve_runtime(cfg))
         return {type(logger).__name__ for logger in trainer.loggers}
 
-    assert loggers() == {"CSVLogger"}
+    assert loggers() == set()  # carnet's own metrics.csv and summary.json only, unless a logger is asked for
+    assert loggers("logger=csv") == {"CSVLogger"}
     assert loggers("logger=[csv,tensorboard]") == {"CSVLogger", "TensorBoardLogger"}
     assert loggers("logger=all") == {"CSVLogger", "TensorBoardLogger", "MLFlowLogger"}
     assert loggers("logger=none") == set()

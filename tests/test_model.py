@@ -7,9 +7,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from carnet.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from carnet.models.network import WeightsError, create_backbone
-from carnet.training.module import CarClassifier
+from carnet.errors import CheckpointError, WeightsError
+from carnet.models.checkpoint import load_checkpoint, read_checkpoint
+from carnet.models.network import create_backbone
+from tests.helpers.recipe import classifier
 
 HEADS = {
     "linear": {"_target_": "carnet.models.heads.LinearHead", "dropout": 0.1},
@@ -20,7 +21,7 @@ NAMES = [f"car {k}" for k in range(10)]
 
 @pytest.mark.parametrize("head", HEADS)
 def test_forward_and_backward_with_each_head(head):
-    module = CarClassifier("test_efficientnet", NAMES, HEADS[head], image_size=64)
+    module = classifier(class_names=NAMES, head=HEADS[head])
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)  # pixels: the net normalises
     labels = torch.tensor([0, 1, 2, 3])
     logits = module(images)
@@ -58,8 +59,8 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
 def test_checkpoint_carries_everything_inference_needs(tmp_path):
     import pytorch_lightning as pl
 
-    module = CarClassifier("test_efficientnet", NAMES, HEADS["mlp"], image_size=72,
-                           optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
+    module = classifier(class_names=NAMES, head=HEADS["mlp"], image_size=72,
+                        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
     trainer = pl.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.strategy.connect(module)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from carnet.artifacts import read_summary
-from carnet.errors import CarnetError
+from carnet.errors import CarnetError, CheckpointError
 from carnet.inference.export import main as export_main
-from carnet.models.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, read_checkpoint
+from carnet.models.checkpoint import load_checkpoint, nonfinite_tensors, read_checkpoint
 from carnet.serving.app import main as serve_main
+from carnet.summary import read_summary
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH, TINY
@@ -30,27 +30,27 @@ def test_a_diverging_run_fails_in_one_line_and_saves_no_checkpoint(tiny_data: Pa
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("train: error: training diverged:") and "epoch 0" in last, proc.stderr
+    assert last.startswith("train: error: training diverged:") and "epoch 1" in last, proc.stderr
     assert "optimizer.lr=1e+06 now" in last and "Traceback" not in proc.stderr
     summary = read_summary(run_dir)
-    assert summary["status"] == "failed" and "training diverged" in summary["error"]
-    assert summary["best_checkpoint"] is None  # no file to point at
+    assert summary.status == "failed" and "training diverged" in summary.error
+    assert summary.best_checkpoint is None  # no file to point at
     assert not (run_dir / "checkpoints").exists()
 
 
 def test_weights_gone_nan_are_never_saved(tiny_data: Path, tmp_path: Path) -> None:
-    """Epoch 1's weights turn NaN while its training losses were finite: the run fails before writing them, and
-    best.ckpt and last.ckpt stay epoch 0's."""
+    """Epoch 2's weights turn NaN while its training losses were finite: the run fails before writing them, and
+    best.ckpt and last.ckpt stay epoch 1's (Lightning's epoch 0, as the checkpoint counts)."""
     run_dir = tmp_path / "run"
     poison = "+callbacks.poison={_target_: tests.helpers.faults.PoisonWeights, epoch: 1}"
-    with pytest.raises(CarnetError, match=r"1 weight tensor\(s\) hold NaN or infinity after epoch 1"):
+    with pytest.raises(CarnetError, match=r"1 weight tensor\(s\) hold NaN or infinity after epoch 2 "):
         train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", "trainer.max_epochs=3", poison,
                            f"run_dir={run_dir}"]))
     summary = read_summary(run_dir)
-    assert summary["status"] == "failed" and summary["best_epoch"] == 0
+    assert summary.status == "failed" and summary.best_epoch == 1
     for name in ("best.ckpt", "last.ckpt"):
         assert read_checkpoint(run_dir / "checkpoints" / name)["epoch"] == 0  # finite, or read_checkpoint refuses
-    assert summary["best_checkpoint"] == str(run_dir / "checkpoints" / "best.ckpt")
+    assert summary.best_checkpoint == str(run_dir / "checkpoints" / "best.ckpt")
 
 
 def test_only_tensors_holding_nan_or_infinity_are_named() -> None:

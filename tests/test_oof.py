@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
-from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
-from carnet.inference.ensemble import PredictError
+from carnet.artifacts import SPLIT_FILE
+from carnet.errors import PredictError
 from carnet.models.checkpoint import load_checkpoint
+from carnet.summary import SUMMARY_FILE
 from tests.helpers.images import train_jpegs
 from tests.helpers.reference import reference_probs
 from tests.helpers.runs import run_predict

@@ -20,7 +20,8 @@ from tests.helpers.paths import CONF, REPO
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "carnet"
     # From a copy: setuptools' build/ folder in a checkout can hold files since deleted from the source.
-    top = {".venv", ".git", "build", "outputs", "multirun", "data", "demo_data"}  # not the package's data/
+    top = {".venv", ".venv-lowest", ".git", "build", "outputs", "multirun", "data", "demo_data",  # not carnet/data/
+           "test-artifacts"}
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}

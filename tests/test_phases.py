@@ -1,10 +1,11 @@
 """Phases: hand-off through ${paths.phases}, errors for missing/mismatching predecessors, resume mid-schedule,
-the joined pipeline curves (carnet/phases.py, carnet/pipeline.py, conf/phase)."""
+the joined pipeline curves (carnet/training/phases.py, carnet/training/pipeline.py, conf/phase)."""
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +15,17 @@ import pytorch_lightning as pl
 import torch
 from rich.console import Console
 
-from carnet.artifacts import read_summary
+from carnet.errors import CarnetError, PhaseError
+from carnet.runtime import resolve_runtime
+from carnet.summary import read_summary
+from carnet.training import pipeline
 from carnet.training.builders import build_module
-from carnet.training.phases import Phase, PhaseError, join_phases, write_pipeline_report
+from carnet.training.phases import Phase, join_phases, write_pipeline_report
 from carnet.training.pipeline import plan_pipeline, run_pipeline
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH
-from tests.helpers.paths import REPO
+from tests.helpers.paths import CONF, REPO
 from tests.helpers.runs import run_script
 
 
@@ -60,15 +64,15 @@ def check_second_phase_started_from_first(runs: dict[str, Path]) -> None:
     # ... and not what a fresh start would have had: the head phase changed the head.
     cfg = compose_cfg(["model=test_efficientnet", "model.pretrained=false"])
     pl.seed_everything(cfg.seed, workers=True)
-    fresh = build_module(cfg).state_dict()
+    fresh = build_module(cfg, resolve_runtime(cfg)).state_dict()
     assert not torch.equal(fresh["net.head.1.weight"], handed["net.head.1.weight"])
     assert all(torch.equal(fresh[k], handed[k]) for k in handed if k.startswith("net.backbone."))  # frozen in head
 
     head, half = read_summary(runs["head"]), read_summary(runs["half"])
-    assert (head["phase"], head["init_from"], head["unfrozen_fraction"]) == ("head", None, 0.0)
-    assert head["trainable_params"] == sum(v.numel() for k, v in handed.items() if k.startswith("net.head."))
-    assert (half["phase"], half["init_from"], half["unfrozen_fraction"]) == ("unfreeze_half", str(head_ckpt), 0.5)
-    assert head["trainable_params"] < half["trainable_params"] < half["total_params"]
+    assert (head.phase, head.init_from, head.unfrozen_fraction) == ("head", None, 0.0)
+    assert head.trainable_params == sum(v.numel() for k, v in handed.items() if k.startswith("net.head."))
+    assert (half.phase, half.init_from, half.unfrozen_fraction) == ("unfreeze_half", str(head_ckpt), 0.5)
+    assert head.trainable_params < half.trainable_params < half.total_params
     assert (runs["phases"] / "unfreeze_half.ckpt").is_file()
     assert (runs["half"] / "curves.png").is_file()
 
@@ -122,25 +126,32 @@ def test_resume_mid_progressive_restores_frozen_set_and_optimizer_groups(tiny_da
     # The first half of the backbone never trained in either run: bit-identical, BatchNorm statistics included.
     start_cfg = compose_cfg(common)
     pl.seed_everything(start_cfg.seed, workers=True)
-    start = build_module(start_cfg).state_dict()
+    start = build_module(start_cfg, resolve_runtime(start_cfg)).state_dict()
     frozen = [{k for k in start if k.startswith("net.backbone.") and torch.equal(start[k], ck["state_dict"][k])}
               for ck in (full, cut)]
     assert frozen[0] == frozen[1] and any("running_mean" in k for k in frozen[0])
     summaries = [read_summary(tmp_path / r) for r in ("full", "cut")]
-    assert summaries[0]["trainable_params"] == summaries[1]["trainable_params"] < summaries[0]["total_params"]
-    assert summaries[0]["unfrozen_fraction"] == summaries[1]["unfrozen_fraction"] == 0.5
-    assert summaries[1]["epochs_run"] == 3
+    assert summaries[0].trainable_params == summaries[1].trainable_params < summaries[0].total_params
+    assert summaries[0].unfrozen_fraction == summaries[1].unfrozen_fraction == 0.5
+    assert summaries[1].epochs_run == 3
 
 
 def test_pipeline_curves_join_phases_on_one_axis(two_phases: dict[str, Path], tmp_path: Path) -> None:
     runs = [("head", two_phases["head"]), ("unfreeze_half", two_phases["half"])]
     joined, boundaries = join_phases(runs)
-    assert list(joined["epoch"]) == [0, 1] and list(joined["phase"]) == ["head", "unfreeze_half"]
-    assert [label for _, label in boundaries] == ["head", "unfreeze_half"]
-    assert boundaries[0][0] < 0 < boundaries[1][0] < 1
+    # each phase from its start (epoch 0, validated before its first step), the next one where the last one ended
+    assert list(joined["epoch"]) == [0, 1, 1, 2] and list(joined["phase_epoch"]) == [0, 1, 0, 1]
+    assert list(joined["phase"]) == ["head", "head", "unfreeze_half", "unfreeze_half"]
+    assert boundaries == [(0, "head"), (1, "unfreeze_half")]
+    summaries = [read_summary(run_dir) for _, run_dir in runs]
+    # an epoch is kept when it led to what the phase handed on (summary.json's best epoch; 0: its start)
+    best = [summary.best_epoch for summary in summaries for _ in range(2)]
+    assert list(joined["kept"]) == [e <= b for e, b in zip(joined["phase_epoch"], best, strict=True)]
     write_pipeline_report(tmp_path, runs)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
-    assert (tmp_path / "pipeline.json").is_file()
+    rows = json.loads((tmp_path / "pipeline.json").read_text())["phases"]
+    assert [(row["phase"], row["best_epoch"], row["kept_start"]) for row in rows] == [
+        (phase, summary.best_epoch, summary.kept_start) for (phase, _), summary in zip(runs, summaries, strict=True)]
 
 
 @pytest.mark.slow
@@ -157,8 +168,8 @@ def test_pipeline_command_runs_phases_in_order(tiny_data: Path, tmp_path: Path) 
     pipeline("--dir", str(folder), "--phases", "unfreeze_half")  # as a stopped pipeline is resumed
     runs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "phases")
     assert [r.name for r in runs] == ["1-head", "2-unfreeze_half"]
-    assert read_summary(runs[1])["image_size"] == 48 and read_summary(runs[0])["image_size"] == 64
-    assert read_summary(runs[1])["init_from"] == str(folder / "phases" / "head.ckpt")
+    assert read_summary(runs[1]).image_size == 48 and read_summary(runs[0]).image_size == 64
+    assert read_summary(runs[1]).init_from == str(folder / "phases" / "head.ckpt")
     report = json.loads((folder / "pipeline.json").read_text())
     assert [r["run_dir"] for r in report["phases"]] == [str(r) for r in runs]
     assert (folder / "curves.png").is_file() and not (tmp_path / "phases").exists()
@@ -207,6 +218,25 @@ def test_phase_runs_say_what_they_load_and_where_they_write(tiny_data: Path, tmp
     assert str(tmp_path / "half") in said and str(phases / "unfreeze_half.ckpt") in said
 
 
+def test_the_pipeline_runs_the_phases_in_their_init_from_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """conf/phase's init_from chain is the one statement of the phase order: a phase added to the chain joins
+    carnet-pipeline's default phases in its place; a chain that forks is refused in one line."""
+    conf = Path(shutil.copytree(CONF, tmp_path / "conf"))
+    monkeypatch.setattr(pipeline, "config_dir", lambda: conf)
+    added = (conf / "phase" / "unfreeze_half.yaml").read_text().replace("phase: unfreeze_half", "phase: unfreeze_2q")
+    (conf / "phase" / "unfreeze_2q.yaml").write_text(added.replace("init_from: head", "init_from: unfreeze_half"))
+    third = conf / "phase" / "unfreeze_3q.yaml"
+    third.write_text(third.read_text().replace("init_from: unfreeze_half", "init_from: unfreeze_2q"))
+    with pytest.raises(SystemExit):
+        pipeline.main(["--help"])
+    assert "head,unfreeze_half,unfreeze_2q,unfreeze_3q,unfreeze_all,finetune_448" in capsys.readouterr().out.replace(
+        "\n", "").replace(" ", "")
+    third.write_text(third.read_text().replace("init_from: unfreeze_2q", "init_from: unfreeze_half"))
+    with pytest.raises(CarnetError, match="unfreeze_2q and unfreeze_3q both start from unfreeze_half"):
+        pipeline.phase_order()
+
+
 def test_pipeline_phases_hand_off_inside_the_pipeline_folder(tmp_path: Path) -> None:
     """Each phase command of carnet-pipeline resolves ${paths.phases} to <pipeline folder>/phases, not the
     shared <output_dir>/phases of single runs; a resumed pipeline (--dir) continues its folder's numbering."""
@@ -245,7 +275,7 @@ def test_pipeline_keeps_its_hand_offs_in_its_own_folder(tiny_data: Path, tmp_pat
     assert shared.read_bytes() == b"another chain's head phase"
     assert folder.parent == tmp_path / "pipeline"
     summary = read_summary(folder / "1-head")
-    assert summary["phase_checkpoint"] == str(folder / "phases" / "head.ckpt")
+    assert summary.phase_checkpoint == str(folder / "phases" / "head.ckpt")
     assert (folder / "phases" / "head.ckpt").is_file()
     report = json.loads((folder / "pipeline.json").read_text())
     assert [(r["phase"], r["run_dir"]) for r in report["phases"]] == [("head", str(folder / "1-head"))]

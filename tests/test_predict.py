@@ -16,10 +16,9 @@ import pytest
 import torch
 import yaml
 
-from carnet.data.layout import DataError
-from carnet.inference.ensemble import PredictError
+from carnet.errors import CheckpointError, DataError, PredictError
 from carnet.inference.tta import IDENTITY, TTA, View, build_views, merge_probs, tta_predict
-from carnet.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from carnet.models.checkpoint import load_checkpoint, read_checkpoint
 from tests.helpers.overrides import PREDICT, TINY
 from tests.helpers.reference import reference_probs
 from tests.helpers.runs import run_predict, run_script

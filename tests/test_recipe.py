@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from carnet.artifacts import read_summary
+from carnet.summary import read_summary
 from carnet.training.head_fit import choose_l2, fit_head, fit_logistic
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
@@ -70,14 +70,14 @@ def test_cross_validation_regularises_noise_more_than_signal() -> None:
 
 def test_head_phase_fits_the_head_and_keeps_its_start_when_training_cannot_beat_it(tiny_data: Path,
                                                                                    tmp_path: Path) -> None:
-    """optimizer.lr=0: no epoch can beat the fitted head, so the phase hands on its start (best_epoch -1)."""
+    """optimizer.lr=0: no epoch can beat the fitted head, so the phase hands on its start (best_epoch 0)."""
     cfg = compose_cfg([*TINY, f"data.root={tiny_data}", "phase=head", "optimizer.lr=0", "head_fit.views=1",
                        f"paths.output_dir={tmp_path / 'out'}", f"run_dir={tmp_path / 'run'}"])
     summary = train(cfg)
-    assert summary["head_fit"]["photos"] == summary["num_train"] and summary["head_fit"]["views"] == 2
-    assert summary["kept_start"] is True and summary["best_epoch"] == -1
-    assert summary["best_val_loss"] == summary["start_val_loss"]
-    handed = torch.load(summary["phase_checkpoint"], map_location="cpu", weights_only=True)
+    assert summary.head_fit["photos"] == summary.num_train and summary.head_fit["views"] == 2
+    assert summary.kept_start is True and summary.best_epoch == 0
+    assert summary.best_val_loss == summary.start_val_loss
+    handed = torch.load(summary.phase_checkpoint, map_location="cpu", weights_only=True)
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     for key, value in handed["state_dict"].items():  # lr 0: the start is also where training ended
         assert torch.equal(value, last["state_dict"][key]), key
@@ -97,7 +97,7 @@ def test_ema_weights_are_checkpointed_and_resumed(tiny_data: Path, tmp_path: Pat
         key = "net.head.1.weight"
         assert not torch.equal(checkpoint["state_dict"][key], checkpoint["current_model_state"][key]), run
         assert int(checkpoint["averaging_state"]["n_averaged"]) == 3, run
-    assert read_summary(tmp_path / "cut")["epochs_run"] == 3
+    assert read_summary(tmp_path / "cut").epochs_run == 3
 
 
 def test_a_phase_that_changes_image_size_competes_with_its_predecessor_at_its_own_size(tiny_data: Path,
@@ -111,13 +111,13 @@ def test_a_phase_that_changes_image_size_competes_with_its_predecessor_at_its_ow
     train(compose_cfg([*common, "phase=head", f"run_dir={tmp_path / 'head'}"]))
     summary = train(compose_cfg([*common, "phase=finetune_448", "init_from=head", "image_size=48", "optimizer.lr=0",
                                  "unfreeze=0.0", "bn=frozen", f"run_dir={tmp_path / 'big'}"]))
-    assert summary["start_image_size"] == 64 and summary["image_size"] == 48
+    assert summary.start_image_size == 64 and summary.image_size == 48
     new_size_loss = pd.read_csv(tmp_path / "big" / "metrics.csv")["val/loss"].min()
-    assert summary["kept_start"] == bool(new_size_loss >= summary["start_val_loss"])
-    handed = torch.load(summary["phase_checkpoint"], map_location="cpu", weights_only=True)
+    assert summary.kept_start == bool(new_size_loss >= summary.start_val_loss)
+    handed = torch.load(summary.phase_checkpoint, map_location="cpu", weights_only=True)
     head = torch.load(tmp_path / "out" / "phases" / "head.ckpt", map_location="cpu", weights_only=True)
     assert all(torch.equal(v, handed["state_dict"][k]) for k, v in head["state_dict"].items())  # nothing trained
-    if summary["kept_start"]:
-        assert summary["best_epoch"] == -1 and handed["carnet"]["image_size"] == 64
+    if summary.kept_start:
+        assert summary.best_epoch == 0 and handed["carnet"]["image_size"] == 64
     else:
-        assert summary["best_epoch"] == 0 and handed["carnet"]["image_size"] == 48
+        assert summary.best_epoch == 1 and handed["carnet"]["image_size"] == 48

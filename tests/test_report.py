@@ -8,18 +8,19 @@ import pandas as pd
 import pytest
 
 from carnet.artifacts import EPOCH_COLUMNS, write_json
+from carnet.summary import RunSummary
 from carnet.tools.report import differing_keys, find_runs, main, parse_overrides, write_report
 
 
 def make_run(path: Path, status: str, accs: list[float], overrides: list[str]) -> Path:
     """A run directory as RunArtifacts writes it: metrics.csv (one row per epoch) and summary.json."""
     path.mkdir(parents=True)
-    rows = [{"epoch": i, "step": i, "val/acc": a, "val/loss": 1 - a} for i, a in enumerate(accs)]
+    rows = [{"epoch": i, "step": i, "val/acc": a, "val/loss": 1 - a} for i, a in enumerate(accs, 1)]
     pd.DataFrame(rows, columns=EPOCH_COLUMNS).to_csv(path / "metrics.csv", index=False)
     best = max(accs) if accs and status == "completed" else None
-    write_json(path / "summary.json", {"status": status, "best_val_acc": best, "epochs_run": len(accs),
-                                       "best_epoch": accs.index(best) if best is not None else None,
-                                       "seconds": 12.0, "overrides": overrides})
+    summary = RunSummary(status=status, best_val_acc=best, epochs_run=len(accs), seconds=12.0, overrides=overrides,
+                         best_epoch=accs.index(best) + 1 if best is not None else None)
+    write_json(path / "summary.json", summary.to_json())
     return path
 
 
@@ -81,7 +82,7 @@ def visible_ticks(ax, axis: str = "x") -> list[float]:
 
 
 def test_one_epoch_sweep_plot_has_honest_axes_and_names_runs_by_overrides(tmp_path: Path) -> None:
-    """A 1-epoch sweep of two learning rates: epoch 0 alone on the x axis, accuracy up to 1 (a 0.007 gap must not
+    """A 1-epoch sweep of two learning rates: epoch 1 alone on the x axis, accuracy up to 1 (a 0.007 gap must not
     fill the plot), each run named by the override that differs."""
     from carnet.tools.report import plot_runs
 
@@ -91,7 +92,7 @@ def test_one_epoch_sweep_plot_has_honest_axes_and_names_runs_by_overrides(tmp_pa
     make_run(root / "1", "completed", [0.107], [*common, "optimizer.lr=0.001"])
     fig = plot_runs(find_runs(root), tmp_path / "report.png")
     (ax,) = fig.axes
-    assert ax.get_xlim() == (-0.5, 0.5) and visible_ticks(ax) == [0.0]
+    assert ax.get_xlim() == (0.5, 1.5) and visible_ticks(ax) == [1.0]
     bottom, top = ax.get_ylim()
     assert (bottom, top) == (0.0, 1.0)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -104,7 +105,7 @@ def test_report_plot_epochs_are_whole_numbers(runs_dir: Path, tmp_path: Path) ->
 
     fig = plot_runs(find_runs(runs_dir), tmp_path / "report.png")
     (ax,) = fig.axes
-    assert visible_ticks(ax) == [0.0, 1.0, 2.0] and ax.get_xlim() == (-0.5, 2.5)
+    assert visible_ticks(ax) == [1.0, 2.0, 3.0] and ax.get_xlim() == (0.5, 3.5)
     assert ax.get_ylim() == (0.2, 1.0)  # lowest accuracy 0.3: a floor on the 0.1 grid below it, up to 1
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0] == "best: optimizer=sgd head=linear (0.9000)"

@@ -1,6 +1,7 @@
-"""A resumed run is the run it continues (carnet/training/resume.py): every schedule in conf/scheduler and a phase
-run, resumed from the checkpoints a stop after epoch 2 leaves, end as the run that never stopped; and a stopped
-run goes on in its own folder with resume=auto after kill -9, and by itself when submitit requeues its job."""
+"""A resumed run is the run it continues (carnet/training/resume.py, carnet/training/seeding.py): every schedule
+in conf/scheduler and a phase run, resumed from the checkpoints a stop after epoch 2 leaves, end as the run that
+never stopped; and a stopped run goes on in its own folder with resume=auto after kill -9, and by itself when
+submitit requeues its job."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
-from carnet.artifacts import read_metrics, read_summary
+from carnet.artifacts import read_metrics
 from carnet.errors import CarnetError
+from carnet.summary import RunSummary, read_summary
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH
@@ -24,8 +26,10 @@ from tests.helpers.paths import REPO
 from tests.helpers.runs import child_env, run_script
 
 # Everything in summary.json that says what the run did (not where or how long).
-RESULT_KEYS = ["status", "epochs_run", "best_epoch", "best_val_loss", "best_val_acc", "phase", "init_from",
-               "start_val_loss", "start_val_acc", "kept_start", "unfrozen_fraction", "trainable_params"]
+RESULT_KEYS = ["status", "epochs_run", "best_epoch", "best_val_loss", "best_val_acc", "max_val_acc",
+               "max_val_acc_epoch", "phase", "init_from", "start_val_loss", "start_val_acc", "kept_start",
+               "unfrozen_fraction", "trainable_params"]
+CLOCK = ["epoch_seconds", "elapsed_seconds"]  # metrics.csv's times: how long, not what the run did
 
 
 def network(path: Path) -> dict[str, torch.Tensor]:
@@ -57,12 +61,13 @@ def test_a_resumed_run_ends_as_the_run_that_never_stopped(case: str, tiny_data: 
 
     expected, got = read_metrics(full), read_metrics(resumed)
     assert expected["lr"].iloc[2:].nunique() > 1  # the schedule moves after the stop, so a wrong step would show
-    pd.testing.assert_frame_equal(got.drop(columns="seconds"), expected.drop(columns="seconds"), rtol=1e-5)
+    pd.testing.assert_frame_equal(got.drop(columns=CLOCK), expected.drop(columns=CLOCK), rtol=1e-5)
     full_summary, summary = read_summary(full), read_summary(resumed)
-    assert {key: summary.get(key) for key in RESULT_KEYS} == {key: full_summary.get(key) for key in RESULT_KEYS}
+    assert {key: getattr(summary, key) for key in RESULT_KEYS} == {key: getattr(full_summary, key)
+                                                                   for key in RESULT_KEYS}
     assert_same_weights(full / "checkpoints" / "best.ckpt", resumed / "checkpoints" / "best.ckpt")
     if case == "phase":
-        assert summary["init_from"] == str(tiny_checkpoint) and summary["start_val_loss"] is not None
+        assert summary.init_from == str(tiny_checkpoint) and summary.start_val_loss is not None
         assert_same_weights(full / "phases" / "unfreeze_half.ckpt", resumed / "phases" / "unfreeze_half.ckpt")
         assert not (resumed / "checkpoints" / "start.ckpt").exists()  # brought along, then removed as it ends
 
@@ -87,13 +92,13 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
         time.sleep(0.2)
 
 
-def assert_continued(run_dir: Path, never_stopped: pd.DataFrame) -> dict:
+def assert_continued(run_dir: Path, never_stopped: pd.DataFrame) -> RunSummary:
     """The run in ``run_dir`` ended as the run that never stopped, from its own last.ckpt; its summary."""
     summary = read_summary(run_dir)
-    assert summary["status"] == "completed" and summary["epochs_run"] == 4
-    assert summary["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert summary.status == "completed" and summary.epochs_run == 4
+    assert summary.resumed_from == str(run_dir / "checkpoints" / "last.ckpt")
     metrics = read_metrics(run_dir)
-    pd.testing.assert_frame_equal(metrics.drop(columns="seconds"), never_stopped.drop(columns="seconds"), rtol=1e-4)
+    pd.testing.assert_frame_equal(metrics.drop(columns=CLOCK), never_stopped.drop(columns=CLOCK), rtol=1e-4)
     return summary
 
 
@@ -112,7 +117,7 @@ def test_resume_auto_continues_a_run_killed_after_epoch_2_in_its_folder(tiny_dat
     finally:
         proc.kill()
         proc.wait()
-    assert read_summary(run_dir)["status"] == "interrupted" and len(read_metrics(run_dir)) == 2
+    assert read_summary(run_dir).status == "interrupted" and len(read_metrics(run_dir)) == 2
 
     def files() -> dict[Path, int]:  # the run's files (the folder's .lock records each run that takes it)
         return {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.name != ".lock"}
@@ -143,7 +148,7 @@ def test_a_preempted_submitit_job_is_requeued_and_continues_from_its_last_checkp
         cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(ready, proc)
-        os.kill(read_summary(sweep / "0")["pid"], signal.SIGUSR2)  # what submitit's SLURM signal option sends
+        os.kill(read_summary(sweep / "0").pid, signal.SIGUSR2)  # what submitit's SLURM signal option sends
         output, _ = proc.communicate(timeout=600)
     finally:
         proc.kill()

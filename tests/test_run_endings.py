@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from carnet.artifacts import read_summary
 from carnet.errors import CarnetError
 from carnet.models.checkpoint import read_checkpoint
+from carnet.summary import read_summary
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH, TINY
@@ -62,12 +62,14 @@ def test_a_run_dir_in_a_read_only_folder_is_one_line(tmp_path: Path, existing: b
 
 
 def test_max_epochs_0_is_refused_in_one_line(tiny_data: Path, tmp_path: Path) -> None:
-    """It used to end `completed`, with a best_checkpoint that was never written."""
+    """It used to end `completed`, with a best_checkpoint that was never written; then `failed`, after the run
+    folder was locked and written. A value typed wrong now stops before anything is (carnet.config_check)."""
     run_dir = tmp_path / "run"
-    with pytest.raises(CarnetError, match=r"^trainer.max_epochs=0: expected a whole number of epochs, at least 1$"):
-        train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", "trainer.max_epochs=0", f"run_dir={run_dir}"]))
-    assert read_summary(run_dir)["status"] == "failed"
-    assert not (run_dir / "checkpoints").exists()
+    for epochs in (0, -1):  # -1: Lightning's endless training
+        with pytest.raises(CarnetError, match=rf"^trainer\.max_epochs={epochs}: expected a whole number >= 1 \(epochs"):
+            train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", f"trainer.max_epochs={epochs}",
+                               f"run_dir={run_dir}"]))
+        assert not run_dir.exists()
 
 
 def _signal_at(signum: signal.Signals, epoch: int | None) -> str:
@@ -98,7 +100,7 @@ def test_a_signal_ends_the_run_interrupted_with_a_resumable_last_ckpt(tiny_data:
     train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", f"trainer.max_epochs={done + 1}", f"resume={last}",
                        f"run_dir={tmp_path / 'resumed'}"]))
     resumed = read_summary(tmp_path / "resumed")
-    assert resumed["status"] == "completed" and resumed["epochs_run"] == done + 1
+    assert resumed.status == "completed" and resumed.epochs_run == done + 1
 
 
 def test_a_schedulers_preemption_handler_ends_the_run_interrupted(tiny_data: Path, tmp_path: Path) -> None:

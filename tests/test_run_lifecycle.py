@@ -16,8 +16,9 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from carnet.artifacts import read_metrics, read_summary, write_json
+from carnet.artifacts import read_metrics, write_json
 from carnet.models.checkpoint import read_checkpoint
+from carnet.summary import read_summary
 from carnet.training.run_dir import run_dir_lock
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
@@ -45,10 +46,24 @@ def test_a_second_run_into_a_busy_run_dir_stops_and_touches_nothing(tiny_data: P
             (run_dir / ".hydra" / name).write_text("seed: 42\n")
         before = _files(run_dir)
         proc = _train_py(f"data.root={tiny_data}", *ONE_BATCH, "seed=7", f"hydra.run.dir={run_dir}")
+        after = _files(run_dir)  # while the owner lives (it removes its .lock as it ends)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
     assert f"run directory {run_dir} is in use by another run (pid {os.getpid()})" in proc.stderr
-    assert _files(run_dir) == before
+    assert after == before
+
+
+def test_the_lock_file_goes_with_the_run_and_one_left_by_a_killed_run_is_taken_over(tmp_path: Path) -> None:
+    """The flock, not the file, says a run lives: the file is removed when the run ends, and one a killed run left
+    (no process holds its lock) is no obstacle."""
+    run_dir = tmp_path / "run"
+    with run_dir_lock(run_dir):
+        assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
+    assert not (run_dir / ".lock").exists()
+    (run_dir / ".lock").write_text("99999999\n")  # what kill -9 leaves
+    with run_dir_lock(run_dir):
+        assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
+    assert list(run_dir.iterdir()) == []
 
 
 def test_default_run_dirs_differ_within_a_second() -> None:
@@ -66,8 +81,8 @@ def test_a_failure_before_training_leaves_a_failed_summary_and_a_log(tmp_path: P
     proc = _train_py(f"data.root={tmp_path / 'missing'}", *TINY, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     summary = read_summary(run_dir)
-    assert summary["status"] == "failed"
-    assert f"data root {tmp_path / 'missing'} does not exist" in summary["error"]
+    assert summary.status == "failed"
+    assert f"data root {tmp_path / 'missing'} does not exist" in summary.error
     assert "does not exist" in (run_dir / "train.log").read_text()
 
 
@@ -78,7 +93,7 @@ def test_the_data_is_checked_before_the_model_is_built(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = _train_py(f"data.root={tmp_path / 'missing'}", f"hydra.run.dir={run_dir}", "trainer=cpu")
     assert proc.returncode == 1 and "data root" in proc.stderr and "does not exist" in proc.stderr
-    assert "total_params" not in read_summary(run_dir)
+    assert read_summary(run_dir).total_params is None
 
 
 def test_a_killed_run_reads_as_interrupted(tiny_data: Path, tmp_path: Path) -> None:
@@ -90,12 +105,12 @@ def test_a_killed_run_reads_as_interrupted(tiny_data: Path, tmp_path: Path) -> N
         deadline = time.monotonic() + 120
         while not (run_dir / "summary.json").is_file() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert read_summary(run_dir)["status"] == "running"  # alive: its own pid
+        assert read_summary(run_dir).status == "running"  # alive: its own pid
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     summary = read_summary(run_dir)
-    assert summary["status"] == "interrupted" and summary["pid"] == proc.pid
+    assert summary.status == "interrupted" and summary.pid == proc.pid
 
 
 def test_a_full_disk_leaves_whole_checkpoints_and_a_failed_summary(tiny_data: Path, tmp_path: Path,
@@ -119,7 +134,7 @@ def test_a_full_disk_leaves_whole_checkpoints_and_a_failed_summary(tiny_data: Pa
     with pytest.raises(OSError, match="No space left"):
         train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", "trainer.max_epochs=3", f"run_dir={run_dir}"]))
     summary = read_summary(run_dir)
-    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    assert summary.status == "failed" and "No space left on device" in summary.error
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporary files left
     assert read_checkpoint(checkpoints / "last.ckpt")["epoch"] == 0
@@ -129,20 +144,20 @@ def test_resume_continues_the_run_as_if_never_stopped(tiny_data: Path, tmp_path:
     """Stopped after 2 of 3 epochs and resumed with `resume=` (as the README writes it) into a new folder: the
     same epochs as an uninterrupted run (augmentation and shuffling included), one clock, and Lightning's CSV and
     carnet's metrics.csv with the whole history."""
-    common = [*TINY, f"data.root={tiny_data}", "trainer.num_sanity_val_steps=0", "data.verify=false"]
+    common = [*TINY, f"data.root={tiny_data}", "trainer.num_sanity_val_steps=0", "data.verify=false", "logger=csv"]
     train(compose_cfg([*common, "trainer.max_epochs=3", f"run_dir={tmp_path / 'full'}"]))
     train(compose_cfg([*common, "trainer.max_epochs=2", f"run_dir={tmp_path / 'cut'}"]))
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     train(compose_cfg([*common, "trainer.max_epochs=3", f"resume={last}", f"run_dir={tmp_path / 'resumed'}"]))
 
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
-    assert list(resumed.epoch) == [0, 1, 2]
+    assert list(resumed.epoch) == [1, 2, 3]
     columns = ["train/loss", "val/loss", "val/acc"]
     pd.testing.assert_frame_equal(resumed[columns], full[columns], rtol=1e-4)
-    cut_seconds = read_metrics(tmp_path / "cut").seconds.iloc[-1]
-    assert resumed.seconds.is_monotonic_increasing and resumed.seconds.iloc[2] > cut_seconds
-    assert read_summary(tmp_path / "resumed")["seconds"] > cut_seconds
-    lightning = [pd.read_csv(tmp_path / r / "csv" / "metrics.csv") for r in ("full", "resumed")]
+    cut_seconds = read_metrics(tmp_path / "cut").elapsed_seconds.iloc[-1]
+    assert resumed.elapsed_seconds.is_monotonic_increasing and resumed.elapsed_seconds.iloc[2] > cut_seconds
+    assert read_summary(tmp_path / "resumed").seconds > cut_seconds
+    lightning = [pd.read_csv(tmp_path / r / "csv" / "metrics.csv") for r in ("full", "resumed")]  # Lightning's: from 0
     assert sorted(lightning[1].epoch.dropna().unique()) == sorted(lightning[0].epoch.dropna().unique()) == [0, 1, 2]
 
 
@@ -159,7 +174,7 @@ def test_pretrained_weights_offline_fail_at_once_with_what_to_do(tiny_data: Path
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "model.weights=PATH" in proc.stderr and "model.pretrained=false" in proc.stderr
-    assert read_summary(tmp_path / "run")["status"] == "failed"
+    assert read_summary(tmp_path / "run").status == "failed"
 
 
 def test_our_errors_raised_inside_hydra_instantiate_are_one_line(tiny_data: Path, tmp_path: Path) -> None:
@@ -182,4 +197,4 @@ def test_resume_from_a_weights_only_checkpoint_says_which_file_to_use(tiny_data:
     assert "holds weights only" in proc.stderr and "checkpoints/last.ckpt" in proc.stderr
     train(compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", "trainer.max_epochs=2",
                        f"resume={run_dir / 'checkpoints' / 'last.ckpt'}", f"run_dir={tmp_path / 'resumed'}"]))
-    assert read_summary(tmp_path / "resumed")["epochs_run"] == 2
+    assert read_summary(tmp_path / "resumed").epochs_run == 2

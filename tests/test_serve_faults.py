@@ -28,6 +28,7 @@ from tests.helpers.servers import (
     stop_server,
     wait_healthy,
 )
+from tests.helpers.tolerances import PROBS
 
 # A 640x480 photo, as phones and the Kaggle set send them; at a byte per second it would take 7 hours.
 SLOW_BODY = photo(1, (640, 480))
@@ -218,20 +219,27 @@ def test_a_large_jpeg_costs_what_the_model_input_needs(dev_server: tuple[int, su
     assert growth_mb < 100  # whole: 36 MP x 4 bytes in PIL, x 3 as an array, and the resize's buffers
 
 
-def test_predict_and_the_service_give_a_photo_the_same_probabilities(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """One decode for a file on disk (predict.py) and the same bytes uploaded (the service): a large JPEG, where
-    the reduced-scale decode matters, gets the same probabilities both ways. (Seed 7: the tiny model is unsure of
-    it, so the whole decode the service did before issue 18 moved its probabilities by 0.06.)"""
+def test_predict_and_the_service_give_a_photo_the_same_probabilities(tiny_checkpoint: Path, tiny_onnx: Path,
+                                                                     tmp_path: Path) -> None:
+    """One decode and one eval view for a file on disk (predict.py) and the same bytes uploaded (the service, with
+    the checkpoint and with its ONNX export): a large JPEG, where the reduced-scale decode matters, and a portrait
+    PNG, decoded whole, get the same probabilities every way. (Seed 7: the tiny model is unsure of it, so the whole
+    decode the service did before issue 18 moved its probabilities by 0.06.)"""
     from tests.helpers.runs import run_predict
 
-    data = large_jpeg(1600, 1200, seed=7)
     folder = tmp_path / "photos"
     folder.mkdir()
-    (folder / "car.jpg").write_bytes(data)
+    photos = {"car.jpg": large_jpeg(1600, 1200, seed=7), "portrait.png": photo(8, (90, 160), fmt="PNG")}
+    for name, data in photos.items():
+        (folder / name).write_bytes(data)
     predicted = run_predict(f"ckpt={tiny_checkpoint}", f"images={folder}", f"out={tmp_path / 'p.csv'}")
-    served = create_app(tiny_checkpoint, top_k=10).test_client().post("/predict", data=data,
-                                                                       content_type="image/jpeg").get_json()
-    by_class = {k["class_id"]: k["probability"] for k in served["top_k"]}
-    served_probs, predicted_probs = np.array([by_class[k] for k in range(10)]), predicted["probs"][0].numpy()
-    print(f"\nlargest difference, service vs predict: {np.abs(served_probs - predicted_probs).max():.2e}")
-    np.testing.assert_allclose(served_probs, predicted_probs, atol=1e-5)  # float32 arithmetic: ~1e-7
+    services = {"torch": create_app(tiny_checkpoint, top_k=10).test_client(),
+                "onnx": create_app(tiny_onnx, backend="onnx", top_k=10).test_client()}
+    for i, name in enumerate(predicted["ids"]):
+        for backend, client in services.items():
+            served = client.post("/predict", data=photos[name], content_type="application/octet-stream").get_json()
+            by_class = {k["class_id"]: k["probability"] for k in served["top_k"]}
+            served_probs, predicted_probs = np.array([by_class[k] for k in range(10)]), predicted["probs"][i].numpy()
+            print(f"\n{name}: largest difference, {backend} service vs predict: "
+                  f"{np.abs(served_probs - predicted_probs).max():.2e}")
+            np.testing.assert_allclose(served_probs, predicted_probs, **PROBS)  # float32 arithmetic

@@ -4,6 +4,7 @@ a 500 tells the client, gunicorn's shipped settings, and a real server's memory 
 from __future__ import annotations
 
 import http.client
+import inspect
 import io
 import logging
 import sys
@@ -124,6 +125,8 @@ def test_gunicorn_settings_are_known_to_gunicorn() -> None:
                 and not isinstance(v, type(sys))}
     known = gunicorn.config.Config().settings
     assert set(settings) <= set(known), set(settings) - set(known)
+    hooks = {k for k, v in vars(conf).items() if inspect.isfunction(v) and v.__module__ == conf.__name__}
+    assert hooks == {"on_starting"} and hooks <= set(known)  # a misspelled hook would be ignored too
     cfg = gunicorn.config.Config()
     for key, value in settings.items():
         cfg.set(key, value)  # validates the value

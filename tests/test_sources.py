@@ -8,12 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError, scan_train
+from carnet.data.layout import scan_train
 from carnet.data.sources import load_source, read_sources
+from carnet.errors import DataError
 from carnet.tools.demo import CLASS_NAMES
 from tests.helpers.images import car_jpeg
 from tests.helpers.paths import REPO
+from tests.helpers.recipe import data_module
 
 
 @pytest.fixture
@@ -56,9 +57,9 @@ def test_folder_and_csv_sources_map_labels_and_count_drops(sources: dict[str, Pa
 
 def test_extra_images_go_to_training_only(tiny_data: Path, sources: dict[str, Path]) -> None:
     kwargs = dict(root=tiny_data, class_names=CLASS_NAMES, num_workers=0, seed=3)
-    plain = CarDataModule(**kwargs)
+    plain = data_module(**kwargs)
     plain.setup()
-    dm = CarDataModule(**kwargs, extra=[str(sources["folder"]), str(sources["csv"])])
+    dm = data_module(**kwargs, extra=[str(sources["folder"]), str(sources["csv"])])
     dm.setup()
     split = dm.split
     extra = split[split.source != "train"]
@@ -83,9 +84,9 @@ def test_extra_source_repeating_competition_photos_never_trains_on_validation(ti
     and the repeats are dropped with a warning, so no validation photo also trains."""
     (tmp_path / "again.yaml").write_text(f"name: again\ntype: folder\npath: {tiny_data / 'train'}\n")
     kwargs = dict(root=tiny_data, class_names=CLASS_NAMES, num_workers=0, verify=False, seed=3)
-    plain = CarDataModule(**kwargs)
+    plain = data_module(**kwargs)
     plain.setup()
-    dm = CarDataModule(**kwargs, extra=[str(tmp_path / "again.yaml")])
+    dm = data_module(**kwargs, extra=[str(tmp_path / "again.yaml")])
     with pytest.warns(UserWarning, match=r"leaving out 40 .*again.*train/"):
         dm.setup()
     pd.testing.assert_frame_equal(dm.split, plain.split)
@@ -98,7 +99,7 @@ def test_extra_photo_twice_is_kept_once_and_a_contradiction_is_refused(tiny_data
     copy = tmp_path / "copy.yaml"
     copy.write_text(sources["folder"].read_text().replace("name: photos", "name: copy")
                     .replace("../photos", str(sources["root"] / "photos")))
-    dm = CarDataModule(tiny_data, CLASS_NAMES, num_workers=0, verify=False, extra=[str(sources["folder"]), str(copy)])
+    dm = data_module(tiny_data, CLASS_NAMES, num_workers=0, verify=False, extra=[str(sources["folder"]), str(copy)])
     with pytest.warns(UserWarning, match=r"leaving out 5 .*p0\.jpg"):
         dm.setup()
     assert {k: v["used"] for k, v in dm.data_summary()["extra_sources"].items()} == {"photos": 5, "copy": 0}
@@ -110,7 +111,7 @@ def test_extra_photo_twice_is_kept_once_and_a_contradiction_is_refused(tiny_data
     table = tmp_path / "wrong.csv"
     pd.DataFrame({"path": [str(tiny_data / victim.path)], "label": [wrong]}).to_csv(table, index=False)
     (tmp_path / "wrong.yaml").write_text(f"name: wrong\ntype: csv\npath: {table}\n")
-    dm = CarDataModule(tiny_data, CLASS_NAMES, num_workers=0, verify=False, extra=[str(tmp_path / "wrong.yaml")])
+    dm = data_module(tiny_data, CLASS_NAMES, num_workers=0, verify=False, extra=[str(tmp_path / "wrong.yaml")])
     with pytest.raises(DataError, match=rf"{victim.path}.*label {victim.label}.*'train'.*label {wrong}.*'wrong'"):
         dm.setup()
 
@@ -123,13 +124,13 @@ def test_a_competition_photo_linked_twice_is_one_photo(tiny_data: Path, tmp_path
     (data / "train.csv").unlink()  # the folders are the labels
     target = sorted((data / "train" / "2").glob("*.jpg"))[0]
     (data / "train" / "2" / "link.jpg").symlink_to(target)
-    dm = CarDataModule(data, CLASS_NAMES, num_workers=0, verify=False)
+    dm = data_module(data, CLASS_NAMES, num_workers=0, verify=False)
     with pytest.warns(UserWarning, match=r"leaving out 1 .*train/2/.*\(train, already from train\)"):
         dm.setup()
     assert len(dm.split) == 40
     (data / "train" / "2" / "link.jpg").rename(data / "train" / "6" / "link.jpg")
     with pytest.raises(DataError, match=r"train/2/.*label 2 .*label 6 .*as train/6/link\.jpg"):
-        CarDataModule(data, CLASS_NAMES, num_workers=0, verify=False).setup()
+        data_module(data, CLASS_NAMES, num_workers=0, verify=False).setup()
 
 
 def test_labels_without_map_must_be_classes(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from carnet.data.datamodule import CarDataModule
-from carnet.data.layout import DataError
 from carnet.data.splits import assign_split
+from carnet.errors import DataError
+from tests.helpers.recipe import data_module
 
 NAMES = [f"class {k}" for k in range(10)]
 
@@ -29,7 +29,7 @@ def _layout(root: Path, counts: dict[int, range]) -> Path:
 
 
 def _split(root: Path, **kwargs) -> pd.DataFrame:
-    dm = CarDataModule(root, NAMES, num_workers=0, verify=False, **kwargs)
+    dm = data_module(root, NAMES, num_workers=0, verify=False, **kwargs)
     dm.setup()
     return dm.split.set_index("path")
 

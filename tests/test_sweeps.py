@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from carnet.artifacts import read_summary
+from carnet.summary import read_summary
 from carnet.tools.report import find_runs, plot_runs, write_report
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
@@ -44,7 +44,7 @@ def test_multirun_2x2_gives_four_runs_and_a_ranked_report(sweep: Sweep) -> None:
     tried = set()
     for job in jobs:
         summary = read_summary(job)
-        assert summary["status"] == "completed" and summary["run_dir"] == str(job)
+        assert summary.status == "completed" and summary.run_dir == str(job)
         assert (job / "metrics.csv").is_file() and (job / "checkpoints" / "best.ckpt").is_file()
         config = yaml.safe_load((job / "config.yaml").read_text())
         tried.add((config["optimizer"]["_target_"], config["head"]["_target_"]))
@@ -56,14 +56,14 @@ def test_multirun_2x2_gives_four_runs_and_a_ranked_report(sweep: Sweep) -> None:
     assert len(frame) == 4
     accs = list(frame["best_val_acc"])
     assert accs == sorted(accs, reverse=True)
-    assert sorted(accs) == sorted(read_summary(job)["best_val_acc"] for job in jobs)
+    assert sorted(accs) == sorted(read_summary(job).best_val_acc for job in jobs)
     assert {"optimizer", "head"} <= set(frame.columns) and "data.root" not in frame.columns
     rows = [line for line in (sweep_dir / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 5  # header + 4 runs
     assert (sweep_dir / "report.png").is_file()
-    # TINY runs one epoch: the plot shows epoch 0 alone, accuracy up to 1, runs named by what they tried
+    # TINY runs one epoch: the plot shows epoch 1 alone, accuracy up to 1, runs named by what they tried
     (ax,) = plot_runs(find_runs(sweep_dir), sweep_dir / "report.png").axes
-    assert ax.get_xlim() == (-0.5, 0.5) and [t for t in ax.get_xticks() if -0.5 <= t <= 0.5] == [0]
+    assert ax.get_xlim() == (0.5, 1.5) and [t for t in ax.get_xticks() if 0.5 <= t <= 1.5] == [1]
     assert ax.get_ylim()[1] == 1.0
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert len(labels) == 4 and all(label.replace("best: ", "").startswith("optimizer=") and " head=" in label
@@ -81,12 +81,12 @@ def test_optuna_search_best_value_is_the_best_run(sweep: Sweep) -> None:
     jobs = job_dirs(sweep_dir)
     assert len(jobs) == 3
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    best = max(read_summary(job)["best_val_acc"] for job in jobs)
+    best = max(read_summary(job).best_val_acc for job in jobs)
     assert results["best_value"] == pytest.approx(best)
     assert set(results["best_params"]) >= {"optimizer", "optimizer.lr", "optimizer.weight_decay", "scheduler",
                                            "head", "augment", "label_smoothing"}
     # every trial recorded what it tried, for the report
-    assert all(any(o.startswith("optimizer.lr=") for o in read_summary(job)["overrides"]) for job in jobs)
+    assert all(any(o.startswith("optimizer.lr=") for o in read_summary(job).overrides) for job in jobs)
     assert len(write_report(sweep_dir)) == 3
     assert f"Optuna best value {results['best_value']}" in (sweep_dir / "report.md").read_text()
 
@@ -109,6 +109,7 @@ def test_lr_find_writes_plot_and_a_positive_rate(train_run: Callable, tmp_path: 
     assert (run_dir / "lr_find.png").stat().st_size > 10_000
     assert not (run_dir / "checkpoints").exists()  # no training
     summary = read_summary(run_dir)  # every run directory has one: this run completed, found a rate, trained nothing
-    assert summary["status"] == "completed" and summary["tune"]["suggested_lr"] == result["suggested_lr"]
-    assert summary["best_val_acc"] is None
+    assert summary.status == "completed" and summary.tune["suggested_lr"] == result["suggested_lr"]
+    assert not {"lr", "loss"} & set(summary.tune)  # the curve's points stay in lr_find.json
+    assert summary.best_val_acc is None
     assert not list(run_dir.glob(".lr_find*.ckpt"))  # the finder's temporary checkpoint is gone

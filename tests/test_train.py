@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,12 @@ import pytest
 import torch
 from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
-from carnet.artifacts import EPOCH_COLUMNS, read_summary
+from carnet.artifacts import EPOCH_COLUMNS
 from carnet.models.checkpoint import load_checkpoint, read_checkpoint
+from carnet.runtime import resolve_runtime
+from carnet.summary import read_summary
 from carnet.training.builders import build_trainer
-from carnet.training.run_dir import AtomicCheckpointIO
+from carnet.training.checkpoints import AtomicCheckpointIO
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH, TINY
@@ -37,10 +40,20 @@ def test_one_epoch_run_leaves_every_artifact(train_run):
     assert summary["trainable_params"] == summary["total_params"] > 0
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert list(metrics.columns) == EPOCH_COLUMNS and list(metrics.epoch) == [0, 1]
+    assert list(metrics.columns) == EPOCH_COLUMNS and list(metrics.epoch) == [1, 2]
     assert metrics[["train/loss", "train/acc", "val/loss", "val/acc", "lr"]].notna().all().all()
-    assert summary["best_val_acc"] == metrics["val/acc"].max()
-    assert f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}" in proc.stdout
+    assert summary["max_val_acc"] == metrics["val/acc"].max()
+    best = metrics[metrics["val/loss"] == metrics["val/loss"].min()].iloc[0]  # checkpoint.monitor: val/loss
+    assert (summary["best_epoch"], summary["best_val_acc"]) == (best.epoch, best["val/acc"])
+    assert (f"best.ckpt: epoch {summary['best_epoch']} of 2 (lowest val/loss), val/acc={summary['best_val_acc']:.4f} "
+            f"val/loss={summary['best_val_loss']:.4f}") in proc.stdout
+    # the run's folder holds the files the README's table describes, and only those (no lock left behind)
+    assert {p.name for p in run_dir.iterdir()} == {"summary.json", "metrics.csv", "checkpoints", "curves.png",
+                                                  "split.csv", "config.yaml", ".hydra", "train.log"}
+    readme = (REPO / "README.md").read_text().split("## The run directory", 1)[1].split("\n\n#", 1)[0]
+    documented = {name.split("/")[0] for line in readme.splitlines() if line.startswith("| `")
+                  for name in re.findall(r"`([^`]+)`", line.split("|")[1])}
+    assert {p.name for p in run_dir.iterdir()} <= documented
 
     split = pd.read_csv(run_dir / "split.csv")
     val = split[split.split == "val"]
@@ -95,7 +108,8 @@ def test_best_checkpoint_is_weights_and_metadata_last_keeps_the_optimizer(tiny_d
 def test_async_save_wraps_the_atomic_writer(setting: str, wrapped: bool, tmp_path: Path) -> None:
     """checkpoint.async_save: auto is synchronous on the CPU (GPU runs only); true writes in a thread, still
     through the atomic writer."""
-    trainer = build_trainer(compose_cfg([*TINY, f"checkpoint.async_save={setting}"]), tmp_path, [])
+    cfg = compose_cfg([*TINY, f"checkpoint.async_save={setting}"])
+    trainer = build_trainer(cfg, tmp_path, [], resolve_runtime(cfg))
     io = trainer.strategy.checkpoint_io
     assert isinstance(io, AsyncCheckpointIO) is wrapped
     assert isinstance(io.checkpoint_io if wrapped else io, AtomicCheckpointIO)
@@ -112,4 +126,4 @@ def test_async_checkpoints_are_whole_and_a_failed_write_fails_the_run(tiny_data:
     (broken / "checkpoints").write_text("a file where the checkpoint folder goes: every write fails")
     with pytest.raises(OSError):
         train(compose_cfg([*common, f"run_dir={broken}"]))
-    assert read_summary(broken)["status"] == "failed"
+    assert read_summary(broken).status == "failed"

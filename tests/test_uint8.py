@@ -16,12 +16,13 @@ from carnet.inference.runner import Runner
 from carnet.inference.selection import Images
 from carnet.inference.tta import TTA, View
 from carnet.models.checkpoint import load_checkpoint
+from carnet.runtime import resolve_runtime
 from carnet.serving.classifier import Classifier
 from carnet.training.builders import build_datamodule, build_module
-from carnet.training.module import CarClassifier
 from tests.helpers.config import compose_cfg
 from tests.helpers.images import photo
 from tests.helpers.overrides import TINY
+from tests.helpers.recipe import classifier
 from tests.helpers.reference import eval_batch, normalise, reference_logits
 
 HEAD = {"_target_": "carnet.models.heads.LinearHead", "dropout": 0.0}
@@ -34,7 +35,8 @@ def pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:
 def test_loader_batches_are_uint8_pixels(tiny_data: Path) -> None:
     """Training (augmented), validation and head-fit feature batches: uint8 (N, 3, S, S), no float on the CPU."""
     cfg = compose_cfg([*TINY, f"data.root={tiny_data}", "data.verify=false", "augment=light"])
-    datamodule = build_datamodule(cfg, build_module(cfg))
+    runtime = resolve_runtime(cfg)
+    datamodule = build_datamodule(cfg, build_module(cfg, runtime), runtime)
     datamodule.setup("fit")
     for loader in (datamodule.train_dataloader(), datamodule.val_dataloader(),
                    datamodule.feature_loader(augmented=True)):
@@ -45,7 +47,7 @@ def test_loader_batches_are_uint8_pixels(tiny_data: Path) -> None:
 
 def test_network_on_uint8_equals_the_float_path() -> None:
     """net(uint8) = backbone + head on pixels normalised by hand with the model's mean/std; float 0..255 too."""
-    module = CarClassifier("test_efficientnet", list("abcd"), HEAD, image_size=64).eval()
+    module = classifier(class_names=list("abcd"), head=HEAD).eval()
     meta, batch = module.inference_meta(), pixels(3, 64)
     expected = reference_logits(module.net, batch, meta)
     floats = batch.float()
@@ -58,8 +60,8 @@ def test_network_on_uint8_equals_the_float_path() -> None:
 
 
 def test_normalisation_follows_memory_format_and_autocast() -> None:
-    plain = CarClassifier("test_efficientnet", list("abc"), HEAD, image_size=64).eval()
-    fast = CarClassifier("test_efficientnet", list("abc"), HEAD, image_size=64, channels_last=True).eval()
+    plain = classifier(class_names=list("abc"), head=HEAD).eval()
+    fast = classifier(class_names=list("abc"), head=HEAD, channels_last=True).eval()
     fast.net.load_state_dict(plain.net.state_dict())
     batch = pixels(2, 64)
     assert fast.net.uses_channels_last() and not plain.net.uses_channels_last()
@@ -104,7 +106,7 @@ def test_predict_serve_and_export_agree_on_one_image(tiny_checkpoint: Path, expo
     assert batch.dtype == torch.uint8
     expected = reference_logits(net, batch, meta).double().softmax(-1)[0].numpy()
 
-    runner = Runner(device="cpu", num_workers=0, draft=False, channels_last=True)
+    runner = Runner(device="cpu", batch_size=32, num_workers=0, channels_last=True, amp=False, draft=False)
     images = Images(tmp_path, ["a.jpg"], ["a"], [-1])
     predicted = runner.view_probs(Model(tiny_checkpoint, net, meta), images, TTA())[0, 0].double().numpy()
     image = np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB"))
@@ -125,6 +127,6 @@ def test_runner_zoom_tta_on_pixels(tiny_checkpoint: Path, tmp_path: Path) -> Non
     batch, view = eval_batch(meta, [data]), View("zoom", zoom=1.15)
     with torch.no_grad():
         expected = net.head(net.backbone(view(normalise(batch, meta)))).softmax(-1)
-    runner = Runner(device="cpu", num_workers=0, draft=False)
+    runner = Runner(device="cpu", batch_size=32, num_workers=0, channels_last=True, amp=False, draft=False)
     got = runner.view_probs(Model(tiny_checkpoint, net, meta), Images(tmp_path, ["a.jpg"], ["a"], [-1]), TTA((view,)))
     torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-4)

@@ -2,7 +2,7 @@
 
 JPEG decoding is most of a data loader's CPU time. When a dataset is small enough (or the same images feed a
 long 448 px phase), decoding each file once and keeping the result, already shrunk to the smallest size the
-pipeline needs (``min_side``, see :func:`carnet.data.decode_min_side`), lets every later epoch skip it.
+pipeline needs (``min_side``, see :func:`carnet.data.transforms.decode_min_side`), lets every later epoch skip it.
 
 Entries are keyed by the file's path, its size in bytes, its modification time (ns) and ``min_side`` (so each
 image size gets its own entries): an edited or replaced file misses and is decoded again; a disk entry of the
@@ -29,15 +29,11 @@ import numpy as np
 
 from carnet.artifacts import atomic_path
 from carnet.data.decode import DECODE_VERSION, decode_image
-from carnet.errors import CarnetError
+from carnet.errors import CacheError
 
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
-
-
-class CacheError(CarnetError):
-    """A cache setting is invalid; the message names the key and the expected values."""
 
 
 def file_stamp(path: str | os.PathLike) -> tuple[int, int]:

@@ -2,20 +2,20 @@
 
 :func:`decode_image` decodes a file or an upload's bytes for training, predict and the web service
 (:func:`carnet.serving.upload.decode_upload`), at the reduced JPEG scale their transform allows
-(:func:`decode_min_side`); :func:`pil_to_rgb` is the one place where a PIL image becomes the pixels a model sees.
-So a photo is the same array on every path: shown upright (EXIF orientation), with 16-bit samples scaled to 8 bits.
+(:func:`carnet.data.transforms.decode_min_side`; the eval view's is :attr:`carnet.data.eval_view.EvalView.resize_to`);
+:func:`pil_to_rgb` is the one place where a PIL image becomes the pixels a model sees. So a photo is the same array
+on every path: shown upright (EXIF orientation), with 16-bit samples scaled to 8 bits. PIL and NumPy only: the
+ONNX service decodes with this without torch.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -68,28 +68,6 @@ def decode_image(source: str | os.PathLike | bytes, min_side: int | None = None,
             if scale < 1:
                 img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
         return pil_to_rgb(img)
-
-
-def decode_min_side(transform: A.Compose) -> int | None:
-    """The smallest shorter side an image may be decoded at without costing ``transform`` any detail.
-
-    - Evaluation view (``SmallestMaxSize`` first): its ``max_size`` (image_size / crop_pct); anything larger is
-      thrown away by the resize.
-    - ``RandomResizedCrop(size S, scale (s_min, _), ratio (3/4, 4/3))`` first: ``ceil(S / sqrt(s_min))``. The
-      smallest crop covers s_min of the frame; on a 4:3 frame with shorter side m (area 4/3 m^2) its shorter side
-      is at least m * sqrt(s_min) for every ratio in [3/4, 4/3] (exactly that at 3:4 and 4:3, a square crop's is
-      sqrt(4/3) times more), so m >= S / sqrt(s_min) means no crop is ever upsampled. At 224 px with light's
-      s_min = 0.5 that is 317 px (heavy's 0.35: 379 px); at 448 px, 634 px: a 640x480 photo is then decoded at
-      full size, but larger photos and the eval view at reduced scale (B6's 238 px eval side: 1/2 of 640x480).
-    - Anything else first: None (full decoding), since we cannot tell what the pipeline needs.
-    """
-    first = transform.transforms[0] if len(transform.transforms) else None
-    if isinstance(first, A.SmallestMaxSize) and first.max_size is not None:
-        size = first.max_size
-        return int(max(size) if isinstance(size, Sequence) else size)
-    if isinstance(first, A.RandomResizedCrop):
-        return math.ceil(max(first.size) / math.sqrt(min(first.scale)))
-    return None
 
 
 def _undecodable(path: Path) -> str | None:

@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from carnet.data.dataset import default_num_workers
 from carnet.data.decode import pil_to_rgb
 
 DEFAULT_THRESHOLD = 12  # candidate bits of 64: resized/recompressed copies 0-4, copies cropped 3-5% per side
@@ -32,10 +33,6 @@ DEFAULT_SIMILARITY = 0.9  # pixel check: true copies score >= 0.93, distinct pho
 _SIDE = 32  # thumbnail side of the pixel check
 _GRID = 96  # crops are cut from a thumbnail of this side
 _SCALES = (1.0, 0.95, 0.9, 0.85)  # crops tried per axis (fraction kept), each at the start, centre and end
-
-
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _hash_one(path: str) -> dict[str, Any]:
@@ -64,7 +61,7 @@ def hash_images(paths: Sequence[str | os.PathLike], workers: int | None = None, 
     """
     paths = [str(p) for p in paths]
     results: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+    with ThreadPoolExecutor(max_workers=workers or default_num_workers()) as pool:
         jobs = pool.map(_hash_one, paths)
         if progress and paths:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -174,7 +171,7 @@ def pixel_similarity(paths: Sequence[str | os.PathLike], i: np.ndarray, j: np.nd
     order = sorted(range(len(keys_a)), key=lambda k: (keys_a[k], keys_b[k]))
     sims = np.full(len(keys_a), np.nan)
     batch = 2000  # images per batch: ~200 MB of views
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+    with ThreadPoolExecutor(max_workers=workers or default_num_workers()) as pool:
         start = 0
         while start < len(order):
             wanted: dict[str, None] = {}

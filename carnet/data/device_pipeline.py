@@ -9,9 +9,10 @@ that the GPU does the pixel work and the workers do almost nothing:
   draw the same distributions (crop area and aspect ratio, flip, brightness/contrast) and a run's views are
   reproducible from its seed. Files that are not JPEG are decoded there (:func:`carnet.data.decode.decode_image`:
   EXIF orientation, 16-bit scaling) and travel as pixels.
-- **On the device** (:meth:`EncodedBatch.to`): batched nvJPEG decoding (``torchvision.io.decode_jpeg``, EXIF
-  orientation applied), then each image's crop/resize (torchvision v2 functional, antialiased like the CPU
-  pipeline's ``area_for_downscale``), then flips and brightness/contrast for the whole batch at once.
+- **On the device** (:meth:`EncodedBatch.to`): batched nvJPEG decoding (``torchvision.io.decode_jpeg``), EXIF
+  orientation applied by :func:`orient` (torchvision applies it on the CPU only), then each image's crop/resize
+  (torchvision v2 functional, antialiased like the CPU pipeline's ``area_for_downscale``), then flips and
+  brightness/contrast for the whole batch at once.
 
 The batch is a uint8 NCHW tensor at ``image_size``, unnormalised, exactly what the CPU loaders hand over: the
 model normalises it itself. Whatever moves a batch to its device gets pixels: Lightning's loops (a ``.to``
@@ -42,10 +43,17 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from carnet.data.decode import decode_image, pil_to_rgb
+from carnet.data.transforms import EvalViewStep
+
+# data.decode: cpu = workers decode and augment (the default); gpu = workers read bytes, the run's
+# CUDA device decodes and augments; auto = gpu when the run is on CUDA; device = the byte path on whatever device
+# the run uses, the CPU included (tests, and measuring the device pipeline without a GPU).
+DECODE_MODES = ("cpu", "gpu", "auto", "device")
+
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_ORIENTATION = 0x0112  # values 5-8 store the picture transposed: its shown width is the stored height
-CROPS = (A.RandomResizedCrop, A.CenterCrop)
+CROPS = (A.RandomResizedCrop, A.CenterCrop, EvalViewStep)  # EvalViewStep: resize, then crop
 GEOMETRY = (*CROPS, A.SmallestMaxSize, A.Resize)
 PIXEL = (A.HorizontalFlip, A.RandomBrightnessContrast)
 # Applied by the CPU pipeline only: the device batch stays uint8, and the model normalises it.
@@ -86,6 +94,19 @@ def unsupported(transform: A.BaseCompose) -> list[str]:
     return names
 
 
+def why_not_on_device(transforms: Sequence[A.BaseCompose], cache: str) -> str | None:
+    """Why the device pipeline cannot draw the views of ``transforms`` (None: it can): a transform it does not do,
+    or ``data.cache``, which keeps decoded images. The one rule for ``data.decode`` (carnet.runtime picks the path
+    with it, the datamodule refuses a byte path that breaks it)."""
+    names = sorted({name for transform in transforms for name in unsupported(transform)})
+    if names:
+        return (f"augment has {', '.join(names)}, which the device pipeline does not do (it does RandomResizedCrop, "
+                "HorizontalFlip, RandomBrightnessContrast: augment=light or none)")
+    if cache != "none":
+        return f"data.cache={cache} keeps decoded images"
+    return None
+
+
 def _shape_params(t: A.BasicTransform, shape: tuple[int, int]) -> dict[str, Any]:
     """The transform's random parameters for an image of ``shape``, drawn as its ``__call__`` draws them.
 
@@ -110,8 +131,16 @@ def plan_view(transform: A.BaseCompose, shape: tuple[int, int]) -> Plan:
         if isinstance(t, A.RandomResizedCrop):
             x0, y0, x1, y1 = params["crop_coords"]
             geometry.append(("crop", (x0, y0, x1, y1)))
-            geometry.append(("resize", tuple(t.size), t._get_interpolation_for_resize((y1 - y0, x1 - x0), "image")))
+            # albumentations' rule for the image (RandomResizedCrop._get_interpolation_for_resize, private)
+            shrink = (y1 - y0 > t.size[0] or x1 - x0 > t.size[1]) and t.area_for_downscale in ("image", "image_mask")
+            geometry.append(("resize", tuple(t.size), cv2.INTER_AREA if shrink else t.interpolation))
             h, w = t.size
+        elif isinstance(t, EvalViewStep):  # the CPU view's own geometry, so both paths crop the same box
+            (nh, nw), flag = t.view.resize(h, w)
+            geometry.append(("resize", (nh, nw), flag))
+            h, w = nh, nw
+            geometry.append(("crop", t.view.crop_box(h, w)))
+            h = w = t.view.image_size
         elif isinstance(t, A.SmallestMaxSize):
             nh, nw = max(1, round(h * params["scale"])), max(1, round(w * params["scale"]))
             shrink = params["scale"] < 1.0 and t.area_for_downscale in ("image", "image_mask")
@@ -137,28 +166,40 @@ def plan_view(transform: A.BaseCompose, shape: tuple[int, int]) -> Plan:
     return tuple(geometry), flip, alpha, beta
 
 
-def image_shape(data: bytes) -> tuple[int, int]:
-    """(height, width) of an encoded image as shown, read from its header (EXIF orientation applied)."""
+def image_header(data: bytes) -> tuple[tuple[int, int], int]:
+    """(height, width) of an encoded image as shown (EXIF orientation applied), and that orientation (1-8)."""
     with Image.open(io.BytesIO(data)) as img:
         w, h = img.size
-        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+        orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    return ((w, h) if orientation in (5, 6, 7, 8) else (h, w)), orientation
+
+
+# EXIF orientation -> flips of the (transposed, for 5-8) stored pixels that show them upright
+_FLIPS = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A C x H x W image as stored, shown upright for its EXIF ``orientation``, as PIL's ``exif_transpose`` does."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(-1, -2)
+    return image.flip(_FLIPS[orientation]) if orientation in _FLIPS else image.contiguous()
 
 
 class EncodedImage:
-    """One photo as a worker hands it over: JPEG bytes (``shape`` None) or decoded HxWx3 pixels, and its view."""
+    """One photo as a worker hands it over: JPEG bytes (``shape`` None) with their EXIF ``orientation``, or decoded
+    HxWx3 pixels (upright), and its view."""
 
-    __slots__ = ("data", "plan", "shape")
+    __slots__ = ("data", "orientation", "plan", "shape")
 
-    def __init__(self, data: torch.Tensor, shape: tuple[int, int] | None, plan: Plan) -> None:
-        self.data, self.shape, self.plan = data, shape, plan
+    def __init__(self, data: torch.Tensor, shape: tuple[int, int] | None, plan: Plan, orientation: int = 1) -> None:
+        self.data, self.shape, self.plan, self.orientation = data, shape, plan, orientation
 
 
 class EncodedDataset(Dataset):
     """(EncodedImage, label) pairs; label -1 for unlabelled images. The device decodes and augments them.
 
     ``transform`` is the CPU pipeline's albumentations Compose: its transforms draw each view (:func:`plan_view`),
-    and its random stream is the one loader workers and :func:`carnet.training.resume.seed_epoch` seed.
+    and its random stream is the one loader workers and :func:`carnet.data.dataset.seed_epoch` seed.
     """
 
     def __init__(self, root: Path, paths: Sequence[str], labels: Sequence[int] | None,
@@ -174,18 +215,20 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> tuple[torch.Tensor, tuple[int, int] | None, tuple[int, int]]:
-        """(bytes or pixels as a flat uint8 tensor, pixel shape or None for a JPEG, shown shape) of row ``index``."""
+    def load(self, index: int) -> tuple[torch.Tensor, tuple[int, int] | None, tuple[int, int], int]:
+        """(bytes or pixels as a flat uint8 tensor, pixel shape or None for a JPEG, shown shape, EXIF orientation
+        still to apply) of row ``index``."""
         path = self.root / self.paths[index]
         data = path.read_bytes()
         if data.startswith(JPEG_MAGIC):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, image_shape(data)
-        pixels = decode_image(path)  # PNG, WebP, ...: decoded here, the same pixels as the CPU pipeline's
-        return torch.from_numpy(np.ascontiguousarray(pixels)).view(-1), pixels.shape[:2], pixels.shape[:2]
+            shown, orientation = image_header(data)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, shown, orientation
+        pixels = decode_image(path)  # PNG, WebP, ...: decoded here (upright), the same pixels as the CPU pipeline's
+        return torch.from_numpy(np.ascontiguousarray(pixels)).view(-1), pixels.shape[:2], pixels.shape[:2], 1
 
     def __getitem__(self, index: int) -> tuple[EncodedImage, int]:
-        data, pixel_shape, shown = self.load(index)
-        return EncodedImage(data, pixel_shape, plan_view(self.transform, shown)), self.labels[index]
+        data, pixel_shape, shown, orientation = self.load(index)
+        return EncodedImage(data, pixel_shape, plan_view(self.transform, shown), orientation), self.labels[index]
 
 
 class EncodedBatch:
@@ -195,18 +238,19 @@ class EncodedBatch:
     image).
     """
 
-    __slots__ = ("data", "plans", "shapes", "sizes")
+    __slots__ = ("data", "orientations", "plans", "shapes", "sizes")
 
     def __init__(self, data: torch.Tensor, sizes: list[int], shapes: list[tuple[int, int] | None],
-                 plans: list[Plan]) -> None:
+                 plans: list[Plan], orientations: list[int] | None = None) -> None:
         self.data, self.sizes, self.shapes, self.plans = data, sizes, shapes, plans
+        self.orientations = orientations or [1] * len(sizes)
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     def pin_memory(self) -> EncodedBatch:
         """Pinned host memory (the DataLoader's pin_memory=True): faster copies of raw pixels to the GPU."""
-        return EncodedBatch(self.data.pin_memory(), self.sizes, self.shapes, self.plans)
+        return EncodedBatch(self.data.pin_memory(), self.sizes, self.shapes, self.plans, self.orientations)
 
     def to(self, device: torch.device | str, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Decode and augment on ``device``: the uint8 N x 3 x H x W batch the model is given."""
@@ -218,14 +262,15 @@ def collate_encoded(items: Sequence[tuple[EncodedImage, int]]) -> tuple[EncodedB
     images = [image for image, _ in items]
     data = torch.cat([image.data for image in images]) if images else torch.empty(0, dtype=torch.uint8)
     batch = EncodedBatch(data, [len(image.data) for image in images], [image.shape for image in images],
-                         [image.plan for image in images])
+                         [image.plan for image in images], [image.orientation for image in images])
     return batch, torch.tensor([label for _, label in items], dtype=torch.long)
 
 
-def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One JPEG that the batched call refused (CMYK, 12-bit, damaged): on the device if it can, else with PIL."""
+def _decode_one(data: torch.Tensor, device: torch.device, orientation: int) -> torch.Tensor:
+    """One JPEG that the batched call refused (CMYK, 12-bit, damaged), upright: on the device if it can, else with
+    PIL."""
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        return orient(decode_jpeg(data, mode=ImageReadMode.RGB, device=device), orientation)
     except RuntimeError:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
             return torch.from_numpy(np.ascontiguousarray(pil_to_rgb(img))).permute(2, 0, 1).to(device)
@@ -241,11 +286,13 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> list[torch.Tensor
             # nvJPEG's hardware decoder writes its outputs before work already queued on the stream has run, into
             # memory the caching allocator may just have freed from it (pytorch/vision#9606): drain the stream.
             torch.cuda.current_stream(device).synchronize()
+        # torchvision applies EXIF orientation on the CPU only (not with nvJPEG): orient() does it on any device
         try:
-            decoded = decode_jpeg([chunks[i] for i in jpegs], mode=ImageReadMode.RGB, device=device,
-                                  apply_exif_orientation=True)
+            decoded = [orient(image, batch.orientations[i]) for i, image in
+                       zip(jpegs, decode_jpeg([chunks[i] for i in jpegs], mode=ImageReadMode.RGB, device=device),
+                           strict=True)]
         except RuntimeError:  # one bad file fails the whole batched call: decode them one by one
-            decoded = [_decode_one(chunks[i], device) for i in jpegs]
+            decoded = [_decode_one(chunks[i], device, batch.orientations[i]) for i in jpegs]
         for i, image in zip(jpegs, decoded, strict=True):
             images[i] = image
     for i, shape in enumerate(batch.shapes):

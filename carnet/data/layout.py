@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from carnet.errors import CarnetError
+from carnet.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -22,10 +22,6 @@ GET_DATA_HINT = (
     "Get the real data with `make data` (Kaggle competition sf-dl-car-classification, unzipped to data/), "
     "or write a synthetic dataset in the same layout with `carnet-demo DIR`, then pass data.root=DIR."
 )
-
-
-class DataError(CarnetError):
-    """The dataset on disk is not in the layout or state carnet expects; the message says what and where."""
 
 
 def scan_train(root: str | os.PathLike, num_classes: int) -> pd.DataFrame:

@@ -29,7 +29,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from carnet.data.layout import IMAGE_EXTENSIONS, DataError
+from carnet.data.layout import IMAGE_EXTENSIONS
+from carnet.errors import DataError
 
 SOURCE_TYPES = ("csv", "folder")
 

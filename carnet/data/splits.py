@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from carnet.data.layout import DataError
+from carnet.errors import DataError
 
 
 def photo_hashes(paths: Sequence[str], seed: int) -> np.ndarray:

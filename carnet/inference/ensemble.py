@@ -16,13 +16,9 @@ from typing import Any
 
 import torch
 
-from carnet.errors import CarnetError
-from carnet.models.checkpoint import CheckpointError, load_checkpoint
+from carnet.errors import CheckpointError, PredictError
+from carnet.models.checkpoint import load_checkpoint
 from carnet.models.network import CarNet
-
-
-class PredictError(CarnetError):
-    """predict cannot go on as configured; the message names the file, key or value at fault."""
 
 
 @dataclass

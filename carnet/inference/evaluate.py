@@ -29,7 +29,7 @@ from carnet.artifacts import spreadsheet_safe, write_csv_atomic
 from carnet.inference.ensemble import Model, ensemble
 from carnet.inference.runner import Runner, console, progress_bars
 from carnet.inference.selection import FoldPart, Images
-from carnet.inference.tta import IDENTITY, TTA, pick_views
+from carnet.inference.tta import IDENTITY, TTA, pick_views, scores
 
 PLAIN = TTA()  # the plain prediction: the identity view alone
 
@@ -59,12 +59,6 @@ def _positions(run: TTA, tta: TTA) -> list[int]:
     plain_at = next(i for i, v in enumerate(order) if v.is_identity)
     names = [v.name for v in order]
     return [plain_at if view.is_identity else names.index(view.name) for view in tta.forward_views]
-
-
-def _scores(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    acc = (probs.argmax(-1) == labels).float().mean().item()
-    nll = -torch.log(probs.gather(-1, labels[:, None]).clamp_min(1e-12)).mean().item()
-    return acc, nll
 
 
 # ----------------------------------------------------------------------------------------- confusion matrix
@@ -171,7 +165,7 @@ class _Report:
         merged = [chosen.combine(p) for p in self.views(chosen)]
         rows = self.show(plain, merged, chosen)
         final = self.pool(merged)
-        acc = _scores(final, self.labels)[0]
+        acc = scores(final, self.labels)[0]
         png = report_dir / f"confusion_{self.name}.png"
         matrix, pairs = confusion_report(final, self.labels, self.class_names, png, self.title(chosen, acc))
         frame = pd.DataFrame(final.numpy(), columns=self.class_names)
@@ -199,7 +193,7 @@ class _ValReport(_Report):
         rows: list[dict[str, Any]] = []
 
         def add(model: str, what: str, probs: torch.Tensor, base: float | None) -> float:
-            acc, nll = _scores(probs, self.labels)
+            acc, nll = scores(probs, self.labels)
             rows.append({"model": model, "prediction": what, "accuracy": acc, "nll": nll})
             table.add_row(model, what, f"{acc:.4f}", f"{nll:.4f}", "" if base is None else f"{acc - base:+.4f}")
             return acc
@@ -248,10 +242,10 @@ class _OofReport(_Report):
 
         def add(fold: str, checkpoint: str, y: torch.Tensor, p: torch.Tensor, t: torch.Tensor, end: bool) -> None:
             row = {"fold": fold, "checkpoint": checkpoint, "images": len(y)}
-            row["plain_accuracy"], row["plain_nll"] = _scores(p, y)
+            row["plain_accuracy"], row["plain_nll"] = scores(p, y)
             cells = [str(len(y)), f"{row['plain_accuracy']:.4f}", f"{row['plain_nll']:.4f}"]
             if has_tta:
-                row["tta_accuracy"], row["tta_nll"] = _scores(t, y)
+                row["tta_accuracy"], row["tta_nll"] = scores(t, y)
                 cells += [f"{row['tta_accuracy']:.4f}", f"{row['tta_nll']:.4f}"]
             rows.append(row)
             table.add_row(fold, checkpoint, *cells, end_section=end)

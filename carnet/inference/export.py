@@ -7,7 +7,7 @@
 The ONNX graph maps ``images`` (N, 3, H, W uint8 pixels, RGB; N is dynamic) to ``logits`` (N, C): the
 normalisation is part of the graph, as it is part of the network in training, predict and serving. Everything
 needed to feed it is stored in the file's metadata (:mod:`carnet.inference.onnx_meta`, with ``input_dtype``), so
-:func:`carnet.inference.onnx_meta.read_onnx_meta` and :func:`carnet.data.transforms.build_eval_transform` rebuild
+:func:`carnet.inference.onnx_meta.read_onnx_meta` and :meth:`carnet.data.eval_view.EvalView.of` rebuild
 the exact eval view. The TorchScript module takes the same uint8 batch (or float 0..255). After writing, the
 export runs the file with onnxruntime and checks its probabilities against torch's. Files are written under a
 temporary name and renamed (:func:`carnet.artifacts.atomic_path`), so a failed export leaves no half file.
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from carnet.artifacts import atomic_path
-from carnet.inference.onnx_meta import ExportError, add_onnx_meta
+from carnet.errors import ExportError
+from carnet.inference.onnx_meta import add_onnx_meta
 from carnet.models.checkpoint import load_checkpoint
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -82,9 +83,8 @@ def compare_onnx(net: torch.nn.Module, onnx_path: str | os.PathLike, batch: torc
     with torch.inference_mode():
         expected = torch.softmax(net(batch).double(), dim=1).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {INPUT_NAME: batch.numpy()})[0].astype(np.float64)
-    got = np.exp(logits - logits.max(axis=1, keepdims=True))
-    got /= got.sum(axis=1, keepdims=True)
+    logits = session.run(None, {INPUT_NAME: batch.numpy()})[0]
+    got = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
     return float(np.abs(got - expected).max())
 
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from carnet.errors import CarnetError
+from carnet.errors import ExportError
 
 # The metadata_props key holding the metadata as JSON. It is the checkpoint's key too
 # (carnet.models.checkpoint.CHECKPOINT_KEY, which imports torch; tests/test_export.py checks they agree).
@@ -23,10 +23,6 @@ META_KEY = "carnet"
 REQUIRED_META = ("model_name", "class_names", "image_size", "mean", "std", "interpolation", "crop_pct")
 # Written since the graph normalises uint8 pixels itself ("uint8"); files without it take normalised float32.
 INPUT_DTYPE_KEY = "input_dtype"
-
-
-class ExportError(CarnetError):
-    """An export or an exported file is not usable; the message names the file and what is wrong."""
 
 
 def add_onnx_meta(model: Any, meta: dict[str, Any]) -> None:

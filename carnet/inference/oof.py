@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from carnet.artifacts import SPLIT_FILE, read_summary
-from carnet.data.layout import DataError
+from carnet.artifacts import SPLIT_FILE
+from carnet.errors import DataError
+from carnet.summary import read_summary
 
 
 def oof_frame(run_dirs: Sequence[str | os.PathLike], require_all: bool = False) -> pd.DataFrame:
@@ -29,7 +30,7 @@ def oof_frame(run_dirs: Sequence[str | os.PathLike], require_all: bool = False) 
     parts, seen, reference, num_folds = [], {}, None, None
     for run_dir in map(Path, run_dirs):
         summary = read_summary(run_dir)
-        fold = summary.get("fold")
+        fold = summary.fold
         if fold is None:
             raise DataError(f"{run_dir} was not trained on a fold (summary.json has no 'fold'): train with "
                             f"data.fold=K for out-of-fold predictions")
@@ -37,9 +38,9 @@ def oof_frame(run_dirs: Sequence[str | os.PathLike], require_all: bool = False) 
             raise DataError(f"{run_dir} and {seen[fold]} both validate on fold {fold}: pass one run per fold")
         seen[fold] = run_dir
         if num_folds is None:
-            num_folds = summary.get("num_folds")
-        elif summary.get("num_folds") != num_folds:
-            raise DataError(f"{run_dir} has num_folds={summary.get('num_folds')}, other runs {num_folds}")
+            num_folds = summary.num_folds
+        elif summary.num_folds != num_folds:
+            raise DataError(f"{run_dir} has num_folds={summary.num_folds}, other runs {num_folds}")
         split = pd.read_csv(run_dir / SPLIT_FILE)
         own = split[split.get("source", pd.Series("train", index=split.index)).eq("train")]
         assignment = own.set_index("path").fold.sort_index()
@@ -50,7 +51,7 @@ def oof_frame(run_dirs: Sequence[str | os.PathLike], require_all: bool = False) 
                             f"the runs differ in data, seed or num_folds")
         val = own[own.split == "val"]
         parts.append(pd.DataFrame({"path": val.path, "label": val.label, "fold": int(fold),
-                                   "run_dir": str(run_dir), "data_root": summary.get("data_root")}))
+                                   "run_dir": str(run_dir), "data_root": summary.data_root}))
     if require_all and len(seen) != num_folds:
         missing = sorted(set(range(int(num_folds or 0))) - set(seen))
         raise DataError(f"out-of-fold predictions need every fold; missing fold(s) {missing}")

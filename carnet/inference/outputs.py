@@ -19,7 +19,7 @@ import torch
 from rich.table import Table
 
 from carnet.artifacts import atomic_path, spreadsheet_safe
-from carnet.inference.ensemble import PredictError
+from carnet.errors import PredictError
 from carnet.inference.runner import console
 from carnet.inference.selection import Images
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
-from carnet.config import config_dir
+from carnet.config import config_dir, plain
 from carnet.config_check import check_predict_config
-from carnet.errors import exit_on_error
-from carnet.inference.ensemble import PredictError, load_models
+from carnet.errors import PredictError, exit_on_error
+from carnet.inference.ensemble import load_models
 from carnet.inference.evaluate import describe, evaluate_oof, evaluate_val, uses_tta
 from carnet.inference.outputs import (
     check_outputs,
@@ -54,7 +54,7 @@ def build_tta(cfg: DictConfig | dict[str, Any] | bool | None) -> tuple[TTA, bool
         return TTA(), False
     if cfg is True:
         cfg = {"views": {"identity": {}, "hflip": {"hflip": True}}}
-    spec = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    spec = dict(plain(cfg))
     tta = TTA(tuple(build_views(spec.get("views"))), spec.get("merge", "mean"), spec.get("beta"))
     return tta, bool(spec.get("auto", False))
 
@@ -112,8 +112,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     tta, auto = build_tta(cfg.get("tta"))
     plan = _plan(cfg, auto)
     models = load_models(_as_list(cfg.ckpt), _as_list(cfg.get("weights")) or None)
-    runner = Runner(device=cfg.device, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                    channels_last=cfg.channels_last, amp=cfg.amp, draft=cfg.data.draft)
+    runner = Runner.from_config(cfg)
     result: dict[str, Any] = {"models": [str(m.path) for m in models]}
 
     if cfg.split == "oof":  # each image scored by its own fold's checkpoint: no ensemble, so no weights

@@ -12,17 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from carnet.data.datamodule import ImageDataset, default_num_workers
-from carnet.data.decode import decode_min_side
-from carnet.data.layout import DataError
-from carnet.data.transforms import build_eval_transform
+from carnet.data.dataset import ImageDataset
+from carnet.data.transforms import build_eval_transform, decode_min_side
+from carnet.errors import DataError
 from carnet.inference.ensemble import Model, ensemble
 from carnet.inference.selection import Images
 from carnet.inference.tta import TTA, view_logits
+from carnet.runtime import inference_amp, inference_device, resolve_workers
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and pipes: room for the report table instead of rich's 80 columns
@@ -55,23 +56,28 @@ class _CheckedDataset(ImageDataset):
                 f"{type(err).__name__}: {err}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Runner:
-    """Batched inference settings: device, loader, memory format and mixed precision."""
+    """Batched inference settings: device, loader, memory format and mixed precision.
 
-    device: str = "auto"
-    batch_size: int = 32
-    num_workers: int | str = "auto"
-    channels_last: bool = True
-    amp: bool | str = "auto"
-    draft: bool = True
+    No defaults and no ``auto``: predict builds it from conf/predict.yaml with :meth:`from_config`, which resolves
+    the ``auto`` values once (carnet.runtime); code that builds one directly says what it runs with.
+    """
 
-    def __post_init__(self) -> None:
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.num_workers = default_num_workers() if self.num_workers in ("auto", None) else int(self.num_workers)
-        if self.amp == "auto":
-            self.amp = self.device.startswith("cuda")
+    device: str
+    batch_size: int
+    num_workers: int
+    channels_last: bool
+    amp: bool
+    draft: bool
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Runner:
+        """predict's runner (conf/predict.yaml): ``device``, ``amp`` and ``data.num_workers`` resolved here."""
+        device = inference_device(cfg.device)
+        return cls(device=device, batch_size=int(cfg.data.batch_size),
+                   num_workers=resolve_workers(cfg.data.num_workers), channels_last=bool(cfg.channels_last),
+                   amp=inference_amp(cfg.amp, device), draft=bool(cfg.data.draft))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -83,8 +89,7 @@ class Runner:
     def loader(self, images: Images, meta: dict[str, Any]) -> DataLoader:
         """A loader feeding the model what its checkpoint says (size, normalisation, interpolation, crop)."""
         size = int(meta["image_size"])
-        transform = build_eval_transform(size, meta["mean"], meta["std"], meta.get("interpolation", "bicubic"),
-                                         float(meta.get("crop_pct", 1.0)))
+        transform = build_eval_transform(size, meta.get("interpolation", "bicubic"), float(meta.get("crop_pct", 1.0)))
         # draft: decode JPEGs at a reduced DCT scale that still covers the resize target (2-4x less decoding).
         min_side = decode_min_side(transform) if self.draft else None
         dataset = _CheckedDataset(images.root, images.paths, images.labels, transform, min_side=min_side,

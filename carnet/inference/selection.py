@@ -5,7 +5,6 @@ validation split shared by every checkpoint's run (``split=val``) or each fold o
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,10 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from carnet.artifacts import SPLIT_FILE, SUMMARY_FILE
-from carnet.data.layout import IMAGE_EXTENSIONS, DataError, read_test
-from carnet.inference.ensemble import Model, PredictError
+from carnet.artifacts import SPLIT_FILE
+from carnet.data.layout import IMAGE_EXTENSIONS, read_test
+from carnet.errors import DataError, PredictError
+from carnet.inference.ensemble import Model
 from carnet.inference.oof import oof_frame
+from carnet.summary import SUMMARY_FILE, read_summary
 
 
 @dataclass
@@ -97,11 +98,8 @@ def _run_data_root(run_dir: Path, model: Model) -> Path | None:
     """The data root the run trained on (checkpoint metadata, else the run's summary.json)."""
     if model.meta.get("data_root"):
         return Path(model.meta["data_root"])
-    summary = run_dir / SUMMARY_FILE
-    if summary.is_file():
-        root = json.loads(summary.read_text()).get("data_root")
-        return Path(root) if root else None
-    return None
+    summary = read_summary(run_dir, missing_ok=True)
+    return Path(summary.data_root) if summary is not None and summary.data_root else None
 
 
 def _per_model(run_dirs: Sequence[str | os.PathLike | None], count: int) -> list[str | os.PathLike | None]:
@@ -160,15 +158,15 @@ def oof_images(models: Sequence[Model], root: str | os.PathLike | None,
     folds: list[int] = []
     for model, given in zip(models, _per_model(run_dirs, len(models)), strict=True):
         run = find_run_dir(model, given, "oof")
-        summary = json.loads((run / SUMMARY_FILE).read_text()) if (run / SUMMARY_FILE).is_file() else {}
+        summary = read_summary(run, missing_ok=True)
         columns = pd.read_csv(run / SPLIT_FILE, nrows=0).columns
-        if summary.get("fold") is None or "fold" not in columns:
+        if summary is None or summary.fold is None or "fold" not in columns:
             why = (f"{run / SUMMARY_FILE} has no 'fold'" if "fold" in columns
                    else f"{run / SPLIT_FILE} has no 'fold' column")
             raise PredictError(f"split=oof: checkpoint {model.path} is not from a k-fold run ({why}); pass the "
                                f"best.ckpt of each run of `train.py -m data.num_folds=K data.fold=0,1,..`")
         runs.append(run)
-        folds.append(int(summary["fold"]))
+        folds.append(int(summary.fold))
     try:
         frame = oof_frame(runs)
     except DataError as err:
@@ -176,7 +174,7 @@ def oof_images(models: Sequence[Model], root: str | os.PathLike | None,
         raise PredictError(f"split=oof: {err} (checkpoints: {named})") from err
     split = pd.read_csv(runs[0] / SPLIT_FILE)
     total = int(split.get("source", pd.Series("train", index=split.index)).eq("train").sum())
-    num_folds = int(json.loads((runs[0] / SUMMARY_FILE).read_text())["num_folds"])
+    num_folds = int(read_summary(runs[0]).num_folds)
     parts = []
     for model, run, fold in zip(models, runs, folds, strict=True):
         rows = frame[frame.fold == fold]

@@ -22,14 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carnet.errors import CarnetError
+from carnet.errors import TTAError
 
 MERGES = ("mean", "gmean")
 CORNERS = ("center", "tl", "tr", "bl", "br")
-
-
-class TTAError(CarnetError):
-    """A TTA setting is invalid; the message names the key and what is expected."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +203,14 @@ def tta_predict(net: nn.Module, images: torch.Tensor, tta: TTA | Sequence[View] 
     return tta.combine(probs)
 
 
+def scores(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, negative log-likelihood) of class probabilities (images, classes) on ``labels``: what the val and
+    out-of-fold reports show and what ``tta=auto`` ranks views by."""
+    accuracy = (probs.argmax(-1) == labels).float().mean().item()
+    nll = -torch.log(probs.gather(-1, labels[:, None]).clamp_min(1e-12)).mean().item()
+    return accuracy, nll
+
+
 def _position(views: Sequence[View], view: View) -> int:
     """Index of ``view`` in ``views``; any identity view stands for the plain prediction."""
     return next(i for i, v in enumerate(views) if v.name == view.name or (v.is_identity and view.is_identity))
@@ -232,8 +236,7 @@ def pick_views(probs: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tenso
             candidate = tta.subset(names)
             index = [_position(order, v) for v in candidate.forward_views]
             merged = sum(wi * candidate.combine(p[index]) for wi, p in zip(w.tolist(), per_model, strict=True))
-            acc = (merged.argmax(-1) == labels).float().mean().item()
-            nll = -torch.log(merged.gather(-1, labels[:, None]).clamp_min(1e-12)).mean().item()
+            acc, nll = scores(merged, labels)
             key = (-acc, nll, size)
             if best is None or key < best:
                 best, best_tta = key, candidate

@@ -14,16 +14,12 @@ from typing import Any
 import timm
 import torch
 
-from carnet.errors import CarnetError
+from carnet.errors import CheckpointError
 from carnet.models.heads import build_head
 from carnet.models.network import CarNet, create_backbone
 
 CHECKPOINT_KEY = "carnet"
 META_KEYS = ("model_name", "head", "class_names", "mean", "std")  # what load_checkpoint rebuilds the network from
-
-
-class CheckpointError(CarnetError):
-    """A checkpoint cannot be read or is not a carnet checkpoint; the message names the file."""
 
 
 def load_weights_only(path: Path, label: str, *, mmap: bool = False) -> Any:

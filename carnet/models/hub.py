@@ -15,13 +15,9 @@ from urllib.parse import urlparse
 import torch
 from timm.models import get_pretrained_cfg
 
-from carnet.errors import CarnetError
+from carnet.errors import PretrainedUnavailable
 
 HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repository, in its order
-
-
-class PretrainedUnavailable(CarnetError):
-    """Pretrained weights are neither cached nor downloadable; the message says how to run offline."""
 
 
 def _hf_cached(repo_id: str) -> bool:

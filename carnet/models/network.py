@@ -19,11 +19,7 @@ import timm
 import torch
 from torch import nn
 
-from carnet.errors import CarnetError
-
-
-class WeightsError(CarnetError):
-    """A weights file does not fit the backbone; the message names the file and the keys."""
+from carnet.errors import CarnetError, WeightsError
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
@@ -134,7 +130,6 @@ class CarNet(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # torch.compile: whole network or per block, and where its caches live
 
-COMPILE_MODES = ("regional", "full")
 # Containers of a backbone's stages or blocks, in timm's names (EfficientNet/MobileNet/ViT `blocks`, ConvNeXt/
 # NFNet `stages`, Swin `layers`); ResNet-likes name their stages layer1..layer4, RegNet s1..s4.
 _STAGE_CONTAINERS = ("blocks", "stages", "layers")

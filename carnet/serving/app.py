@@ -26,6 +26,8 @@ log has the details under that id.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import logging
 import os
 import re
@@ -41,8 +43,8 @@ import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from carnet.errors import CarnetError
-from carnet.serving.backends import BACKENDS, ModelLoadError
+from carnet.errors import BadUpload, CarnetError, ModelLoadError, ModelNotLoaded, ModelUnavailable, ServerBusy
+from carnet.serving.backends import BACKENDS, check_model_file
 from carnet.serving.classifier import Classifier, ModelHolder
 from carnet.serving.upload import (
     DEFAULT_BODIES_IN_MEMORY,
@@ -54,11 +56,9 @@ from carnet.serving.upload import (
     DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
     MAX_FORM_PARTS,
-    BadUpload,
     BodyMemory,
     ImageLimits,
     InMemoryRequest,
-    ServerBusy,
     decode_upload,
     upload_bytes,
 )
@@ -73,10 +73,6 @@ def index_page() -> str:
 
 def _error(status: int, message: str) -> tuple[Any, int]:
     return jsonify({"error": message, "status": status}), status
-
-
-class ModelUnavailable(CarnetError):
-    """The model cannot be loaded (answered 503); the message is safe to show: ours, or the error's type only."""
 
 
 def load_failure(err: Exception) -> str:
@@ -136,7 +132,10 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     ckpt = Path(ckpt)
     holder = ModelHolder(lambda: Classifier(ckpt, backend, tta, num_threads))
     if not lazy:
-        holder.get()
+        try:
+            holder.get()
+        except CarnetError as err:  # bad input (the file); anything else is a bug and keeps its traceback
+            raise ModelNotLoaded(load_failure(err)) from err
     page = index_page()
 
     app = Flask(__name__)
@@ -144,7 +143,7 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
     # MAX_FORM_MEMORY_SIZE at the body limit: a text field cannot hit it before the body does, so a 413 from the
     # form parser means the body (see InMemoryRequest), and too many fields are a 400 that says so.
     app.config.update(MAX_CONTENT_LENGTH=max_content_length, MAX_FORM_MEMORY_SIZE=max_content_length,
-                      MAX_FORM_PARTS=MAX_FORM_PARTS, MAX_IMAGE_PIXELS=max_image_pixels)
+                      MAX_FORM_PARTS=MAX_FORM_PARTS)
     app.json.sort_keys = False  # keep the documented key order: class_id, class_name, probability, ...
     app.extensions["carnet"] = holder
 
@@ -226,6 +225,31 @@ def create_app(ckpt: str | os.PathLike, backend: str = "torch", tta: bool = Fals
                         "ms": round((time.perf_counter() - started) * 1000, 2)}), 200
 
     return app
+
+
+def precheck(app_uri: str) -> None:
+    """Check the model file of a gunicorn app URI ``carnet.serving.app:create_app(...)`` without loading anything
+    (:func:`carnet.serving.backends.check_model_file`: it exists and fits the backend), as gunicorn's master does
+    before forking workers (:mod:`carnet.serving.gunicorn_conf`). :class:`ModelNotLoaded` if it does not,
+    ``ValueError`` for an unknown backend. Other URIs, and calls gunicorn refuses itself (arguments that are not
+    literals or do not fit), are left alone: the workers report those.
+    """
+    module, _, call = app_uri.partition(":")
+    if module != __name__:
+        return
+    try:  # parsed as gunicorn parses it (gunicorn.util.import_app), bound as Python would call create_app
+        node = ast.parse(call.strip(), mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "create_app"):
+            return
+        bound = inspect.signature(create_app).bind(*[ast.literal_eval(a) for a in node.args],
+                                                   **{k.arg: ast.literal_eval(k.value) for k in node.keywords})
+    except (SyntaxError, ValueError, TypeError):
+        return
+    bound.apply_defaults()
+    try:
+        check_model_file(bound.arguments["ckpt"], bound.arguments["backend"])
+    except ModelLoadError as err:
+        raise ModelNotLoaded(load_failure(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

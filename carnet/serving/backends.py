@@ -17,14 +17,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from carnet.errors import CarnetError
+from carnet.errors import ModelLoadError
 from carnet.inference.onnx_meta import read_onnx_meta
 
 BACKENDS = ("torch", "onnx")
-
-
-class ModelLoadError(CarnetError):
-    """The checkpoint / ONNX file cannot be served; the message names the file."""
 
 
 class Backend(Protocol):
@@ -94,8 +90,10 @@ class OnnxBackend:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def load_backend(path: str | os.PathLike, backend: str = "torch", num_threads: int | None = None) -> Backend:
-    """The backend serving ``path``: a carnet ``.ckpt`` with ``torch``, a ``.onnx`` file with ``onnx``."""
+def check_model_file(path: str | os.PathLike, backend: str = "torch") -> Path:
+    """``path`` if it is a file the backend can be asked to load (exists; ``.onnx`` for ``onnx`` and only for it),
+    else :class:`ModelLoadError` saying what to do. Cheap (no torch, nothing read): gunicorn's master runs it
+    before forking workers (:mod:`carnet.serving.gunicorn_conf`)."""
     path = Path(path)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -106,4 +104,10 @@ def load_backend(path: str | os.PathLike, backend: str = "torch", num_threads: i
     if backend == "onnx" and path.suffix != ".onnx":
         raise ModelLoadError(f"backend='onnx' needs a .onnx file, got {path}: write one with "
                              f"`carnet-export --ckpt {path} --out model.onnx`")
+    return path
+
+
+def load_backend(path: str | os.PathLike, backend: str = "torch", num_threads: int | None = None) -> Backend:
+    """The backend serving ``path``: a carnet ``.ckpt`` with ``torch``, a ``.onnx`` file with ``onnx``."""
+    path = check_model_file(path, backend)
     return TorchBackend(path, num_threads) if backend == "torch" else OnnxBackend(path, num_threads)

@@ -1,10 +1,10 @@
-"""One uploaded image -> class probabilities: the checkpoint's own eval transform, a backend, optional flip TTA;
+"""One uploaded image -> class probabilities: the checkpoint's own eval view, a backend, optional flip TTA;
 and the holder that loads the classifier once per process.
 
-Preprocessing is the training evaluation view: the decoded RGB image fed through
-:func:`carnet.data.transforms.build_eval_transform` with the model's own size / interpolation / crop, to a uint8
-(1, 3, H, W) batch; the model normalises it (the checkpoint's network and the exported ONNX graph alike).
-(albumentations imports torch itself, so this module does too; only :mod:`carnet.serving.backends` is torch-free.)
+Preprocessing is the training evaluation view, :class:`carnet.data.eval_view.EvalView` with the model's own size,
+interpolation and crop (the function training validates and predict classifies with), to a uint8 (1, 3, H, W)
+batch; the model normalises it (the checkpoint's network and the exported ONNX graph alike). NumPy and OpenCV
+only: a process serving an ONNX file imports no torch, Hydra or albumentations (tests/test_serve.py checks it).
 """
 
 from __future__ import annotations
@@ -16,41 +16,34 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
-from carnet.data.decode import decode_min_side
-from carnet.data.transforms import build_eval_transform
-from carnet.inference.tta import merge_probs
+from carnet.data.eval_view import EvalView
 from carnet.serving.backends import load_backend, softmax
 
 log = logging.getLogger(__name__)
 
 
 def hflip_tta(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
-    """Test-time augmentation: the image and its horizontal mirror in one batch of 2N, merged like predict.py's
-    ``tta=true`` (:func:`carnet.inference.tta.merge_probs`, mean). Views are applied to the numpy batch so the
-    ONNX backend gets them too.
-    """
+    """Test-time augmentation: the image and its horizontal mirror in one batch of 2N, their probabilities
+    averaged like predict.py's ``tta=true`` (:func:`carnet.inference.tta.merge_probs`, ``mean``; in NumPy here,
+    so the ONNX backend needs no torch)."""
     n = len(batch)
     probs = softmax(run(np.concatenate([batch, batch[..., ::-1]])))
-    return merge_probs(torch.from_numpy(probs).view(2, n, -1)).numpy()
+    return probs.reshape(2, n, -1).mean(0)
 
 
 class Classifier:
-    """Image array -> probabilities: the checkpoint's eval transform, the backend, optional flip TTA."""
+    """Image array -> probabilities: the checkpoint's eval view, the backend, optional flip TTA."""
 
     def __init__(self, path: str | os.PathLike, backend: str = "torch", tta: bool = False,
                  num_threads: int | None = None) -> None:
         self.backend = load_backend(path, backend, num_threads)
         self.meta = self.backend.meta
         self.tta = tta
-        m = self.meta
-        self._transform_lock = threading.Lock()
-        self.transform = build_eval_transform(m["image_size"], m["mean"], m["std"], m["interpolation"],
-                                              m["crop_pct"])
+        self.view = EvalView.of(self.meta)
         # The smallest shorter side the eval view needs: uploads are decoded down to it (JPEG draft), as predict
         # decodes files, so a 36 MP photo costs what the model input needs.
-        self.min_side = decode_min_side(self.transform)
+        self.min_side = self.view.resize_to
 
     @property
     def model_name(self) -> str:
@@ -62,10 +55,7 @@ class Classifier:
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """The eval view of one RGB uint8 image as a uint8 (1, 3, H, W) batch (the backend normalises)."""
-        # albumentations keeps per-call state on its transform objects; the dev server is threaded, and the
-        # lock costs nothing next to the forward pass.
-        with self._transform_lock:
-            return self.transform(image=image)["image"].numpy()[None]
+        return self.view.batch(image)
 
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
         """Class probabilities (float64, length C) of one RGB uint8 image."""

@@ -2,9 +2,11 @@
 
     gunicorn -c python:carnet.serving.gunicorn_conf 'carnet.serving.app:create_app(ckpt="best.ckpt", num_threads=2)'
 
-Flags on the command line override these (``-w 4 -b 0.0.0.0:8000``), and so does ``GUNICORN_CMD_ARGS``.
+(``best.ckpt``: your checkpoint's path.) Flags on the command line override these (``-w 4 -b 0.0.0.0:8000``), and
+so does ``GUNICORN_CMD_ARGS``. A model file that is missing or does not fit its backend stops the master before it
+forks a worker (:func:`on_starting`).
 
-Memory: each worker holds its own model (~1 GB with torch for EfficientNet-B0 and friends; an ONNX worker less)
+Memory: each worker holds its own model (~1 GB with torch for EfficientNet-B0 and friends; ~0.2 GB serving ONNX)
 plus the bodies its threads read or hold while they wait their turn (<= threads x 10 MB) and, per request in
 progress, one decoded image: a JPEG at the reduced scale the model input needs (a 36 MP JPEG: +8 MB peak RSS,
 +109 MB if progressive), other formats whole (<= 40 MP: ~120 MB, a few times that while it is converted: a
@@ -12,6 +14,10 @@ progress, one decoded image: a JPEG at the reduced scale the model input needs (
 so the peak is about ``workers x (model + threads x 10 MB + max_concurrent x ~0.5 GB)`` however many clients
 upload at once (docs/serving.md has the measurements).
 """
+
+import sys
+
+from gunicorn.arbiter import Arbiter
 
 bind = "127.0.0.1:8000"
 # Two workers keep one model busy while the other reads and decodes the next upload; give each
@@ -37,3 +43,21 @@ max_requests_jitter = 200
 limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
+
+
+def on_starting(server: Arbiter) -> None:
+    """In the master, before any worker is forked: a model file that is missing or does not fit its backend stops
+    gunicorn at once with one line and exit status 4 (gunicorn's "App failed to load"). Otherwise every worker
+    would import its backend to find out, print the same line, and gunicorn's master can crash with a traceback of
+    its own when two workers fail at once (it reaps the second while stopping). A file that exists but cannot be
+    loaded is reported by the workers, in one line each (:class:`carnet.serving.app.ModelNotLoaded`).
+
+    The check imports the app's modules into the master (~65 MB: Flask, NumPy, OpenCV; no torch, no model), which
+    the workers then share instead of importing them each."""
+    from carnet.serving.app import precheck
+
+    try:
+        precheck(getattr(server.app, "app_uri", None) or "")
+    except ValueError as err:  # a CarnetError (the file), or an unknown backend
+        print(err, file=sys.stderr, flush=True)
+        sys.exit(4)

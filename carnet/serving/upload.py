@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge, RequestTimeout
 
 from carnet.data.decode import decode_image
-from carnet.errors import CarnetError
+from carnet.errors import BadImage, BadUpload, ServerBusy
 
 DEFAULT_MAX_CONTENT_LENGTH = 10 * 1024 * 1024  # bytes of one request body
 # A photo has a few megapixels; a tiny file that claims far more is a decompression bomb. 40 MP covers any
@@ -49,24 +49,12 @@ MAX_FORM_PARTS = 16
 RAW_BODY_TYPES = ("image/", "application/octet-stream")
 
 
-class BadUpload(CarnetError):
-    """The request does not carry a usable upload; the message says why (answered as 400)."""
-
-
-class BadImage(BadUpload):
-    """The uploaded bytes are not a usable image; the message says why (answered as 400)."""
-
-
 class BodyTooLarge(RequestEntityTooLarge):
     """The body is over MAX_CONTENT_LENGTH, also when it is chunked (no Content-Length to check up front)."""
 
 
 class BodyTimeout(RequestTimeout):
     """The body did not arrive within the read deadline (answered as 408)."""
-
-
-class ServerBusy(CarnetError):
-    """This process cannot take the request now (answered as 503 with Retry-After); the message says why."""
 
 
 class BodyMemory:
@@ -251,7 +239,7 @@ def decode_upload(data: bytes, max_pixels: int | ImageLimits = DEFAULT_MAX_IMAGE
                   min_side: int | None = None) -> np.ndarray:
     """Decode uploaded bytes to RGB uint8 HxWx3 with :func:`carnet.data.decode.decode_image`, the function
     training and predict decode files with (upright by EXIF, 16 bits scaled, a JPEG at reduced scale down to
-    ``min_side``, which the model's eval view fixes: :func:`carnet.data.decode.decode_min_side`).
+    ``min_side``, which the model's eval view fixes: :func:`carnet.data.transforms.decode_min_side`).
 
     The size a file claims (pixels, sides, aspect ratio: ``max_pixels`` or an :class:`ImageLimits`) is checked
     from its header before any pixel is decoded, so a decompression bomb costs nothing; a truncated file fails

@@ -28,8 +28,9 @@ from carnet.data.dedup import (
     hash_images,
     nearest_distances,
 )
-from carnet.data.layout import IMAGE_EXTENSIONS, DataError
+from carnet.data.layout import IMAGE_EXTENSIONS
 from carnet.data.sources import read_sources
+from carnet.errors import DataError
 
 PAIR_COLUMNS = ["kind", "scope", "distance", "similarity", "label_conflict", "group_a", "path_a", "label_a",
                 "group_b", "path_b", "label_b"]

@@ -27,7 +27,9 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from carnet.artifacts import SUMMARY_FILE, accuracy_axis, epoch_axis, read_metrics, read_summary, write_text_atomic
+from carnet.artifacts import read_metrics, write_text_atomic
+from carnet.plots import accuracy_axis, epoch_axis
+from carnet.summary import SUMMARY_FILE, RunSummary, read_summary
 
 REPORT_MD, REPORT_PNG = "report.md", "report.png"
 # Overrides that name where a run lives, not what it tried: never a column.
@@ -40,18 +42,19 @@ class Run:
 
     path: Path
     name: str
-    summary: dict[str, Any]
+    summary: RunSummary
     metrics: pd.DataFrame
     overrides: dict[str, str] = field(default_factory=dict)
+    unreadable: bool = False  # summary.json could not be read (the reason is in summary.error)
 
     @property
     def status(self) -> str:
-        return str(self.summary.get("status", "unknown"))
+        return "unreadable" if self.unreadable else self.summary.status
 
     @property
     def best_val_acc(self) -> float | None:
         """The summary's best val/acc; for a run without one yet (running, failed), the best epoch so far."""
-        value = self.summary.get("best_val_acc")
+        value = self.summary.best_val_acc
         if value is None and "val/acc" in self.metrics and self.metrics["val/acc"].notna().any():
             value = float(self.metrics["val/acc"].max())
         return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
@@ -77,12 +80,12 @@ def find_runs(root: str | os.PathLike) -> list[Run]:
     for summary_path in sorted(root.rglob(SUMMARY_FILE)):
         run_dir = summary_path.parent
         try:
-            summary = read_summary(run_dir)
-        except ValueError as err:  # a corrupt file is reported, not fatal: the other runs still compare
-            summary = {"status": "unreadable", "error": f"{summary_path}: {err}"}
+            summary, unreadable = read_summary(run_dir), False
+        except ValueError as err:  # a damaged or newer file is reported, not fatal: the other runs still compare
+            summary, unreadable = RunSummary(error=str(err)), True
         name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
-        runs.append(Run(run_dir, name, summary, read_metrics(run_dir),
-                        parse_overrides(list(summary.get("overrides") or []))))
+        runs.append(Run(run_dir, name, summary, read_metrics(run_dir), parse_overrides(summary.overrides),
+                        unreadable))
     return runs
 
 
@@ -111,8 +114,8 @@ def report_frame(runs: list[Run]) -> pd.DataFrame:
         s = run.summary
         rows.append({
             "rank": rank, "run": run.name, "status": run.status, "best_val_acc": run.best_val_acc,
-            "best_epoch": s.get("best_epoch"), "epochs": s.get("epochs_run", len(run.metrics)),
-            "seconds": round(float(s["seconds"])) if s.get("seconds") is not None else None,
+            "best_epoch": s.best_epoch, "epochs": len(run.metrics) if run.unreadable else s.epochs_run,
+            "seconds": round(s.seconds) if s.seconds is not None else None,
             **{k: run.overrides.get(k, "") for k in keys},
         })
     frame = pd.DataFrame(rows, columns=["rank", "run", "status", "best_val_acc", "best_epoch", "epochs", "seconds",

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from carnet.artifacts import atomic_path, read_summary
+from carnet.artifacts import atomic_path
+from carnet.summary import read_summary
 
 # The phases that unfreeze more of the same network at the same size: a kept start skips the rest of them.
 UNFREEZING = ("unfreeze_half", "unfreeze_3q", "unfreeze_all")
@@ -26,15 +27,15 @@ REFIT_FOLDER = "refit"
 
 def refit_on(settings: DictConfig) -> bool:
     """``refit`` for carnet-pipeline: true and auto refit the chain, false does not."""
-    return settings.get("refit") in (True, "auto")
+    return settings.refit in (True, "auto")
 
 
 def skipped_after(phase: str, run_dir: Path, remaining: list[str], settings: DictConfig) -> list[str]:
     """The phases of ``remaining`` to skip because ``phase`` (just run in ``run_dir``) kept its start."""
-    if phase not in UNFREEZING or not settings.get("pipeline", {}).get("skip_after_kept_start", False):
+    if phase not in UNFREEZING or not settings.pipeline.skip_after_kept_start:
         return []
-    summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else {}
-    return [p for p in remaining if p in UNFREEZING] if summary.get("kept_start") else []
+    summary = read_summary(run_dir, missing_ok=True)
+    return [p for p in remaining if p in UNFREEZING] if summary is not None and summary.kept_start else []
 
 
 def hand_on(phases_dir: Path, source: str, target: str) -> Path:
@@ -55,10 +56,9 @@ def refit_plan(selection: list[tuple[str, Path | None]]) -> list[tuple[str, Path
     its predecessor's refit on (it was skipped, or kept its start and fits no head)."""
     plan = []
     for phase, run_dir in selection:
-        summary = read_summary(run_dir) if run_dir is not None and (run_dir / "summary.json").is_file() else {}
-        fits_head = bool(summary.get("head_fit"))
-        plan.append((phase, run_dir if run_dir is not None and (fits_head or not summary.get("kept_start"))
-                     else None))
+        summary = read_summary(run_dir, missing_ok=True) if run_dir is not None else None
+        takes_steps = summary is not None and (bool(summary.head_fit) or not summary.kept_start)
+        plan.append((phase, run_dir if takes_steps else None))
     return plan
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import warnings
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelSummary, RichModelSummary, RichProgressBar
 from pytorch_lightning.utilities.model_summary.model_summary import _format_summary_table
+
+from carnet.training.run_dir import RunArtifacts
 
 # Lightning's messages that say nothing about the run: an advert, and notes about its own internals or about short
 # runs (a dataset smaller than the logging interval is normal for small fine-tuning sets).
@@ -80,6 +81,13 @@ class QuietProgressBar(RichProgressBar):
         super().__init__(**kwargs)
         self.metrics_every = max(1, int(metrics_every))
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        """``Epoch 1/25`` for the first of 25: epochs counted from 1, as everything else carnet shows counts them
+        (Lightning's bar says ``Epoch 0/24``)."""
+        total = self.trainer.max_epochs
+        description = f"Epoch {current_epoch + 1}" + (f"/{total}" if total is not None and total > 0 else "")
+        return f"{description:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self.is_disabled and self.train_progress_bar_id is None:
@@ -91,34 +99,52 @@ class QuietProgressBar(RichProgressBar):
 
 
 class EpochLines(pl.Callback):
-    """One line per epoch where there is no terminal to redraw a progress bar on (a Rich bar there wraps every epoch
-    into a block of lines)."""
+    """One line per epoch, ``epoch N/M: train/loss ... (S s)``: always into the run's log file (train.log), and on
+    stdout where there is no terminal to redraw a progress bar on (a Rich bar there wraps every epoch into a block of
+    lines).
 
-    def __init__(self) -> None:
-        self.started = 0.0
+    The numbers are those of the epoch's row in metrics.csv (:class:`carnet.training.run_dir.RunArtifacts`, which
+    Lightning calls first: build_trainer puts the console's callbacks last), epoch and seconds included, so that a
+    line and its row say the same. A trainer without a RunArtifacts (the learning-rate finder's) has no lines.
+    """
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.started = time.time()
+    def __init__(self, echo: bool = True) -> None:
+        self.echo = echo
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = trainer.callback_metrics
-        shown = []
-        for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc"):
-            if key in metrics:
-                shown.append(f"{key.removesuffix('_epoch')} {float(metrics[key]):.4f}")
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {'  '.join(shown)}  "
-              f"({time.time() - self.started:.1f} s)", flush=True)
+        record = next((c for c in trainer.callbacks if isinstance(c, RunArtifacts)), None)
+        if record is None or not record.rows or record.rows[-1]["epoch"] != trainer.current_epoch + 1:
+            return
+        row = record.rows[-1]
+        shown = [f"{key} {row[key]:.4f}" for key in ("train/loss", "train/acc", "val/loss", "val/acc")
+                 if row[key] == row[key]]  # NaN: not measured this epoch
+        line = f"epoch {row['epoch']}/{trainer.max_epochs}: {'  '.join(shown)}  ({row['epoch_seconds']:.1f} s)"
+        if self.echo:
+            print(line, flush=True)
+        log_to_files(line)
 
 
-def console_callbacks(progress: bool, summary: bool, metrics_every: int = 50,
+def log_to_files(message: str, level: int = logging.INFO, name: str = "carnet") -> None:
+    """Put ``message`` in the run's log files only (Hydra's ``<job>.log``, train.log), as logger ``name``: the
+    terminal shows it already (a printed line, a progress bar, the one-line error of ``exit_on_error``), and the
+    log file then holds the whole run, what the terminal showed included."""
+    record = logging.getLogger(name).makeRecord(name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def console_callbacks(progress: bool, summary: bool, metrics_every: int,
                       tty: bool | None = None) -> list[pl.Callback]:
-    """The progress display and model summary of a run: Rich on a terminal, plain lines elsewhere."""
+    """The progress display and model summary of a run: Rich on a terminal, plain lines elsewhere; the epoch lines
+    in the log file either way."""
     tty = sys.stdout.isatty() if tty is None else tty
     callbacks: list[pl.Callback] = []
-    if progress:
-        callbacks.append(QuietProgressBar(metrics_every=metrics_every, leave=True) if tty else EpochLines())
+    if progress and tty:
+        callbacks.append(QuietProgressBar(metrics_every=metrics_every, leave=True))
+    callbacks.append(EpochLines(echo=progress and not tty))
     if summary:
         callbacks.append(RichSummary() if tty else PlainSummary())
     return callbacks

@@ -27,15 +27,12 @@ from timm.models._manipulate import group_with_matcher
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from carnet.config_check import BN_POLICIES
 from carnet.errors import CarnetError
 from carnet.models.network import compile_status
+from carnet.summary import RunSummary
 
 Schedule = list[tuple[int, float]]
-# What BatchNorm layers do while the backbone is (partly) frozen; see ProgressiveUnfreezing.
-#   frozen:    every backbone BatchNorm keeps its running statistics; unfrozen blocks' scale and shift still train
-#   per_block: BatchNorm of unfrozen blocks re-estimate their statistics, frozen blocks keep theirs
-#   train:     every BatchNorm re-estimates its statistics and trains, frozen blocks too (fastai's train_bn)
-BN_POLICIES = ("frozen", "per_block", "train")
 
 
 def _tensor_names(module: nn.Module) -> Iterator[tuple[str, Any]]:
@@ -131,7 +128,7 @@ class ProgressiveUnfreezing(pl.Callback):
     layers train at the backbone param group's LR (``backbone_lr_mult`` x the head's), already in the optimizer.
     """
 
-    def __init__(self, schedule: float | Mapping[Any, float], bn: str = "frozen", attribute: str = "backbone") -> None:
+    def __init__(self, schedule: float | Mapping[Any, float], *, bn: str) -> None:
         self.schedule = parse_schedule(schedule)
         if bn not in BN_POLICIES:
             raise CarnetError(f"bn={bn!r}: expected one of {', '.join(BN_POLICIES)}")
@@ -142,7 +139,6 @@ class ProgressiveUnfreezing(pl.Callback):
         # dataset shifts every feature the head was trained on (measured: lite0 on the demo data drops from 0.64 to
         # 0.27 val acc after unfreezing half of it, with the learning rate at 0).
         self.freeze_bn_stats = bn == "frozen"
-        self.attribute = attribute
         self.fraction: float | None = None
         self.frozen_norms: list[_BatchNorm] = []
 
@@ -150,7 +146,7 @@ class ProgressiveUnfreezing(pl.Callback):
         """Set the frozen set of ``epoch`` (idempotent, depends on nothing else); return its fraction."""
         self.fraction = fraction_at(self.schedule, epoch)
         previous = self.frozen_norms
-        backbone = getattr(pl_module, self.attribute)
+        backbone = pl_module.backbone
         trainable = _trainable(backbone)
         self.frozen_norms = freeze_backbone(backbone, self.fraction, self.train_bn)
         if _trainable(backbone) != trainable and compile_status(pl_module) is not None:
@@ -167,9 +163,10 @@ class ProgressiveUnfreezing(pl.Callback):
         self._norms_to_eval()
         return self.fraction
 
-    def summary_fields(self) -> dict[str, Any]:
-        """summary.json's ``unfrozen_fraction``: where the schedule stood when the run ended."""
-        return {"unfrozen_fraction": self.fraction if self.fraction is not None else fraction_at(self.schedule, 0)}
+    def add_to_summary(self, summary: RunSummary) -> None:
+        """summary.json's ``unfrozen_fraction``: where the schedule stood when the run ended (:class:`SummaryReporter`;
+        a run without a schedule trains everything and reports none)."""
+        summary.unfrozen_fraction = self.fraction if self.fraction is not None else fraction_at(self.schedule, 0)
 
     def _norms_to_eval(self) -> None:
         for module in self.frozen_norms:
@@ -182,7 +179,7 @@ class ProgressiveUnfreezing(pl.Callback):
         # warns about modules in eval mode before that), as is a resumed run's own epoch, once the checkpoint has
         # restored it (its printed summary shows epoch 0's frozen set).
         if stage == "fit":
-            freeze_backbone(getattr(pl_module, self.attribute), fraction_at(self.schedule, trainer.current_epoch),
+            freeze_backbone(pl_module.backbone, fraction_at(self.schedule, trainer.current_epoch),
                             self.train_bn)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

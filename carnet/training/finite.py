@@ -13,12 +13,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from carnet.errors import CarnetError
+from carnet.errors import NonFiniteError
 from carnet.models.checkpoint import nonfinite_tensors
-
-
-class NonFiniteError(CarnetError):
-    """Training diverged: a loss or a weight is NaN or infinite."""
 
 
 class StopOnNonFinite(pl.Callback):
@@ -49,7 +45,7 @@ class StopOnNonFinite(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._check_loss(trainer)
-        where = f"after epoch {trainer.current_epoch} (step {trainer.global_step})"
+        where = f"after epoch {trainer.current_epoch + 1} (step {trainer.global_step})"  # epochs from 1, as printed
         if bad := nonfinite_tensors(checkpoint["state_dict"]):
             raise NonFiniteError(f"training diverged: {len(bad)} weight tensor(s) hold NaN or infinity {where} "
                                  f"(first: {bad[0]}), so no checkpoint was written; {self._advice()}")
@@ -63,8 +59,8 @@ class StopOnNonFinite(pl.Callback):
             return
         step = int(trainer.strategy.reduce(self._first_bad, reduce_op="max"))  # any rank's: all ranks stop together
         if step >= 0:
-            raise NonFiniteError(f"training diverged: the training loss is NaN or infinite at epoch "
-                                 f"{trainer.current_epoch}, step {step}; {self._advice()}")
+            raise NonFiniteError(f"training diverged: the training loss is NaN or infinite in epoch "
+                                 f"{trainer.current_epoch + 1}, step {step}; {self._advice()}")
 
     def _advice(self) -> str:
         if self.lr is None:

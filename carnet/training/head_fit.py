@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carnet.errors import CarnetError
+from carnet.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +209,12 @@ class HeadFit(pl.Callback):
 
     ``max_images`` caps the images whose features are computed (:func:`plan_images`); progress is logged."""
 
-    def __init__(self, views: int = 4, folds: int = 5, grid: Sequence[float] = L2_GRID,
-                 max_images: int | None = None, seed: int = 0) -> None:
+    def __init__(self, *, views: int, folds: int, max_images: int | None, seed: int,
+                 grid: Sequence[float] = L2_GRID) -> None:
         self.views, self.folds, self.grid = int(views), int(folds), tuple(float(g) for g in grid)
         self.max_images = int(max_images) if max_images else None
         self.seed = int(seed)
-        self.fields: dict[str, Any] = {}
+        self.head_fit: dict[str, Any] | None = None  # what the fit found, for summary.json
 
     @torch.no_grad()
     def features(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -259,13 +260,15 @@ class HeadFit(pl.Callback):
             layer.bias.copy_(bias)
             train_acc = (pl_module.head(x).argmax(1) == y).float().mean().item()
         photos = len(np.unique(groups))
-        self.fields = {"head_fit": {"photos": photos, "views": len(y) // max(1, photos), "images": len(y), **info,
+        self.head_fit = {"photos": photos, "views": len(y) // max(1, photos), "images": len(y), **info,
                                     "train_acc": round(train_acc, 4), "features_seconds": round(features_seconds, 1),
                                     "solver_seconds": round(progress.elapsed() - features_seconds, 1),
-                                    "seconds": round(progress.elapsed(), 1)}}
+                                    "seconds": round(progress.elapsed(), 1)}
         log.info("head fitted on frozen features: %d photos x %d views, l2=%g (cross-validated), train acc %.3f, "
-                 "%.1f s (features %.1f s, solver %.1f s)", photos, self.fields["head_fit"]["views"], info["l2"],
+                 "%.1f s (features %.1f s, solver %.1f s)", photos, self.head_fit["views"], info["l2"],
                  train_acc, progress.elapsed(), features_seconds, progress.elapsed() - features_seconds)
 
-    def summary_fields(self) -> dict[str, Any]:
-        return self.fields
+    def add_to_summary(self, summary: RunSummary) -> None:
+        """summary.json's ``head_fit``: photos, views, images, the chosen L2, train accuracy, seconds (features and
+        solver apart) (SummaryReporter)."""
+        summary.head_fit = self.head_fit

@@ -13,44 +13,44 @@ import timm
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from carnet.config import plain
 from carnet.models.checkpoint import CHECKPOINT_KEY
 from carnet.models.heads import build_head
 from carnet.models.network import CarNet, compile_network, create_backbone
-from carnet.training.optim import resolve_fused
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers to plain dicts/lists, so checkpoints and hparams stay simple to read."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 class CarClassifier(pl.LightningModule):
-    """LightningModule: cross-entropy training of :class:`CarNet` with head and backbone learning rates."""
+    """LightningModule: cross-entropy training of :class:`CarNet` with head and backbone learning rates.
+
+    Every argument is required: the recipe's values are stated once, in conf/ (carnet.training.builders.build_module
+    builds this from a config), so code that builds one directly cannot get another recipe by leaving one out.
+    ``compile`` and the optimizer's ``fused`` come resolved (carnet.runtime), never ``auto``.
+    """
 
     def __init__(
         self,
         model_name: str,
         class_names: Sequence[str],
         head: dict[str, Any],
-        image_size: int = 224,
-        pretrained: bool = False,
-        weights: str | None = None,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        channels_last: bool = False,
-        compile: bool | str = False,
-        compile_backend: str = "inductor",
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        backbone_lr_mult: float = 0.1,
-        label_smoothing: float = 0.0,
+        *,
+        image_size: int,
+        pretrained: bool,
+        weights: str | None,
+        drop_rate: float,
+        drop_path_rate: float,
+        channels_last: bool,
+        compile: bool | str,
+        compile_backend: str,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None,
+        backbone_lr_mult: float,
+        label_smoothing: float,
     ) -> None:
         super().__init__()
-        head, optimizer, scheduler = _plain(head), _plain(optimizer), _plain(scheduler)
+        head, optimizer, scheduler = plain(head), plain(optimizer), plain(scheduler)
         self.save_hyperparameters({
             "model_name": model_name, "class_names": list(class_names), "head": head, "image_size": image_size,
             "pretrained": pretrained, "weights": weights, "drop_rate": drop_rate,
@@ -138,7 +138,7 @@ class CarClassifier(pl.LightningModule):
         and optimizers skip it, so unfreezing later needs no optimizer surgery and every scheduler's
         per-group state (ReduceLROnPlateau, CyclicLR) stays valid, also across resumes.
         """
-        lr = self.hparams.optimizer.get("lr", 1e-3)
+        lr = self.hparams.optimizer["lr"]
         return [
             {"params": list(self.head.parameters()), "lr": lr, "name": "head"},
             {"params": list(self.backbone.parameters()), "lr": lr * self.hparams.backbone_lr_mult,
@@ -146,7 +146,7 @@ class CarClassifier(pl.LightningModule):
         ]
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(resolve_fused(self.hparams.optimizer, self.device))(self.param_groups())
+        optimizer = instantiate(self.hparams.optimizer)(self.param_groups())
         if not self.hparams.scheduler:
             return optimizer
         steps = max(1, int(self.trainer.estimated_stepping_batches))

@@ -14,25 +14,31 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
 
-from carnet.artifacts import SUMMARY_FILE, atomic_path, plot_curves, read_metrics, read_summary, write_json
-from carnet.errors import CarnetError
-from carnet.models.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from carnet.artifacts import atomic_path, read_metrics, write_json
+from carnet.config import plain
+from carnet.errors import CheckpointError, PhaseError
+from carnet.models.checkpoint import CHECKPOINT_KEY, read_checkpoint
+from carnet.plots import epoch_axis
+from carnet.summary import RunSummary, read_summary
 from carnet.training.finetune import fraction_at, parse_schedule
 from carnet.training.module import CarClassifier
 
 log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
-
-
-class PhaseError(CarnetError):
-    """A run cannot start from a checkpoint (a phase's predecessor, ``resume=``): it is missing or does not fit; the
-    message says what to do."""
+# What pipeline.json lists of each phase run, from its summary.json (carnet.summary.RunSummary's fields).
+PIPELINE_KEYS = ("status", "best_val_acc", "best_epoch", "kept_start", "image_size", "trainable_params",
+                 "planned_steps", "taken_steps", "stopped_early", "trained_on")
 
 
 def phase_checkpoint(phases_dir: str | os.PathLike, phase: str) -> Path:
@@ -55,10 +61,6 @@ def resolve_init_from(init_from: str, phases_dir: str | os.PathLike) -> Path:
                      f"phase={text}` with the same data/model/paths overrides (or pass init_from=PATH to a .ckpt)")
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: str, head: Any,
                num_classes: int, key: str = "init_from") -> None:
     """The model, the head and the class count of ``checkpoint`` must be this run's; else name both sides and the
@@ -68,7 +70,7 @@ def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, model_name: 
     """
     meta = checkpoint["carnet"]
     for label, theirs, mine in (("model", meta.get("model_name"), model_name),
-                                ("head", _plain(meta.get("head")), _plain(head))):
+                                ("head", plain(meta.get("head")), plain(head))):
         if theirs != mine:
             raise PhaseError(f"{key}={path} does not fit this run: the checkpoint's {label} is {theirs}, this "
                              f"run's {label} is {mine}")
@@ -89,8 +91,8 @@ def own_weights(cfg: DictConfig) -> str | None:
 
 
 def frozen_at_start(unfreeze: Any) -> bool:
-    """Does the run start with (part of) its backbone frozen (``unfreeze`` below 1 at epoch 0)?"""
-    return unfreeze is not None and fraction_at(parse_schedule(_plain(unfreeze)), 0) < 1.0
+    """Does the run start with (part of) its backbone frozen (``unfreeze`` below 1 in its first epoch)?"""
+    return unfreeze is not None and fraction_at(parse_schedule(plain(unfreeze)), 0) < 1.0
 
 
 def warn_if_frozen_random(cfg: DictConfig) -> None:
@@ -102,7 +104,7 @@ def warn_if_frozen_random(cfg: DictConfig) -> None:
     log.warning("%s trains on a frozen backbone (unfreeze=%s) with random weights: model %s has "
                 "model.pretrained=false, no model.weights file and no init_from, so its accuracy will stay at "
                 "chance; set model.pretrained=true, model.weights=PATH or init_from=PHASE|PATH", what,
-                _plain(cfg.unfreeze), cfg.model.name)
+                plain(cfg.unfreeze), cfg.model.name)
 
 
 class Phase(pl.Callback):
@@ -118,7 +120,7 @@ class Phase(pl.Callback):
     """
 
     def __init__(self, name: str | None, init_from: str | os.PathLike | None, phases_dir: str | os.PathLike,
-                 model_name: str, head: Any, num_classes: int, monitor: str = "val/loss", mode: str = "min",
+                 model_name: str, head: Any, num_classes: int, *, monitor: str, mode: str,
                  starts_from: str | None = None, resume_from: str | os.PathLike | None = None,
                  refit: bool = False) -> None:
         self.name = name
@@ -240,21 +242,20 @@ class Phase(pl.Callback):
             log.info("phase %s: handed on %s as %s (init_from: %s for the next phase)", self.name, best,
                      self.published, self.name)
 
-    def summary_fields(self) -> dict[str, Any]:
-        """What summary.json records of this phase (collected by :class:`carnet.training.run_dir.RunArtifacts`)."""
-        fields: dict[str, Any] = {"phase": self.name, "init_from": str(self.init_path) if self.init_path else None}
+    def add_to_summary(self, summary: RunSummary) -> None:
+        """What summary.json records of this phase (:class:`carnet.summary.SummaryReporter`)."""
+        summary.update(phase=self.name, init_from=str(self.init_path) if self.init_path else None)
         if self.start:
-            fields.update(start_val_loss=self.start["val/loss"], start_val_acc=self.start["val/acc"],
-                          kept_start=self.kept_start)
+            summary.update(start_val_loss=self.start["val/loss"], start_val_acc=self.start["val/acc"],
+                           kept_start=self.kept_start)
         if self.start_at_new_size:
-            fields.update(start_image_size=self.init_size,
-                          start_val_loss_at_image_size=self.start_at_new_size["val/loss"],
-                          start_val_acc_at_image_size=self.start_at_new_size["val/acc"])
-        if self.kept_start:  # the phase's best is its start, before epoch 0
-            fields.update(best_epoch=-1, best_val_loss=self.start["val/loss"], best_val_acc=self.start["val/acc"])
+            summary.update(start_image_size=self.init_size,
+                           start_val_loss_at_image_size=self.start_at_new_size["val/loss"],
+                           start_val_acc_at_image_size=self.start_at_new_size["val/acc"])
+        if self.kept_start:  # the phase's best is its start: epoch 0, the weights before the first epoch
+            summary.update(best_epoch=0, best_val_loss=self.start["val/loss"], best_val_acc=self.start["val/acc"])
         if self.published is not None:
-            fields["phase_checkpoint"] = str(self.published)
-        return fields
+            summary.phase_checkpoint = str(self.published)
 
 
 def better(score: float, reference: float, mode: str, rel_tol: float = 1e-5) -> bool:
@@ -315,34 +316,99 @@ def publish_checkpoint(best: str | os.PathLike, phases_dir: str | os.PathLike, p
 
 
 def join_phases(runs: list[tuple[str, str | os.PathLike | None]]) -> tuple[pd.DataFrame, list[tuple[float, str]]]:
-    """Metrics of consecutive phase runs on one epoch axis, and the (position, label) of each phase's start."""
+    """Metrics of consecutive phase runs on one axis of epochs trained since the pipeline began, and the
+    (position, label) of each phase's start.
+
+    Each phase's rows start with its start (``phase_epoch`` 0: the weights it began from, as it validated them,
+    summary.json's ``start_val_*``), drawn where the previous phase ended. ``kept``: the epoch lies on the way to
+    what the phase handed on (its best epoch and those before it); the epochs after it, and every epoch of a phase
+    that handed on its start, were thrown away. ``handed_on``: the phase's best epoch (0: its start). A phase the
+    pipeline skipped (``run_dir`` None) has no rows."""
     frames, boundaries, offset = [], [], 0
     for phase, run_dir in runs:
-        if run_dir is None:  # a phase the pipeline skipped
+        if run_dir is None:
             continue
-        metrics = read_metrics(run_dir)
-        boundaries.append((offset - 0.5, phase))
-        if len(metrics):
-            metrics = metrics.assign(phase=phase, phase_epoch=metrics["epoch"], epoch=metrics["epoch"] + offset)
-            frames.append(metrics)
-            offset = int(metrics["epoch"].max()) + 1
+        metrics, summary = read_metrics(run_dir), read_summary(run_dir, missing_ok=True)
+        boundaries.append((offset, phase))
+        best = summary.best_epoch if summary is not None else None
+        if summary is not None and summary.start_val_loss is not None:
+            start = {"epoch": 0, "val/loss": summary.start_val_loss, "val/acc": summary.start_val_acc}
+            metrics = pd.concat([pd.DataFrame([start]), metrics], ignore_index=True)
+        if not len(metrics):
+            continue
+        phase_epoch = metrics["epoch"].astype(int)
+        frames.append(metrics.assign(
+            phase=phase, phase_epoch=phase_epoch, epoch=phase_epoch + offset,
+            kept=phase_epoch <= best if best is not None else True,
+            handed_on=(phase_epoch == best) & (summary is not None and summary.status == "completed")))
+        offset += int(phase_epoch.max())
     joined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["epoch"])
     return joined, boundaries
 
 
+THROWN = "thrown away (not handed on)"
+
+
+def plot_pipeline(joined: pd.DataFrame, boundaries: list[tuple[float, str]], path: str | os.PathLike,
+                  title: str = "") -> Figure:
+    """A pipeline's curves.png: accuracy and loss of every phase on one axis (:func:`join_phases`), each phase from
+    its start, what it handed on marked, the epochs it threw away faded and dotted; accuracy from 0 to 1, so that
+    small gains look small. Returns the (closed) figure, so that its axes can be read back."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, name in ((ax_acc, "acc"), (ax_loss, "loss")):
+        for split, style, color in (("train", "o-", "tab:blue"), ("val", "s-", "tab:orange")):
+            column = f"{split}/{name}"
+            if column not in joined:
+                continue
+            for _, rows in joined.groupby("phase", sort=False):
+                rows = rows[rows[column].notna()]
+                kept, thrown = rows[rows["kept"]], rows[~rows["kept"]]
+                if len(kept):  # (an empty line outside the clip box would collapse the layout)
+                    ax.plot(kept["epoch"], kept[column], style, color=color, markersize=3, clip_on=False,
+                            label=split)
+                if len(thrown):  # from the last kept point on, so the line shows where the discarded epochs began
+                    tail = pd.concat([kept.tail(1), thrown])
+                    ax.plot(tail["epoch"], tail[column], style[0] + ":", color=color, alpha=0.35, markersize=3,
+                            markerfacecolor="none", clip_on=False, label=THROWN)
+        column = f"val/{name}"
+        if column in joined:
+            handed = joined[joined["handed_on"].astype(bool) & joined[column].notna()]
+            if len(handed):
+                ax.plot(handed["epoch"], handed[column], "D", color="black", markersize=6, zorder=3, clip_on=False,
+                        label="handed on")
+        for position, label in boundaries:  # names upright along the line: short phases would overlap
+            ax.axvline(position, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(position, 0.98, f" {label}", transform=ax.get_xaxis_transform(), va="top", ha="right",
+                    rotation=90, fontsize=8)
+        epoch_axis(ax, joined["epoch"])
+        ax.set_xlabel("epochs trained (all phases)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))  # one entry per label
+        order = [label for label in ("train", "val", THROWN, "handed on") if label in handles]
+        if order:
+            ax.legend([handles[label] for label in order], order, fontsize=8)
+    ax_acc.set_ylim(0.0, 1.0)
+    losses = [float(v) for c in ("train/loss", "val/loss") if c in joined for v in joined[c] if v == v]
+    if losses:
+        ax_loss.set_ylim(0.0, max(max(losses) * 1.1, 1e-3))
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
 def _run_rows(runs: list[tuple[str, str | os.PathLike | None]], skipped: dict[str, str]) -> list[dict[str, Any]]:
-    results = []
+    """pipeline.json's row of each run: its summary's PIPELINE_KEYS, or why the pipeline did not run it."""
+    rows = []
     for phase, run_dir in runs:
         if run_dir is None:
-            results.append({"phase": phase, "run_dir": None, "skipped": skipped.get(phase, True)})
+            rows.append({"phase": phase, "run_dir": None, "skipped": skipped.get(phase, True)})
             continue
-        summary = read_summary(run_dir) if (Path(run_dir) / SUMMARY_FILE).is_file() else {}
-        results.append({"phase": phase, "run_dir": str(run_dir), "status": summary.get("status"),
-                        "best_val_acc": summary.get("best_val_acc"), "best_epoch": summary.get("best_epoch"),
-                        "image_size": summary.get("image_size"), "trainable_params": summary.get("trainable_params"),
-                        "kept_start": summary.get("kept_start"), "planned_steps": summary.get("planned_steps"),
-                        "taken_steps": summary.get("taken_steps"), "trained_on": summary.get("trained_on")})
-    return results
+        summary = read_summary(run_dir, missing_ok=True)  # None: the phase never started
+        rows.append({"phase": phase, "run_dir": str(run_dir),
+                     **{key: getattr(summary, key, None) for key in PIPELINE_KEYS}})
+    return rows
 
 
 def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, str | os.PathLike | None]],
@@ -355,7 +421,7 @@ def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, s
     phases_dir.mkdir(parents=True, exist_ok=True)
     joined, boundaries = join_phases(runs)
     if len(joined):
-        plot_curves(joined, phases_dir / "curves.png", title=title or "pipeline", boundaries=boundaries)
+        plot_pipeline(joined, boundaries, phases_dir / "curves.png", title=title or "pipeline")
     report: dict[str, Any] = {"phases": _run_rows(runs, skipped or {})}
     if refit:
         report["refit"] = _run_rows(refit, {p: "takes no step: hands its predecessor's refit on"

@@ -1,9 +1,10 @@
-"""The fine-tuning recipe in one command: each phase of conf/phase as its own ``train.py`` run, in order.
+"""The fine-tuning recipe in one command: each phase of conf/phase as its own ``train.py`` run, in the order their
+``init_from`` chains them (:func:`phase_order`).
 
     carnet-pipeline [--phases head,unfreeze_half,...] [--dir FOLDER] [OVERRIDE ...] [PHASE:OVERRIDE ...]
 
 An ``OVERRIDE`` (Hydra syntax, e.g. ``data.root=DIR model=tf_efficientnet_lite0``) goes to every phase; one
-prefixed with a phase name goes to that phase only (``finetune_448:data.image_size=300``). Everything a pipeline
+prefixed with a phase name goes to that phase only (``finetune_448:image_size=300``). Everything a pipeline
 writes stays in its own folder, ``<paths.output_dir>/pipeline/<time>/`` (or ``--dir``): each phase's run directory
 ``<i>-<phase>/``, and ``phases/<phase>.ckpt``, through which each phase starts from the previous one's best weights
 (the phases' ``init_from``, with ``paths.phases`` set to that folder), exactly as when the commands are typed one
@@ -31,10 +32,11 @@ import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from carnet.config import config_dir
+from carnet.errors import CarnetError
 from carnet.training.chain import (
     REFIT_FOLDER,
     final_checkpoint,
@@ -48,7 +50,28 @@ from carnet.training.chain import (
 )
 from carnet.training.phases import PIPELINE_FILE, write_pipeline_report
 
-PHASES = ["head", "unfreeze_half", "unfreeze_3q", "unfreeze_all", "finetune_448"]
+
+def phase_order() -> list[str]:
+    """The phases of conf/phase that chain by ``init_from`` (each starts from the one before), first to last.
+
+    Read from the phase configs, the one place that says which phase starts from which: a phase added to the chain
+    joins the pipeline. A phase that starts from nothing and that no phase starts from (``progressive``, the
+    whole recipe in one run) is not in it.
+    """
+    starts_from = {p.stem: OmegaConf.load(p).get("init_from") for p in sorted((config_dir() / "phase").glob("*.yaml"))}
+    following: dict[str, str] = {}
+    for phase, before in starts_from.items():
+        if before and following.setdefault(before, phase) != phase:
+            raise CarnetError(f"conf/phase: {following[before]} and {phase} both start from {before} (init_from): "
+                              "the pipeline needs one chain of phases")
+    firsts = [phase for phase, before in starts_from.items() if not before and phase in following]
+    if len(firsts) != 1:
+        raise CarnetError(f"conf/phase: expected one chain of phases linked by init_from, found {len(firsts)} "
+                          f"starting from nothing ({', '.join(firsts) or 'none'})")
+    order = firsts
+    while order[-1] in following and following[order[-1]] not in order:
+        order.append(following[order[-1]])
+    return order
 
 
 def split_overrides(args: list[str], phases: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -152,7 +175,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     """Run ``phases`` in order (:func:`plan_pipeline`); return the pipeline's folder. A failed or interrupted phase
     stops the pipeline: SystemExit, with the command that continues it (status 1, or the interrupted phase's)."""
     console = console or Console()
-    phases = list(phases or PHASES)
+    phases = list(phases or phase_order())
     available = sorted(p.stem for p in (config_dir() / "phase").glob("*.yaml"))
     unknown = [p for p in phases if p not in available]
     if unknown:
@@ -236,9 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="carnet-pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="e.g. carnet-pipeline data.root=data model=tf_efficientnet_lite0 "
-                                            "finetune_448:data.image_size=300")
-    parser.add_argument("--phases", default=",".join(PHASES),
-                        help=f"comma-separated phases to run in order (default: {','.join(PHASES)})")
+                                            "finetune_448:image_size=300")
+    order = ",".join(phase_order())
+    parser.add_argument("--phases", default=order,
+                        help=f"comma-separated phases to run in order (default: {order}, conf/phase's init_from chain)")
     parser.add_argument("--dir", default=None, help="the pipeline's folder (default: <paths.output_dir>/pipeline/"
                         "<time>); a stopped pipeline's folder resumes it, with --phases from the failed one")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every phase, or PHASE:override for one")
@@ -246,9 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     folder = run_pipeline(args.overrides, [p for p in args.phases.split(",") if p], folder=args.dir)
     report = json.loads((folder / PIPELINE_FILE).read_text())
     for row in report["phases"]:
-        acc = row.get("best_val_acc")
-        print(f"{row['phase']:>14}: best val/acc={acc:.4f}" if acc is not None else
-              f"{row['phase']:>14}: {'skipped' if row.get('skipped') else '-'}")
+        acc, epoch = row.get("best_val_acc"), row.get("best_epoch")
+        handed = "its start" if epoch == 0 else f"epoch {epoch}"
+        print(f"{row['phase']:>14}: handed on {handed}, val/acc={acc:.4f}" if acc is not None
+              else f"{row['phase']:>14}: {'skipped' if row.get('skipped') else '-'}")
     print(f"final weights: {report.get('final_checkpoint')}")
 
 

@@ -6,12 +6,13 @@ Once validation has chosen, a refit run trains the same recipe again on train + 
 share of its plan, and keeps its last weights (there is nothing left to validate on).
 
 ``refit_from=<run dir>`` makes a run the refit of that (selection) run: it reads the selection's summary.json
-(``best_epoch``, ``steps_per_epoch``, ``planned_steps``), puts every photo in training, plans its own budget on
-them as any run does (``budget.min_steps``, ``trainer.max_epochs``), and stops after the same fraction of that plan
-at which the selection run reached its best epoch, so the learning-rate schedule is the same curve stopped at the
-same point. A selection phase that kept its start took no step worth repeating: its refit takes none (for the head
-phase that is the head fit alone, now on every photo). ``carnet-pipeline`` runs the refits once all phases have
-chosen (``refit``, carnet/training/pipeline.py); a plain ``train.py refit=true`` run refits itself afterwards.
+(``best_epoch``, counted from 1, ``steps_per_epoch``, ``planned_steps``), puts every photo in training, plans its
+own budget on them as any run does (``budget.min_steps``, ``trainer.max_epochs``), and stops after the same fraction
+of that plan at which the selection run reached its best epoch, so the learning-rate schedule is the same curve
+stopped at the same point. A selection phase that kept its start took no step worth repeating: its refit takes none
+(for the head phase that is the head fit alone, now on every photo). ``carnet-pipeline`` runs the refits once all
+phases have chosen (``refit``, carnet/training/pipeline.py); a plain ``train.py refit=true`` run refits itself
+afterwards.
 
 Why not refit phase by phase while the chain runs: the next phase would then validate on photos its start has
 trained on, and every later choice would be biased towards keeping that start.
@@ -27,39 +28,34 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 
-from carnet.artifacts import read_summary
-from carnet.errors import CarnetError
+from carnet.errors import RefitError
+from carnet.summary import RunSummary, read_summary
 
 log = logging.getLogger(__name__)
 
 REFIT_DIR = "refit"  # a plain run's refit goes to <run dir>/refit
-REFIT_VALUES = (True, False, "auto")
 
 
-class RefitError(CarnetError):
-    """A refit cannot follow its selection run (missing, unfinished, or not a run)."""
-
-
-def refit_steps(selection: dict[str, Any], planned_steps: int) -> int:
-    """Optimizer steps of the refit: the selection's steps to its best epoch, as a share of its plan, times the
-    refit's own plan (more photos, more steps an epoch); 0 when the selection kept its start."""
-    best_epoch = selection.get("best_epoch")
-    if selection.get("kept_start") or best_epoch is None or best_epoch < 0:
+def refit_steps(selection: RunSummary, planned_steps: int) -> int:
+    """Optimizer steps of the refit: the selection's steps to its best epoch (epochs count from 1; 0 is its start),
+    as a share of its plan, times the refit's own plan (more photos, more steps an epoch); 0 when the selection
+    kept its start."""
+    best_epoch = selection.best_epoch
+    if selection.kept_start or best_epoch is None or best_epoch < 1:
         return 0
-    per_epoch = int(selection.get("steps_per_epoch") or 1)
-    planned = int(selection.get("planned_steps") or per_epoch * (best_epoch + 1))
-    share = min(1.0, (best_epoch + 1) * per_epoch / max(1, planned))
+    per_epoch = int(selection.steps_per_epoch or 1)
+    planned = int(selection.planned_steps or per_epoch * best_epoch)
+    share = min(1.0, best_epoch * per_epoch / max(1, planned))
     return max(1, round(share * planned_steps))
 
 
-def read_selection(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The completed selection run's summary.json, or one line saying what is wrong."""
-    path = Path(run_dir)
-    if not (path / "summary.json").is_file():
+def read_selection(run_dir: str | os.PathLike) -> RunSummary:
+    """The completed selection run's summary, or one line saying what is wrong."""
+    summary = read_summary(run_dir, missing_ok=True)
+    if summary is None:
         raise RefitError(f"refit_from={run_dir}: no summary.json there; point it to a completed run's directory")
-    summary = read_summary(path)
-    if summary.get("status") != "completed":
-        raise RefitError(f"refit_from={run_dir}: that run is {summary.get('status')}, not completed; a refit repeats "
+    if summary.status != "completed":
+        raise RefitError(f"refit_from={run_dir}: that run is {summary.status}, not completed; a refit repeats "
                          "the length a completed run chose")
     return summary
 
@@ -68,7 +64,7 @@ def check_refit(cfg: DictConfig) -> None:
     """``refit=true`` on a single phase run typed by hand is refused: the chain is refitted by carnet-pipeline
     once every phase has chosen (a phase refitted alone would hand the next one weights that trained on its
     validation photos)."""
-    if cfg.get("refit") is True and cfg.get("phase") and not cfg.get("refit_from"):
+    if cfg.refit is True and cfg.get("phase") and not cfg.get("refit_from"):
         raise RefitError(f"refit=true on phase run {cfg.phase}: the phases are refitted on every photo by the "
                          "pipeline, once all of them have chosen their length: carnet-pipeline refit=true ... "
                          "(a phase refitted alone would hand the next phase weights that trained on its validation "
@@ -90,25 +86,12 @@ def no_validation(cfg: DictConfig) -> None:
         cfg.trainer.num_sanity_val_steps = 0
 
 
-class StopAtStep(pl.Callback):
-    """Stop training after ``steps`` optimizer steps, leaving ``trainer.max_epochs`` (and so the learning-rate
-    schedule, planned over the whole budget) as planned. Lightning's ``max_steps`` would shorten the schedule too."""
+class Refit(pl.Callback):
+    """What makes a run the refit of ``refit_from``: its selection's share of the plan, all photos, no validation.
 
-    def __init__(self, steps: int) -> None:
-        self.steps = int(steps)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
-
-
-class Refit:
-    """What makes a run the refit of ``refit_from``: its selection's plan, all photos, no validation, a stop."""
+    It stops training after :func:`refit_steps` optimizer steps, leaving ``trainer.max_epochs`` (and so the
+    learning-rate schedule, planned over the whole budget) as planned: Lightning's ``max_steps`` would shorten the
+    schedule too."""
 
     def __init__(self, selection_dir: str | os.PathLike) -> None:
         self.selection_dir = Path(selection_dir)
@@ -126,17 +109,25 @@ class Refit:
         self.moved = train_on_all(datamodule)
         no_validation(cfg)
 
-    def callbacks(self, planned_steps: int) -> list[pl.Callback]:
+    def plan(self, planned_steps: int) -> None:
+        """Its steps, from its own plan (:func:`carnet.training.budget.plan_budget`, on every photo)."""
         self.steps = refit_steps(self.selection, planned_steps)
         log.info("refit of %s on every photo (%d validation photos added): %d of %d planned steps, the share at "
                  "which the selection run reached its best epoch (%s)", self.selection_dir, self.moved, self.steps,
-                 planned_steps, self.selection.get("best_epoch"))
-        return [StopAtStep(self.steps)]
+                 planned_steps, self.selection.best_epoch)
 
-    def summary_fields(self) -> dict[str, Any]:
-        return {"trained_on": "train+val", "refit_from": str(self.selection_dir), "refit_steps": self.steps,
-                "selection_best_epoch": self.selection.get("best_epoch"),
-                "selection_kept_start": bool(self.selection.get("kept_start"))}
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.steps is not None and trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.steps is not None and trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+    def add_to_summary(self, summary: RunSummary) -> None:
+        """summary.json's ``trained_on``, ``refit_from``, ``refit_steps`` (:class:`carnet.summary.SummaryReporter`)."""
+        summary.update(trained_on="train+val", refit_from=str(self.selection_dir), refit_steps=self.steps)
 
 
 def refit_config(cfg: DictConfig, run_dir: str | os.PathLike) -> DictConfig:
@@ -151,4 +142,4 @@ def refit_config(cfg: DictConfig, run_dir: str | os.PathLike) -> DictConfig:
 
 def wants_plain_refit(cfg: DictConfig) -> bool:
     """A plain run (no phase, not itself a refit) with ``refit=true`` refits itself once it has chosen."""
-    return cfg.get("refit") is True and not cfg.get("phase") and not cfg.get("refit_from") and not cfg.get("tune")
+    return cfg.refit is True and not cfg.get("phase") and not cfg.get("refit_from") and not cfg.get("tune")

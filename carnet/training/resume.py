@@ -1,7 +1,7 @@
 """What a resume needs beyond Lightning's checkpoint, so that ``resume=last.ckpt`` continues the run it stopped:
 
-- randomness per epoch: each epoch is seeded from (seed, epoch, rank), so the resumed epochs draw the same
-  shuffles, augmentations and dropout masks as an uninterrupted run (Lightning saves no random state);
+- (randomness per epoch is no resume matter: every run seeds each epoch from (seed, epoch, rank),
+  :mod:`carnet.training.seeding`, so the resumed epochs draw what an uninterrupted run draws);
 - the epoch-end ReduceLROnPlateau step: Lightning takes it after ``last.ckpt`` is written and never takes it for
   the checkpoint's epoch when resuming, so the checkpoint carries the value it needs and the resumed run takes it;
 - Lightning's CSV log (``csv/metrics.csv``): its logger starts a resumed run's file empty (and deletes one in its
@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
-import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import CSVLogger
 
-from carnet.artifacts import SUMMARY_FILE, read_summary
 from carnet.errors import CarnetError
 from carnet.models.checkpoint import CHECKPOINT_KEY, load_weights_only
+from carnet.summary import RunSummary, read_summary
 from carnet.training.phases import check_fits
 
 log = logging.getLogger(__name__)
@@ -50,7 +46,7 @@ def scheduler_job_id() -> str | None:
     return None
 
 
-def continue_in_place(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+def continue_in_place(cfg: DictConfig, run_dir: Path) -> RunSummary | None:
     """Decide what a run continues when its folder may already hold a stopped run of it; set ``cfg.resume``.
 
     A run continues the stopped run in its own folder from that run's ``checkpoints/last.ckpt`` (the epochs it
@@ -64,12 +60,13 @@ def continue_in_place(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     Every DDP rank decides alike: what it reads (``last.ckpt``, the run's config, job id and whether it completed)
     is what rank 0 leaves in place while the others decide.
     """
-    summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else {}
+    summary = read_summary(run_dir, missing_ok=True)
+    status, job_id = (summary.status, summary.job_id) if summary is not None else (None, None)
     last = run_dir / "checkpoints" / "last.ckpt"
     if str(cfg.get("resume") or "") == AUTO:
         with open_dict(cfg):
             cfg.resume = None
-        if summary.get("status") == "completed":
+        if summary is not None and status == "completed":
             log.info("resume=auto: the run in %s already completed; nothing to train", run_dir)
             return summary
         if not last.is_file():
@@ -81,7 +78,7 @@ def continue_in_place(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
                               ": continue it with its own config, or give this run its own folder (hydra.run.dir=DIR)")
     else:
         job = scheduler_job_id()
-        requeued = (job is not None and summary.get("job_id") == job and summary.get("status") != "completed"
+        requeued = (job is not None and job_id == job and status != "completed"
                     and last.is_file() and not _config_differences(run_dir / "config.yaml", cfg))
         if not requeued:
             return None  # resume=PATH, or a fresh run, as given
@@ -129,52 +126,11 @@ def check_resumable(path: str | Path, model_name: str, head: Any, num_classes: i
     check_fits(checkpoint, path, model_name, head, num_classes, key="resume")
 
 
-def _train_transform(trainer: pl.Trainer) -> A.BaseCompose | None:
-    loader = getattr(trainer.fit_loop, "_combined_loader", None)
-    loaders = loader.flattened if loader is not None else []
-    transform = getattr(getattr(loaders[0], "dataset", None), "transform", None) if loaders else None
-    return transform if isinstance(transform, A.BaseCompose) else None
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """The seed of one epoch on one rank: a function of these alone, so a resumed epoch draws what it drew before."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def seed_epoch(trainer: pl.Trainer, seed: int, transform: A.BaseCompose | None = None) -> None:
-    """Seed Python, NumPy, torch (CUDA too) and the training pipeline's albumentations generators for
-    ``trainer.current_epoch``, once per epoch, before its first batch is drawn.
-
-    Called from two places because Lightning draws an epoch's first batch at two different moments: for the first
-    epoch of a fit (epoch 0, or the first resumed one) while it builds the loaders, before ``on_train_epoch_start``
-    (:meth:`carnet.data.datamodule.CarDataModule.train_dataloader` calls this); for later epochs after it
-    (:class:`ResumeState` calls this).
-    """
-    epoch = trainer.current_epoch
-    if getattr(trainer, "_carnet_seeded_epoch", None) == epoch:
-        return
-    trainer._carnet_seeded_epoch = epoch
-    value = epoch_seed(seed, epoch, trainer.global_rank)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-    if (transform := transform or _train_transform(trainer)) is not None:
-        transform.set_random_seed(value)
-
-
 class ResumeState(pl.Callback):
-    """Seeds every epoch from (seed, epoch, rank) alone, takes the plateau step a checkpoint was written before, and
-    continues Lightning's CSV log when a run resumes.
+    """Takes the plateau step a checkpoint was written before, and continues Lightning's CSV log, when a run
+    resumes."""
 
-    Why reseed instead of saving the random state in the checkpoint: the state at a checkpoint is not the state at
-    the next epoch's start (validation's loader draws a seed in between, in an order Lightning does not promise),
-    while a seed per epoch makes each epoch's shuffle, augmentation (albumentations' own generators, and loader
-    workers, which take their seeds from torch's when an epoch starts) and dropout masks independent of what ran
-    before: a run resumed from ``last.ckpt`` repeats the epochs an uninterrupted run would have had.
-    """
-
-    def __init__(self, seed: int, resume: str | None = None) -> None:
-        self.seed = int(seed)
+    def __init__(self, resume: str | None = None) -> None:
         self.resume = resume  # the checkpoint a resumed run continues
         self.csv_history: dict[int, pd.DataFrame] = {}
         self.trainer: pl.Trainer | None = None
@@ -227,18 +183,6 @@ class ResumeState(pl.Callback):
             value = saved.get("monitored", {}).get(config.monitor)
             if value is not None and (epoch + 1) % config.frequency == 0:  # Lightning's own condition
                 pl_module.lr_scheduler_step(config.scheduler, value)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(trainer, "_carnet_seeded_epoch", None) == trainer.current_epoch:
-            return  # seeded before its first batch was drawn (the first epoch of a fresh run)
-        first_of_fit = getattr(trainer, "_carnet_seeded_epoch", None) is None or trainer.fit_loop.is_resuming
-        seed_epoch(trainer, self.seed)
-        if first_of_fit:
-            # A resumed run: Lightning drew this epoch's first batch while estimating the step count (before the
-            # checkpoint restored the epoch number), under epoch 0's seed, and keeps that iterator for the first
-            # resumed epoch. Draw it again, now seeded for this epoch. (A private attribute: Lightning has no hook
-            # between restoring the epoch and drawing the first batch.)
-            iter(trainer.fit_loop._data_fetcher)
 
 
 def _epoch_plateaus(trainer: pl.Trainer) -> list[Any]:

@@ -3,7 +3,7 @@
 
 ``summary.json`` exists from a run's first moment with ``status: running`` (and the pid and host that run it) and
 ends as ``completed``, ``failed`` (with the reason) or ``interrupted``; a run killed outright stays ``running`` in
-the file, and :func:`carnet.artifacts.read_summary` reports it as ``interrupted`` once its process is gone.
+the file, and :func:`carnet.summary.read_summary` reports it as ``interrupted`` once its process is gone.
 :class:`RunArtifacts` is the only writer of ``summary.json``.
 """
 
@@ -17,12 +17,11 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 import pytorch_lightning as pl
 from hydra.experimental.callback import Callback
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -30,13 +29,12 @@ from carnet.artifacts import (
     CURVES_FILE,
     EPOCH_COLUMNS,
     METRICS_FILE,
-    SUMMARY_FILE,
-    atomic_path,
-    plot_curves,
+    upgrade_metrics,
     write_csv_atomic,
-    write_json,
 )
-from carnet.errors import CarnetError, exit_on_error, stopping_signal
+from carnet.errors import RunDirBusy, RunDirNotWritable, exit_on_error, stopping_signal
+from carnet.plots import plot_curves
+from carnet.summary import RunSummary, Status, SummaryReporter, now, write_summary
 
 try:
     import fcntl
@@ -46,49 +44,28 @@ except ImportError:  # Windows: no advisory locks; runs then rely on unique run 
 LOCK_FILE = ".lock"
 
 
-class RunDirBusy(CarnetError):
-    """Another live run owns this run directory."""
-
-
-class RunDirNotWritable(CarnetError):
-    """The run directory cannot be created or written (a read-only folder or file system)."""
-
-
 _HELD: set[Path] = set()  # run directories this process holds the lock of
 
 
 @contextmanager
 def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     """Own ``run_dir`` for the block: a second run into the same folder stops at once instead of mixing its files
-    with ours. An advisory ``flock``, so the kernel releases it when the process dies, even by kill -9.
+    with ours. An advisory ``flock`` on ``.lock``, so the kernel releases it when the process dies, even by kill -9.
+
+    The lock, not the file, says that a run lives: the file holds the owner's pid (for the refusal's message) and is
+    removed when the block ends; one left by a killed run is taken over by the next run.
 
     Re-entrant within a process: :class:`RunDirGuard` takes it before Hydra writes into the folder, and
     :func:`carnet.training.train.train` takes it again for callers without Hydra.
     """
     run_dir = Path(run_dir)
     key = run_dir.resolve()
-    reentered = fcntl is None or key in _HELD  # no advisory locks (Windows), or this process holds it already
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(run_dir, os.W_OK):  # an existing folder: its .lock may still open, its new files would not
-            raise PermissionError(errno.EACCES, "not writable")
-        handle = None if reentered else open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (closed by `with` below)
-    except OSError as err:
-        raise RunDirNotWritable(f"run directory {run_dir} is not writable ({err.strerror}): give the run a "
-                                "writable folder (hydra.run.dir=DIR, or run_dir=DIR when calling train())") from None
-    if handle is None:
+    if fcntl is None or key in _HELD:  # no advisory locks (Windows), or this process holds it already
+        _check_writable(run_dir)
         yield
         return
+    handle = _lock(run_dir)
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            handle.seek(0)
-            owner = handle.read().strip() or "unknown"
-            raise RunDirBusy(f"run directory {run_dir} is in use by another run (pid {owner}): give this run its "
-                             "own folder (hydra.run.dir=DIR, or run_dir=DIR when calling train())") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -98,7 +75,52 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             _HELD.discard(key)
+            # Removed before it is unlocked: a run that opened the file meanwhile finds it gone once it holds the lock,
+            # and takes a new file (_lock), so two runs never hold locks on two different files.
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _not_writable(run_dir: Path, err: OSError) -> RunDirNotWritable:
+    return RunDirNotWritable(f"run directory {run_dir} is not writable ({err.strerror}): give the run a writable "
+                             "folder (hydra.run.dir=DIR, or run_dir=DIR when calling train())")
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):  # an existing folder: its .lock may still open, its new files would not
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as err:
+        raise _not_writable(run_dir, err) from None
+
+
+def _lock(run_dir: Path) -> IO[str]:
+    """The open ``.lock`` of ``run_dir``, locked by this process; :class:`RunDirBusy` if another run holds it."""
+    _check_writable(run_dir)
+    path = run_dir / LOCK_FILE
+    while True:
+        try:
+            handle = open(path, "a+")  # noqa: SIM115 (returned open, closed by the caller's `with`)
+        except OSError as err:
+            raise _not_writable(run_dir, err) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirBusy(f"run directory {run_dir} is in use by another run (pid {owner}): give this run its "
+                             "own folder (hydra.run.dir=DIR, or run_dir=DIR when calling train())") from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            return handle
+        handle.close()  # the owner removed the file after we opened it: lock the one that is there now
 
 
 class RunDirGuard(Callback):
@@ -124,46 +146,33 @@ class RunDirGuard(Callback):
         self._held.close()
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic: a temporary file beside the target, renamed over it when
-    complete. A full disk or a kill mid-write leaves the previous ``last.ckpt`` / ``best.ckpt`` (or none), never a
-    truncated file that fails to load at resume or in the next phase."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-
-
 def _scalar(metrics: dict[str, Any], key: str) -> float:
     value = metrics.get(key)
     return float(value) if value is not None else math.nan
 
 
 class RunArtifacts(pl.Callback):
-    """Writes metrics.csv after every epoch, and curves.png + summary.json at the end of a run.
+    """Writes metrics.csv after every epoch, and curves.png + summary.json at the end of a run: the only writer of
+    summary.json.
 
-    ``summary`` starts with what the caller knows before training (model, image size, data counts, ...);
-    this callback adds the results.
+    ``summary`` starts with what the caller knows before training (model, image size, overrides, ...) and gets the
+    data counts and the step budget from it before training (:meth:`RunSummary.update`); this callback adds the
+    results, and every :class:`carnet.summary.SummaryReporter` callback of the trainer what it did.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, summary: dict[str, Any], monitor: str = "val/acc",
-                 mode: str = "max") -> None:
+    STATE_VERSION = 2  # of state_dict: 2 counts epochs from 1 and times each epoch; 1 (none) counted from 0
+
+    def __init__(self, run_dir: str | os.PathLike, summary: RunSummary, *, monitor: str, mode: str) -> None:
         self.run_dir = Path(run_dir)
-        self.monitor, self.mode = monitor, mode  # which epoch is "best": ModelCheckpoint's choice
-        self.summary = {**summary, "pid": os.getpid(), "host": socket.gethostname()}
+        self.monitor, self.mode = monitor, mode  # which epoch is "best": checkpoint.monitor and .mode, as best.ckpt
+        self.summary = summary
+        summary.update(pid=os.getpid(), host=socket.gethostname(), started_at=now(), monitor=monitor,
+                       monitor_mode=mode)
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()  # moved back by a resume, so that `seconds` counts the whole run
+        self.epoch_started = self.started
         self.trainer: pl.Trainer | None = None
         self.best_checkpoint: Path | None = None  # summary.json names it only once it exists
-
-    def _callback_fields(self) -> dict[str, Any]:
-        """Fields other callbacks report for summary.json (``summary_fields()``: the phase, the unfrozen fraction)."""
-        fields: dict[str, Any] = {}
-        for callback in self.trainer.callbacks if self.trainer is not None else []:
-            if callback is not self and callable(getattr(callback, "summary_fields", None)):
-                fields.update(callback.summary_fields())
-        return fields
 
     def start(self) -> None:
         """Write ``status: running`` before anything can fail, so that every run directory has a summary."""
@@ -171,23 +180,30 @@ class RunArtifacts(pl.Callback):
 
     def finish(self, **fields: Any) -> None:
         """Mark a run that did not train (``tune=lr_find``) completed, with what it found."""
-        self.summary.update(fields)
+        self.summary.update(**fields)
         self._write_summary("completed")
 
     def fail(self, error: BaseException) -> None:
         """Record why the run stopped (``failed``, or ``interrupted`` by Ctrl-C or SIGTERM) unless that is recorded
         already: failures before training (bad data, bad weights) get a summary too, and report lists them."""
-        if self.summary.get("status") in ("failed", "interrupted"):
+        if self.summary.status in ("failed", "interrupted"):
             return
         if (signum := stopping_signal(error)) is not None:
-            self.summary["error"] = f"interrupted by {signum.name}"
+            self.summary.error = f"interrupted by {signum.name}"
             self._write_summary("interrupted")
             return
-        self.summary["error"] = f"{type(error).__name__}: {error}".strip()
+        self.summary.error = f"{type(error).__name__}: {error}".strip()
         self._write_summary("failed")
 
-    def _write_summary(self, status: str, pl_module: pl.LightningModule | None = None) -> None:
-        summary = {**self.summary, "status": status, "seconds": round(time.time() - self.started, 2)}
+    def _write_summary(self, status: Status, pl_module: pl.LightningModule | None = None) -> None:
+        self._collect(status, pl_module)
+        write_summary(self.run_dir, self.summary)
+
+    def _collect(self, status: Status, pl_module: pl.LightningModule | None = None) -> None:
+        """Bring the summary up to now: status, clock, results, and what the reporting callbacks did."""
+        summary = self.summary
+        summary.update(status=status, seconds=round(time.time() - self.started, 2),
+                       ended_at=None if status == "running" else now(), epochs_run=len(self.rows))
         metrics = pd.DataFrame(self.rows, columns=EPOCH_COLUMNS)
         if len(metrics) and metrics[self.monitor].notna().any():
             best = metrics[self.monitor].idxmin() if self.mode == "min" else metrics[self.monitor].idxmax()
@@ -195,15 +211,19 @@ class RunArtifacts(pl.Callback):
                            best_val_loss=float(metrics["val/loss"][best]))
         else:
             summary.update(best_val_acc=None, best_epoch=None, best_val_loss=None)
-        summary["epochs_run"] = len(metrics)
+        if len(metrics) and metrics["val/acc"].notna().any():
+            top = metrics["val/acc"].idxmax()
+            summary.update(max_val_acc=float(metrics["val/acc"][top]), max_val_acc_epoch=int(metrics["epoch"][top]))
         if self.best_checkpoint is not None:
-            summary["best_checkpoint"] = str(self.best_checkpoint) if self.best_checkpoint.is_file() else None
-        summary.update(self._callback_fields())  # last: a phase that kept its start weights reports that as best
+            summary.best_checkpoint = str(self.best_checkpoint) if self.best_checkpoint.is_file() else None
+        if self.trainer is not None:
+            summary.taken_steps = int(self.trainer.global_step)  # beside planned_steps: fewer when it stopped early
+        for callback in self.trainer.callbacks if self.trainer is not None else []:
+            if callback is not self and isinstance(callback, SummaryReporter):
+                callback.add_to_summary(summary)  # last: a phase that kept its start weights reports that as best
         if pl_module is not None:
-            summary["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-            summary["total_params"] = sum(p.numel() for p in pl_module.parameters())
-        self.summary = summary
-        write_json(self.run_dir / SUMMARY_FILE, summary)
+            summary.trainable_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            summary.total_params = sum(p.numel() for p in pl_module.parameters())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.trainer = trainer
@@ -212,23 +232,34 @@ class RunArtifacts(pl.Callback):
             self._write_summary("running", pl_module)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed run keeps its earlier epochs and its clock: ``seconds`` goes on from the checkpoint's."""
-        self.rows = list(state_dict.get("rows", []))
+        """A resumed run keeps its earlier epochs and its clock: ``elapsed_seconds`` goes on from the checkpoint's.
+        Rows of a checkpoint written before epochs counted from 1 are read as they are written now."""
+        rows = list(state_dict.get("rows", []))
+        if rows and state_dict.get("version", 1) < 2:
+            rows = upgrade_metrics(pd.DataFrame(rows)).to_dict("records")
+        self.rows = rows
         self.started = time.time() - float(state_dict.get("seconds", 0.0))
         if self.trainer is not None and self.trainer.is_global_zero and self.rows:
             self._write_metrics()  # the resumed run's folder has the whole history from its first moment
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "seconds": time.time() - self.started}
+        return {"version": self.STATE_VERSION, "rows": self.rows, "seconds": time.time() - self.started}
 
     def _write_metrics(self) -> None:
         write_csv_atomic(pd.DataFrame(self.rows, columns=EPOCH_COLUMNS), self.run_dir / METRICS_FILE)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_started = time.time()  # a resume in mid-epoch gets no on_train_epoch_start
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_started = time.time()
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
         groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        ended = time.time()
         self.rows.append({
-            "epoch": trainer.current_epoch,
+            "epoch": trainer.current_epoch + 1,  # Lightning counts from 0; people, the console and carnet from 1
             "step": trainer.global_step,
             "train/loss": _scalar(metrics, "train/loss_epoch") if "train/loss_epoch" in metrics
             else _scalar(metrics, "train/loss"),
@@ -237,7 +268,8 @@ class RunArtifacts(pl.Callback):
             "val/acc": _scalar(metrics, "val/acc"),
             "lr": groups[0]["lr"] if groups else math.nan,
             "lr_backbone": groups[1]["lr"] if len(groups) > 1 else math.nan,
-            "seconds": round(time.time() - self.started, 2),
+            "epoch_seconds": round(ended - self.epoch_started, 2),
+            "elapsed_seconds": round(ended - self.started, 2),
         })
         if trainer.is_global_zero:
             self._write_metrics()
@@ -245,11 +277,12 @@ class RunArtifacts(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = pd.DataFrame(self.rows, columns=EPOCH_COLUMNS)
-        if len(metrics):
-            title = f"{self.summary.get('model', '')} @ {self.summary.get('image_size', '')} px"
-            plot_curves(metrics, self.run_dir / CURVES_FILE, title=title)
-        self._write_summary("completed", pl_module)
+        self._collect("completed", pl_module)
+        if self.rows:
+            title = f"{self.summary.model or ''} @ {self.summary.image_size or ''} px"
+            plot_curves(pd.DataFrame(self.rows, columns=EPOCH_COLUMNS), self.run_dir / CURVES_FILE, title=title,
+                        best_epoch=self.summary.best_epoch)
+        write_summary(self.run_dir, self.summary)  # completed once every file is there
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero:

@@ -21,33 +21,25 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from carnet.artifacts import SPLIT_FILE
-from carnet.config import config_dir
+from carnet.config import config_dir, overrides_of, run_dir_of
 from carnet.config_check import check_train_config
 from carnet.data.layout import scan_train
 from carnet.errors import RunInterrupted, exit_on_error, note_scheduler_signal, stopping_signal
 from carnet.models.hub import check_pretrained_available
-from carnet.training.builders import (
-    build_callbacks,
-    build_datamodule,
-    build_module,
-    build_trainer,
-    check_epochs,
-    overrides_of,
-    plan_budget,
-    run_dir_of,
-)
-from carnet.training.console import quiet_lightning
+from carnet.runtime import resolve_runtime
+from carnet.summary import RunSummary
+from carnet.training.budget import plan_budget
+from carnet.training.builders import build_callbacks, build_datamodule, build_module, build_trainer
+from carnet.training.console import log_to_files, quiet_lightning
 from carnet.training.finite import StopOnNonFinite
 from carnet.training.refit import REFIT_DIR, Refit, refit_config, wants_plain_refit
 from carnet.training.resume import check_resumable, continue_in_place, scheduler_job_id
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
-from carnet.training.stopping import stopping_callbacks
+from carnet.training.stopping import early_stopping
 from carnet.training.tune import tune
 
-log = logging.getLogger(__name__)
 
-
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig) -> RunSummary:
     """Train one run as configured; return its summary (also written to ``<run dir>/summary.json``).
 
     The run owns its directory while it runs (:func:`run_dir_lock`), and the directory gets a summary whatever
@@ -59,32 +51,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     check_train_config(cfg)
     run_dir = run_dir_of(cfg)
+    as_typed = cfg.copy()  # _train plans the budget into cfg; a refit plans its own on every photo
     is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
     with run_dir_lock(run_dir) if is_rank_zero else nullcontext(), signals_stop_the_run():
         if (completed := continue_in_place(cfg, run_dir)) is not None:
             return completed
-        facts = {"run_dir": str(run_dir), "model": cfg.model.name, "image_size": int(cfg.image_size),
-                 "seed": int(cfg.seed), "data_root": str(cfg.data.root), "overrides": overrides_of(cfg),
-                 "resumed_from": cfg.get("resume") or None, "job_id": scheduler_job_id()}
+        facts = RunSummary(run_dir=str(run_dir), model=cfg.model.name, image_size=int(cfg.image_size),
+                           head=cfg.head.get("_target_", "").rsplit(".", 1)[-1], seed=int(cfg.seed),
+                           data_root=str(cfg.data.root), overrides=overrides_of(cfg),
+                           resumed_from=cfg.get("resume") or None, job_id=scheduler_job_id())
         artifacts = RunArtifacts(run_dir, facts, monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode)
         if is_rank_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             artifacts.start()
         try:
             summary = _train(cfg, run_dir, artifacts, is_rank_zero)
-            if wants_plain_refit(cfg) and summary.get("status") == "completed":
-                print(f"refit on every photo: {run_dir / REFIT_DIR}")
-                train(refit_config(cfg, run_dir))
-            return summary
         except BaseException as err:
             signum = stopping_signal(err)
             if is_rank_zero:
                 artifacts.fail(err)
-                _log_to_files(f"run interrupted by {signum.name}" if signum is not None
-                              else f"run failed: {type(err).__name__}: {err}")
+                log_to_files(f"run interrupted by {signum.name}" if signum is not None
+                             else f"run failed: {type(err).__name__}: {err}", logging.ERROR)
             if signum is None:
                 raise
             raise RunInterrupted(_how_to_continue(run_dir, signum), signum) from err
+    if wants_plain_refit(cfg) and summary.status == "completed":  # refit=true: every photo trains the final weights
+        print(f"refit on every photo: {run_dir / REFIT_DIR}")
+        train(refit_config(as_typed, run_dir))
+    return summary
 
 
 def _how_to_continue(run_dir: Path, signum: signal.Signals) -> str:
@@ -136,10 +130,8 @@ def signals_stop_the_run() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero: bool) -> RunSummary:
     quiet_lightning()
-    if not cfg.get("tune"):
-        check_epochs(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; no "Seed set" line
     # Cheap checks first: the data folder's layout (a directory listing) before a model is built or downloaded.
     scan_train(cfg.data.root, len(cfg.data.class_names))
@@ -148,9 +140,11 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     if cfg.model.pretrained and not cfg.model.get("weights"):
         check_pretrained_available(cfg.model.name)  # offline: one line in a second, not a minute of retries
     refit = Refit.from_config(cfg)  # refit_from=RUN: this run trains every photo for RUN's chosen length
+    runtime = resolve_runtime(cfg)  # every `auto`, once, for the device the Trainer will train on
+    artifacts.summary.update(resolved=runtime.summary())  # what ran, for the user: also in a failed run's summary
     callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
-    module = build_module(cfg)
-    datamodule = build_datamodule(cfg, module)
+    module = build_module(cfg, runtime)
+    datamodule = build_datamodule(cfg, module, runtime)
     module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
     datamodule.setup("fit")
     if refit is not None:
@@ -158,30 +152,27 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     if is_rank_zero:
         datamodule.write_split(run_dir / SPLIT_FILE)
     if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
-        result = tune(cfg, module, datamodule, run_dir, callbacks)
-        if is_rank_zero:
-            artifacts.finish(tune=result)
-        return result
+        result = tune(cfg, module, datamodule, run_dir, runtime, callbacks)
+        if is_rank_zero:  # the finder's curve stays in its own file (tune.py's lr_find.json): numbers only here
+            artifacts.finish(tune={k: v for k, v in result.items() if not isinstance(v, list | tuple | dict)})
+        return artifacts.summary
     counts = datamodule.split.split.value_counts()
     budget = plan_budget(cfg, int(counts.get("train", 0)), datamodule.batch_size)
-    artifacts.summary.update({
-        "head": cfg.head.get("_target_", "").rsplit(".", 1)[-1],
-        "data_root": str(datamodule.root),
-        "num_train": int(counts.get("train", 0)),
-        "num_val": int(counts.get("val", 0)),
-        "num_excluded": len(datamodule.excluded),
+    artifacts.summary.update(
+        data_root=str(datamodule.root), num_train=int(counts.get("train", 0)), num_val=int(counts.get("val", 0)),
+        num_excluded=len(datamodule.excluded),  # photos left out as unreadable (data.verify)
         **datamodule.data_summary(),  # extra_sources (images used from each), fold, num_folds, num_dedup_excluded
         **budget,
-        "phase": None, "init_from": None, "unfrozen_fraction": 1.0,  # what a plain run reports; callbacks update them
-        "trained_on": "train",  # which photos trained the weights it hands on; a refit: train+val
-    })
+        trained_on="train",  # which photos trained the weights it ends with; a refit (Refit) says train+val
+    )
     artifacts.best_checkpoint = run_dir / "checkpoints" / "best.ckpt"
     guard = StopOnNonFinite(lr=cfg.optimizer.get("lr"))
-    stopping = stopping_callbacks(cfg, budget["steps_per_epoch"])  # after the phase: it counts from its start
+    stopping = early_stopping(cfg, budget["steps_per_epoch"])  # after the phase: it counts from the phase's start
     if refit is not None:
-        stopping += refit.callbacks(budget["planned_steps"])
-        artifacts.summary.update(refit.summary_fields())
-    trainer = build_trainer(cfg, run_dir, [*callbacks, *stopping, guard, artifacts])  # artifacts last: it records
+        refit.plan(budget["planned_steps"])
+        stopping.append(refit)
+    # artifacts last: it records what the others did
+    trainer = build_trainer(cfg, run_dir, [*callbacks, *stopping, guard, artifacts], runtime)
     with warnings.catch_warnings():
         if cfg.get("resume") and Path(cfg.resume).parent.resolve() == (run_dir / "checkpoints").resolve():
             # A run continued in its own folder finds its checkpoints there, as it should.
@@ -189,25 +180,34 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume") or None)
 
     summary = artifacts.summary
-    if summary.get("best_val_acc") is not None:
-        print(f"best val/acc={summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
+    if is_rank_zero and (line := result_line(summary)) is not None:
+        print(line)
+        log_to_files(line)
     return summary
 
 
-def _log_to_files(message: str) -> None:
-    """Put ``message`` in the run's log files only (Hydra's ``<job>.log``): the terminal gets the one-line error
-    from :func:`carnet.errors.exit_on_error`, and a failed run's log says why instead of staying empty."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+def result_line(summary: RunSummary) -> str | None:
+    """The line a run ends with: best.ckpt's epoch and scores, and why that epoch (``monitor``); the highest val/acc
+    too when another epoch had it, since the two are easily taken for each other."""
+    if summary.best_val_acc is None:
+        return None
+    which = f"{'lowest' if summary.monitor_mode == 'min' else 'highest'} {summary.monitor}"
+    line = (f"best.ckpt: epoch {summary.best_epoch} of {summary.epochs_run} ({which}), "
+            f"val/acc={summary.best_val_acc:.4f} val/loss={summary.best_val_loss:.4f}")
+    if summary.kept_start:
+        line = (f"best.ckpt: epoch 0, the phase's start (no epoch of {summary.epochs_run} beat its {summary.monitor}), "
+                f"val/acc={summary.best_val_acc:.4f} val/loss={summary.best_val_loss:.4f}")
+    if summary.max_val_acc is not None and summary.max_val_acc_epoch != summary.best_epoch \
+            and summary.max_val_acc > summary.best_val_acc:
+        line += f"; highest val/acc {summary.max_val_acc:.4f} at epoch {summary.max_val_acc_epoch}"
+    return line
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """``carnet-train [group=option ...] [key=value ...]``: returns best val/acc, what Hydra sweepers maximise."""
     with exit_on_error("train"):
-        return train(cfg).get("best_val_acc")
+        return train(cfg).best_val_acc
 
 
 if __name__ == "__main__":

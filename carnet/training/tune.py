@@ -20,13 +20,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.tuner import Tuner
 
 from carnet.artifacts import write_json
+from carnet.config_check import TUNE_MODES
 from carnet.data.datamodule import CarDataModule
 from carnet.errors import CarnetError
+from carnet.runtime import Runtime
 from carnet.training.builders import build_trainer
 from carnet.training.module import CarClassifier
 
 PLOT_FILE, RESULT_FILE = "lr_find.png", "lr_find.json"
-MODES = ("lr_find",)
 
 
 def _tune_config(cfg: DictConfig) -> DictConfig:
@@ -42,11 +43,12 @@ def _tune_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def lr_find(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_dir: Path,
+def lr_find(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_dir: Path, runtime: Runtime,
             callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Run the range test; write the plot and the result; return ``{"suggested_lr": ..., ...}``."""
     options = cfg.tune
-    trainer = build_trainer(_tune_config(cfg), run_dir, list(callbacks or []))  # the phase's weights and frozen set
+    # with the phase's callbacks: its weights and frozen set
+    trainer = build_trainer(_tune_config(cfg), run_dir, list(callbacks or []), runtime)
     finder = Tuner(trainer).lr_find(
         module, datamodule=datamodule, min_lr=float(options.min_lr), max_lr=float(options.max_lr),
         num_training=int(options.num_training), mode=str(options.search),
@@ -86,10 +88,10 @@ def lr_find(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, r
     return result
 
 
-def tune(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_dir: Path,
+def tune(cfg: DictConfig, module: CarClassifier, datamodule: CarDataModule, run_dir: Path, runtime: Runtime,
          callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Dispatch on ``tune.mode`` (called by :func:`carnet.training.train.train` for ``tune=...``)."""
     mode = cfg.tune.get("mode")
-    if mode not in MODES:
-        raise CarnetError(f"tune.mode={mode!r} is not supported; expected one of {', '.join(MODES)}")
-    return lr_find(cfg, module, datamodule, run_dir, callbacks)
+    if mode not in TUNE_MODES:
+        raise CarnetError(f"tune.mode={mode!r} is not supported; expected one of {', '.join(TUNE_MODES)}")
+    return lr_find(cfg, module, datamodule, run_dir, runtime, callbacks)

@@ -13,15 +13,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--remote-debugging-pipe", "about:blank"]
 
 
+# Set by .ci/run, which installs Chromium: there a missing browser fails the browser test instead of skipping it.
+REQUIRE_ENV = "CARNET_REQUIRE_BROWSER"
+# Where the browser test keeps its screenshot (gitignored); CARNET_SCREENSHOT names another file.
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
 def find_browser() -> str | None:
     """The first Chromium (or Chrome) on PATH, or None."""
     return next((b for b in map(shutil.which, BROWSERS) if b), None)
+
+
+def require_browser() -> str:
+    """The browser to drive; without one, skip the test, or fail it where CARNET_REQUIRE_BROWSER=1 (CI)."""
+    binary = find_browser()
+    if binary is None:
+        why = f"no Chromium on PATH (looked for {', '.join(BROWSERS)}); Debian: apt-get install chromium"
+        if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
+            pytest.fail(f"{REQUIRE_ENV} is set: {why}", pytrace=False)
+        pytest.skip(why)
+    return binary
 
 
 class DevTools:

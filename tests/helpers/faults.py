@@ -29,8 +29,8 @@ class SendSignal(pl.Callback):
 
 
 class PoisonWeights(pl.Callback):
-    """Sets one head weight to NaN when validation of ``epoch`` starts, as a diverging step would: that epoch's
-    training losses were all finite."""
+    """Sets one head weight to NaN when validation of ``epoch`` (Lightning's, from 0) starts, as a diverging step
+    would: that epoch's training losses were all finite."""
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch

@@ -23,9 +23,8 @@ from carnet.models.checkpoint import load_checkpoint
 
 
 def eval_transform(meta: dict[str, Any]) -> A.Compose:
-    """The eval view a checkpoint was validated with (its metadata: size, normalisation, resize)."""
-    return build_eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["interpolation"],
-                                meta["crop_pct"])
+    """The eval view a checkpoint was validated with (its metadata: size, resize, crop)."""
+    return build_eval_transform(meta["image_size"], meta["interpolation"], meta["crop_pct"])
 
 
 def eval_batch(meta: dict[str, Any], images: Sequence[bytes]) -> torch.Tensor:
