@@ -61,9 +61,18 @@ def read_selection(run_dir: str | os.PathLike) -> RunSummary:
 
 
 def check_refit(cfg: DictConfig) -> None:
-    """``refit=true`` on a single phase run typed by hand is refused: the chain is refitted by carnet-pipeline
-    once every phase has chosen (a phase refitted alone would hand the next one weights that trained on its
-    validation photos)."""
+    """Refused before anything trains, in one line: ``refit=true`` on a single phase run typed by hand (the chain
+    is refitted by carnet-pipeline once every phase has chosen; a phase refitted alone would hand the next one
+    weights that trained on its validation photos), a refit whose learning-rate schedule reads validation
+    (``scheduler=plateau``), which a refit does not have, and a ``refit_from`` that is no completed run."""
+    monitor = (cfg.get("scheduler") or {}).get("monitor")
+    if (cfg.refit is True or cfg.get("refit_from")) and monitor:
+        raise RefitError(f"refit with scheduler={cfg.scheduler.get('_target_', '').rsplit('.', 1)[-1]}: it lowers "
+                         f"the learning rate when {monitor} stalls, and a refit trains on every photo with no "
+                         "validation to read; use a schedule fixed in advance (scheduler=cosine, as the phases do, "
+                         "or onecycle)")
+    if cfg.get("refit_from"):
+        read_selection(cfg.refit_from)
     if cfg.refit is True and cfg.get("phase") and not cfg.get("refit_from"):
         raise RefitError(f"refit=true on phase run {cfg.phase}: the phases are refitted on every photo by the "
                          "pipeline, once all of them have chosen their length: carnet-pipeline refit=true ... "
@@ -101,7 +110,7 @@ class Refit(pl.Callback):
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Refit | None:
-        check_refit(cfg)
+        """The refit of ``cfg.refit_from``; None for any other run (:func:`check_refit` ran before the run began)."""
         return cls(cfg.refit_from) if cfg.get("refit_from") else None
 
     def prepare(self, cfg: DictConfig, datamodule: Any) -> None:

@@ -32,7 +32,7 @@ from carnet.training.budget import plan_budget
 from carnet.training.builders import build_callbacks, build_datamodule, build_module, build_trainer
 from carnet.training.console import log_to_files, quiet_lightning
 from carnet.training.finite import StopOnNonFinite
-from carnet.training.refit import REFIT_DIR, Refit, refit_config, wants_plain_refit
+from carnet.training.refit import REFIT_DIR, Refit, check_refit, refit_config, wants_plain_refit
 from carnet.training.resume import check_resumable, continue_in_place, scheduler_job_id
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
 from carnet.training.stopping import early_stopping
@@ -50,6 +50,7 @@ def train(cfg: DictConfig) -> RunSummary:
     (:func:`continue_in_place`).
     """
     check_train_config(cfg)
+    check_refit(cfg)  # refused like a value typed wrong: before the run exists
     run_dir = run_dir_of(cfg)
     as_typed = cfg.copy()  # _train plans the budget into cfg; a refit plans its own on every photo
     is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
