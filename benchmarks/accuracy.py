@@ -1,9 +1,9 @@
 """Accuracy on real photos: carnet's fine-tuning recipe against a linear probe and a plain PyTorch fine-tune.
 
     python benchmarks/accuracy.py --data DIR --weights FILE [--model tf_efficientnet_lite0] [--seeds 0 1 2]
-        [--methods probe finetune carnet] [--phases head,unfreeze_half,...] [--via phases|pipeline]
+        [--methods probe headfit finetune carnet] [--phases head,unfreeze_half,...] [--via phases|pipeline]
         [--image-size 224] [--out outputs/accuracy] [--threads N] [--device cpu|cuda|auto]
-        [--carnet-args OVERRIDE ... | PHASE:OVERRIDE ...]
+        [--carnet-args OVERRIDE ... | PHASE:OVERRIDE ...] [--variant NAME OVERRIDE ... [--variant-repo NAME DIR]]
 
 e.g. ``python benchmarks/accuracy.py --data ../shared/data/adsdev_fewshot
 --weights ../shared/weights/tf_efficientnet_lite0.in1k.safetensors --out outputs/accuracy/fewshot``
@@ -19,6 +19,10 @@ key names (.safetensors or .pth): nothing is downloaded. For each seed, every me
   logistic regression by full-batch L-BFGS with the L2 strength chosen by 5-fold cross-validation on the
   training photos and refitted on all of them: carnet's own solver (``carnet.training.head_fit``), i.e. what the
   head phase starts from. The seed only changes the folds. Validation figure: CV accuracy at the chosen L2.
+* ``headfit``: the strongest cheap baseline, what a user could run instead of carnet: carnet's own head fit
+  (``carnet.training.head_fit.fit_head``) on the frozen features of **all** training photos, in the evaluation view
+  plus ``--headfit-views`` (4) augmented views of each (``--augment``, carnet's ``light``), L2 by 5-fold
+  cross-validation over photos. No validation figure.
 * ``finetune``: the plain baseline a reader would write, in plain PyTorch (no Lightning, no carnet training code):
   all layers, AdamW (lr 3e-4, weight decay 0.01), OneCycleLR, 8 epochs, batch 32, torchvision
   RandomResizedCrop (scale 0.5-1) + horizontal flip, on all training photos; the final weights. No validation.
@@ -27,6 +31,14 @@ key names (.safetensors or .pth): nothing is downloaded. For each seed, every me
   ``python predict.py ckpt=<last phase>.ckpt tta=false`` and ``tta=true``. carnet holds out 20 % of the training
   photos for validation (``data.val_fraction``; the split follows the seed), so it trains on 80 % of them.
   Validation figure: the last phase's ``best_val_acc`` (summary.json).
+
+* ``--variant NAME OVERRIDE ...``: carnet again with those overrides added (e.g. ``--variant refit refit=true``),
+  a method of its own; ``--variant-repo NAME DIR`` runs it from another checkout (e.g. the main branch). A variant
+  named ``carnet`` with no overrides runs the plain recipe after the others.
+
+The methods of a seed run one after another, so their wall times are measured side by side under the same load;
+the table gives each method's training time (carnet: its commands; the baselines: everything), its whole time with
+test predictions, and that time over the plain fine-tune's, with the load average before each method in the JSON.
 
 Every method's test accuracy is reported plain and with TTA (original + horizontal flip, probabilities averaged):
 the probe and the fine-tune see test photos in carnet's evaluation view, as predict.py shows them to carnet's

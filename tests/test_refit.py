@@ -93,3 +93,24 @@ def phases_photos(run_dir: str) -> int:
     """Every photo of a selection run: those that trained and those that validated."""
     summary = read_summary(run_dir)
     return summary.num_train + summary.num_val
+
+
+def test_at_kaggle_scale_the_refit_plans_a_quarter_more_steps_and_the_head_fit_a_tenth_of_its_phase() -> None:
+    """The competition: 12,449 photos train and 3,112 validate; a refit trains on all 15,561. Per phase, the steps
+    the selection run plans and the most its refit can take (its whole plan, when the last epoch was the best);
+    the head fit's forward passes (``head_fit.max_images``) against those of its phase's epoch."""
+    from carnet.training.budget import plan_budget
+    from carnet.training.head_fit import plan_images
+
+    planned = {}
+    for phase in ("head", "unfreeze_half", "unfreeze_3q", "unfreeze_all", "finetune_448"):
+        selection, refit = compose_cfg([f"phase={phase}"]), compose_cfg([f"phase={phase}"])
+        batch = selection.data.batch_size
+        planned[phase] = (plan_budget(selection, 12_449, batch)["planned_steps"],
+                          plan_budget(refit, 15_561, batch)["planned_steps"])
+    assert planned["head"] == (389, 486)
+    assert planned["unfreeze_half"] == planned["unfreeze_3q"] == planned["unfreeze_all"] == (1945, 2430)
+    assert planned["finetune_448"] == (1167, 1458)
+    cfg = compose_cfg(["phase=head"])
+    photos, views = plan_images(12_449, cfg.head_fit.views, cfg.head_fit.max_images)
+    assert photos * views <= 0.1 * (12_449 + 3_112)  # the head phase's one epoch: every photo trained + validated
