@@ -18,7 +18,7 @@ from carnet.training.pipeline import run_pipeline
 from carnet.training.refit import REFIT_DIR, refit_steps
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
-from tests.helpers.overrides import ONE_BATCH, TINY
+from tests.helpers.overrides import TINY
 
 
 def test_a_refit_repeats_the_share_of_its_plan_at_which_its_selection_was_best() -> None:
@@ -69,10 +69,11 @@ def test_a_refit_of_an_unfinished_run_is_refused_in_one_line(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_the_pipeline_skips_after_a_kept_start_and_refits_the_chain(tiny_data: Path, tmp_path: Path) -> None:
-    """unfreeze_half at lr 0 keeps its start, so unfreeze_3q is skipped (it hands that start on); the refit chain
-    fits the head again on every photo and hands it on through the phases that took no step."""
+    """unfreeze_half at lr 0 (BatchNorm frozen) keeps its start, so unfreeze_3q is skipped (it hands that start
+    on); the refit chain fits the head again on every photo and hands it on through the phases that took no step."""
     folder = tmp_path / "pipe"
-    run_pipeline([f"data.root={tiny_data}", *ONE_BATCH, "head_fit.views=0", f"paths.output_dir={tmp_path}",
+    run_pipeline([f"data.root={tiny_data}", *TINY, "data.verify=false", "trainer.num_sanity_val_steps=0",
+                  "head_fit.views=0", f"paths.output_dir={tmp_path}",
                   "refit=true", "pipeline.skip_after_kept_start=true", "unfreeze_half:optimizer.lr=0"],
                  ["head", "unfreeze_half", "unfreeze_3q"], console=Console(file=io.StringIO()), folder=folder)
     report = json.loads((folder / "pipeline.json").read_text())
