@@ -1,9 +1,9 @@
 """Accuracy on real photos: carnet's fine-tuning recipe against a linear probe and a plain PyTorch fine-tune.
 
     python benchmarks/accuracy.py --data DIR --weights FILE [--model tf_efficientnet_lite0] [--seeds 0 1 2]
-        [--methods probe finetune carnet] [--phases head,unfreeze_half,...] [--via phases|pipeline]
+        [--methods probe headfit finetune carnet] [--phases head,unfreeze_half,...] [--via phases|pipeline]
         [--image-size 224] [--out outputs/accuracy] [--threads N] [--device cpu|cuda|auto]
-        [--carnet-args OVERRIDE ... | PHASE:OVERRIDE ...]
+        [--carnet-args OVERRIDE ... | PHASE:OVERRIDE ...] [--variant NAME OVERRIDE ... [--variant-repo NAME DIR]]
 
 e.g. ``python benchmarks/accuracy.py --data ../shared/data/adsdev_fewshot
 --weights ../shared/weights/tf_efficientnet_lite0.in1k.safetensors --out outputs/accuracy/fewshot``
@@ -19,6 +19,10 @@ key names (.safetensors or .pth): nothing is downloaded. For each seed, every me
   logistic regression by full-batch L-BFGS with the L2 strength chosen by 5-fold cross-validation on the
   training photos and refitted on all of them: carnet's own solver (``carnet.training.head_fit``), i.e. what the
   head phase starts from. The seed only changes the folds. Validation figure: CV accuracy at the chosen L2.
+* ``headfit``: the strongest cheap baseline, what a user could run instead of carnet: carnet's own head fit
+  (``carnet.training.head_fit.fit_head``) on the frozen features of **all** training photos, in the evaluation view
+  plus ``--headfit-views`` (4) augmented views of each (``--augment``, carnet's ``light``), L2 by 5-fold
+  cross-validation over photos. No validation figure.
 * ``finetune``: the plain baseline a reader would write, in plain PyTorch (no Lightning, no carnet training code):
   all layers, AdamW (lr 3e-4, weight decay 0.01), OneCycleLR, 8 epochs, batch 32, torchvision
   RandomResizedCrop (scale 0.5-1) + horizontal flip, on all training photos; the final weights. No validation.
@@ -27,6 +31,14 @@ key names (.safetensors or .pth): nothing is downloaded. For each seed, every me
   ``python predict.py ckpt=<last phase>.ckpt tta=false`` and ``tta=true``. carnet holds out 20 % of the training
   photos for validation (``data.val_fraction``; the split follows the seed), so it trains on 80 % of them.
   Validation figure: the last phase's ``best_val_acc`` (summary.json).
+
+* ``--variant NAME OVERRIDE ...``: carnet again with those overrides added (e.g. ``--variant refit refit=true``),
+  a method of its own; ``--variant-repo NAME DIR`` runs it from another checkout (e.g. the main branch). A variant
+  named ``carnet`` with no overrides runs the plain recipe after the others.
+
+The methods of a seed run one after another, so their wall times are measured side by side under the same load;
+the table gives each method's training time (carnet: its commands; the baselines: everything), its whole time with
+test predictions, and that time over the plain fine-tune's, with the load average before each method in the JSON.
 
 Every method's test accuracy is reported plain and with TTA (original + horizontal flip, probabilities averaged):
 the probe and the fine-tune see test photos in carnet's evaluation view, as predict.py shows them to carnet's
@@ -51,6 +63,7 @@ GPU (``--device auto`` picks it), or start with ``--seeds 0 --methods probe fine
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -83,14 +96,15 @@ from torchvision.transforms import v2  # noqa: E402
 from carnet.config import config_dir  # noqa: E402
 from carnet.data.decode import decode_image  # noqa: E402
 from carnet.data.layout import read_test, scan_train  # noqa: E402
-from carnet.data.transforms import build_eval_transform  # noqa: E402
+from carnet.data.transforms import build_eval_transform, build_train_transform  # noqa: E402
 from carnet.summary import read_summary  # noqa: E402
-from carnet.training.head_fit import choose_l2, fit_logistic, photo_folds, single_thread  # noqa: E402
+from carnet.training.head_fit import choose_l2, fit_head, fit_logistic, photo_folds, single_thread  # noqa: E402
 from carnet.training.pipeline import phase_order, split_overrides  # noqa: E402
 
-METHODS = ("probe", "finetune", "carnet")
+METHODS = ("probe", "headfit", "finetune", "carnet")
 SUMMARY_KEYS = ("best_val_acc", "best_val_loss", "best_epoch", "start_val_acc", "start_val_loss", "kept_start",
-                "seconds", "max_epochs", "planned_steps", "status")
+                "seconds", "max_epochs", "steps_per_epoch", "planned_steps", "taken_steps", "stopped_early",
+                "trained_on", "status")
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -159,11 +173,34 @@ def train_view(data_config: dict[str, Any], image_size: int) -> v2.Compose:
     ])
 
 
+class AugmentedView(EvalView):
+    """One of carnet's training views (conf/augment/<augment>.yaml, albumentations, as ``head_fit`` draws them),
+    normalised like :class:`EvalView`. ``compose`` is reseeded in each loader worker (:func:`_seed_views`)."""
+
+    def __init__(self, data_config: dict[str, Any], image_size: int, augment: str, seed: int) -> None:
+        super().__init__(data_config, image_size)
+        steps = OmegaConf.create({"image_size": image_size, "augment": OmegaConf.load(
+            config_dir() / "augment" / f"{augment}.yaml")})
+        self.transform = build_train_transform(OmegaConf.to_container(steps.augment.train, resolve=True), image_size,
+                                               data_config.get("interpolation", "bicubic"),
+                                               float(data_config.get("crop_pct", 1.0)))
+        self.transform.set_random_seed(seed)
+
+
+def _seed_views(worker_id: int) -> None:
+    """Each loader worker draws its own augmentations (forked workers would replay the parent's stream)."""
+    info = torch.utils.data.get_worker_info()
+    view = getattr(info.dataset, "transform", None)
+    if isinstance(view, AugmentedView):
+        view.transform.set_random_seed(info.seed % 2**32)
+
+
 def loader(dataset: Dataset, args: argparse.Namespace, shuffle: bool = False, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     drop_last = shuffle and len(dataset) % args.batch_size == 1  # a batch of one breaks BatchNorm in training
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers,
-                      generator=generator, drop_last=drop_last, persistent_workers=False)
+                      generator=generator, drop_last=drop_last, persistent_workers=False,
+                      worker_init_fn=_seed_views)
 
 
 # --- models -------------------------------------------------------------------------------------------------------
@@ -200,16 +237,18 @@ def autocast(device: torch.device) -> torch.autocast:
 
 
 @torch.no_grad()
-def predict_views(net: nn.Module, data: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs of ``net`` for the original and the mirrored view of every image (float32, on the CPU)."""
+def predict_views(net: nn.Module, data: DataLoader, device: torch.device,
+                  flip: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Outputs of ``net`` for the original and (``flip``) the mirrored view of every image (float32, on the CPU)."""
     net.eval()
     plain, flipped = [], []
     for images, _ in data:
         images = images.to(device, non_blocking=True)
         with autocast(device):
             plain.append(net(images).float().cpu())
-            flipped.append(net(images.flip(-1)).float().cpu())
-    return torch.cat(plain), torch.cat(flipped)
+            if flip:
+                flipped.append(net(images.flip(-1)).float().cpu())
+    return torch.cat(plain), torch.cat(flipped) if flip else None
 
 
 def accuracy(probs: torch.Tensor, labels: np.ndarray) -> float:
@@ -255,6 +294,36 @@ def run_probe(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict[
     labels = np.asarray(ctx["test_labels"])
     return {"test_acc": accuracy(plain, labels), "test_acc_tta": accuracy((plain + probs(xt_flip)) / 2, labels),
             "val_acc": cv_acc, "l2": l2, "cv_loss": losses.get(l2), "train_photos": len(y)}
+
+
+def run_headfit(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The strongest cheap baseline, what a user could run instead of carnet: carnet's own head fit
+    (``carnet.training.head_fit.fit_head``: standardised features, L2 by cross-validation over photos, refitted on all)
+    on the frozen features of **all** training photos, in the evaluation view plus ``--headfit-views`` augmented
+    views of each (carnet's ``augment`` pipeline, as ``head_fit`` draws them)."""
+    device, num_classes = ctx["device"], len(ctx["class_names"])
+    net = load_backbone(args.model, args.weights).to(device)
+    config = data_config_of(net, args.image_size)
+    views = [EvalView(config, args.image_size)] + [AugmentedView(config, args.image_size, args.augment,
+                                                                 seed * 1000 + v) for v in range(args.headfit_views)]
+    rows, labels, groups = [], [], []
+    for i, view in enumerate(views):
+        x, _ = predict_views(net, loader(Photos(ctx["train_paths"], ctx["train_labels"], view), args, seed=seed + i),
+                             device, flip=False)
+        rows.append(x)
+        labels.append(torch.as_tensor(ctx["train_labels"]))
+        groups.append(np.arange(len(x)))
+    x, y, groups = torch.cat(rows), torch.cat(labels), np.concatenate(groups)
+    started = time.perf_counter()
+    weight, bias, info = fit_head(x, y, groups, num_classes)
+    solver_seconds = time.perf_counter() - started
+    view = EvalView(config, args.image_size)
+    xt, xt_flip = predict_views(net, loader(Photos(ctx["test_paths"], ctx["test_labels"], view), args), device)
+    plain, flipped = (xt @ weight.t() + bias).softmax(1), (xt_flip @ weight.t() + bias).softmax(1)
+    labels_t = np.asarray(ctx["test_labels"])
+    return {"test_acc": accuracy(plain, labels_t), "test_acc_tta": accuracy((plain + flipped) / 2, labels_t),
+            "val_acc": None, "train_photos": len(ctx["train_labels"]), "views": len(views),
+            "solver_seconds": round(solver_seconds, 1), **info}
 
 
 def run_finetune(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -323,16 +392,17 @@ def shell_word(arg: str) -> str:
     return f'"{arg}"'
 
 
-def run_command(command: list[str], log: Path, env: dict[str, str]) -> tuple[str, float]:
-    """Run one carnet command from the repository root, its output to ``log``; stop with its tail if it fails."""
+def run_command(command: list[str], log: Path, env: dict[str, str], repo: Path = REPO) -> tuple[str, float]:
+    """Run one carnet command from the root of the checkout ``repo``, its output to ``log``; stop with its tail if
+    it fails."""
     script = Path(command[1])
-    shown = " ".join(shell_word(c) for c in ["python", str(script.relative_to(REPO)) if script.is_absolute()
+    shown = " ".join(shell_word(c) for c in ["python", str(script.relative_to(repo)) if script.is_absolute()
                                              else command[1], *command[2:]])
     print(f"  $ {shown}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.call(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        code = subprocess.call(command, cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT)
     if code != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
         raise SystemExit(f"{tail}\ncommand failed (exit {code}), full output in {log}:\n{shown}")
@@ -348,55 +418,77 @@ def submission_accuracy(path: Path, ctx: dict[str, Any]) -> float:
     return float((merged.Category == merged.Category_predicted.astype(int)).mean())
 
 
-def run_carnet(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """carnet's phases as subprocesses, then predict.py plain and with TTA; per-phase results from summary.json."""
-    out = args.out / str(seed)
+def phase_rows(run_dirs: dict[str, Path], phases: Sequence[str]) -> list[dict[str, Any]]:
+    """summary.json facts of each phase run that exists (a pipeline may skip phases)."""
+    rows = []
+    for phase in phases:
+        path = run_dirs.get(phase)
+        summary = read_summary(path, missing_ok=True) if path is not None else None
+        if summary is None:
+            rows.append({"phase": phase, "run_dir": None, "skipped": True})
+            continue
+        rows.append({"phase": phase, "run_dir": str(path), **{k: getattr(summary, k) for k in SUMMARY_KEYS}})
+    return rows
+
+
+def run_carnet(seed: int, ctx: dict[str, Any], args: argparse.Namespace, name: str = "carnet") -> dict[str, Any]:
+    """carnet's phases as subprocesses, then predict.py plain and with TTA; per-phase results from summary.json.
+
+    ``name`` is ``carnet`` or a ``--variant``: its own overrides, and its own checkout with ``--variant-repo``."""
+    repo = args.variant_repos.get(name, REPO)
+    out = args.out / str(seed) / name
     phases_dir = out / "phases"
     for phase in args.phases:  # a stale hand-off from an earlier benchmark must never be picked up
         (phases_dir / f"{phase}.ckpt").unlink(missing_ok=True)
     (phases_dir / "pipeline.json").unlink(missing_ok=True)
     common, extra = carnet_overrides(seed, out, ctx, args)
+    extra = [*extra, *args.variants.get(name, [])]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1", **ctx["thread_env"]}
     commands, seconds = [], {}
+    refit_rows: list[dict[str, Any]] = []
+    final: str | None = None
     if args.via == "pipeline":
         shutil.rmtree(out / "pipeline", ignore_errors=True)  # the pipeline keeps runs and hand-offs in --dir
         command = [sys.executable, "-m", "carnet.training.pipeline", "--dir", str(out / "pipeline"), "--phases",
                    ",".join(args.phases), *common, *extra]
-        shown, seconds["pipeline"] = run_command(command, out / "logs" / "pipeline.log", env)
+        shown, seconds["pipeline"] = run_command(command, out / "logs" / "pipeline.log", env, repo)
         commands.append(shown)
-        run_dirs = {row["phase"]: Path(row["run_dir"])
-                    for row in json.loads((out / "pipeline" / "pipeline.json").read_text())["phases"]}
+        report = json.loads((out / "pipeline" / "pipeline.json").read_text())
+        run_dirs = {row["phase"]: Path(row["run_dir"]) for row in report["phases"] if row.get("run_dir")}
+        refit_dirs = {row["phase"]: Path(row["run_dir"]) for row in report.get("refit", []) if row.get("run_dir")}
+        refit_rows = phase_rows(refit_dirs, list(refit_dirs))
+        final = report.get("final_checkpoint")
     else:
         everywhere, per_phase = split_overrides(extra, args.phases)
         run_dirs = {}
         for phase in args.phases:
             run_dirs[phase] = out / phase
             shutil.rmtree(run_dirs[phase], ignore_errors=True)
-            command = [sys.executable, str(REPO / "train.py"), f"phase={phase}", *common, *everywhere,
+            command = [sys.executable, str(repo / "train.py"), f"phase={phase}", *common, *everywhere,
                        *per_phase[phase], f"hydra.run.dir={run_dirs[phase]}"]
-            shown, seconds[phase] = run_command(command, out / "logs" / f"{phase}.log", env)
+            shown, seconds[phase] = run_command(command, out / "logs" / f"{phase}.log", env, repo)
             commands.append(shown)
-    phases = []
-    for phase in args.phases:
-        summary = read_summary(run_dirs[phase])
-        phases.append({"phase": phase, "run_dir": str(run_dirs[phase]),
-                       **{k: getattr(summary, k) for k in SUMMARY_KEYS}})
-    last = args.phases[-1]
-    checkpoint = read_summary(run_dirs[last]).phase_checkpoint or str(phases_dir / f"{last}.ckpt")
-    result = {"val_acc": phases[-1]["best_val_acc"], "phases": phases, "checkpoint": checkpoint}
+    phases = phase_rows(run_dirs, args.phases)
+    ran = [p for p in phases if not p.get("skipped")]
+    if final is None:
+        last = ran[-1]
+        final = read_summary(last["run_dir"]).phase_checkpoint or str(phases_dir / f"{last['phase']}.ckpt")
+    result = {"val_acc": ran[-1]["best_val_acc"], "phases": phases, "refit": refit_rows, "checkpoint": final,
+              "train_seconds": round(sum(seconds.values()), 1)}
     device = "cuda" if ctx["device"].type == "cuda" else "cpu"
     for key, tta in (("test_acc", "false"), ("test_acc_tta", "true")):
         submission = out / "predict" / ("tta" if tta == "true" else "plain") / "submission.csv"
-        command = [sys.executable, str(REPO / "predict.py"), f"ckpt={checkpoint}", f"out={submission}",
+        command = [sys.executable, str(repo / "predict.py"), f"ckpt={final}", f"out={submission}",
                    f"data.root={args.data}", f"tta={tta}", f"device={device}"]
-        shown, seconds[f"predict_tta_{tta}"] = run_command(command, out / "logs" / f"predict_tta_{tta}.log", env)
+        shown, seconds[f"predict_tta_{tta}"] = run_command(command, out / "logs" / f"predict_tta_{tta}.log", env,
+                                                           repo)
         commands.append(shown)
         result[key] = submission_accuracy(submission, ctx)
     return {**result, "commands": commands, "command_seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
 RUNNERS: dict[str, Callable[[int, dict[str, Any], argparse.Namespace], dict[str, Any]]] = {
-    "probe": run_probe, "finetune": run_finetune, "carnet": run_carnet}
+    "probe": run_probe, "headfit": run_headfit, "finetune": run_finetune, "carnet": run_carnet}
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -417,16 +509,26 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
-VAL_SOURCE = {"probe": "5-fold CV on train", "finetune": "—", "carnet": "last phase's best_val_acc (20 % held out)"}
+VAL_SOURCE = {"probe": "5-fold CV on train", "headfit": "—", "finetune": "—"}
+CARNET_VAL = "last phase's best_val_acc (20 % held out)"
 
 
-def method_table(runs: dict[str, list[dict[str, Any]]]) -> str:
+def method_table(runs: dict[str, list[dict[str, Any]]], reference_method: str = "finetune") -> str:
+    """Accuracy and wall time per method. ``train s`` is training alone (carnet: its train.py or pipeline commands,
+    the baselines: everything but scoring the test photos is not separated, so their whole time); ``s`` the whole
+    method with test predictions; ``× ref`` the whole time over ``reference_method``'s, both measured in this run."""
+    ref = runs.get(reference_method)
+    ref_seconds = statistics.mean(r["seconds"] for r in ref) if ref else None
     rows = []
     for method, results in runs.items():
+        seconds = statistics.mean(r["seconds"] for r in results)
+        train = [r.get("train_seconds", r["seconds"]) for r in results]
         rows.append([method, str(len(results)), spread([r["test_acc"] for r in results]),
                      spread([r["test_acc_tta"] for r in results]), spread([r["val_acc"] for r in results]),
-                     VAL_SOURCE[method], f"{statistics.mean(r['seconds'] for r in results):.0f}"])
-    return markdown(["method", "seeds", "test acc", "test acc (TTA)", "val acc", "val from", "s/seed"], rows)
+                     VAL_SOURCE.get(method, CARNET_VAL), f"{statistics.mean(train):.0f}", f"{seconds:.0f}",
+                     f"{seconds / ref_seconds:.2f}" if ref_seconds else "—"])
+    return markdown(["method", "seeds", "test acc", "test acc (TTA)", "val acc", "val from", "train s/seed",
+                     "s/seed", f"× {reference_method}"], rows)
 
 
 def reference(now: dict[str, Any], before: dict[str, Any] | None, key: str) -> float | None:
@@ -443,35 +545,69 @@ def no_worse(value: float | None, ref: float | None, higher: bool) -> bool:
 
 
 def phase_table(results: list[dict[str, Any]]) -> str:
-    """Per phase over seeds: validation accuracy and loss, and in how many seeds the phase ended at least as good
-    as the one before it (the first phase: as its own start)."""
+    """Per phase over seeds: validation accuracy and loss, in how many seeds the phase ended at least as good as the
+    one before it (the first phase: as its own start), kept its start, or was skipped by the pipeline; planned and
+    taken optimizer steps."""
     rows = []
     for i, phase in enumerate(r["phase"] for r in results[0]["phases"]):
-        pairs = [(r["phases"][i], r["phases"][i - 1] if i else None) for r in results]
-        now = [n for n, _ in pairs]
-        acc_ok = sum(no_worse(n["best_val_acc"], reference(n, b, "val_acc"), True) for n, b in pairs)
-        loss_ok = sum(no_worse(n["best_val_loss"], reference(n, b, "val_loss"), False) for n, b in pairs)
+        pairs = []
+        for r in results:
+            before = [p for p in r["phases"][:i] if not p.get("skipped")]
+            pairs.append((r["phases"][i], before[-1] if before else None))
+        now = [n for n, _ in pairs if not n.get("skipped")]
+        ran = [(n, b) for n, b in pairs if not n.get("skipped")]
+        acc_ok = sum(no_worse(n["best_val_acc"], reference(n, b, "val_acc"), True) for n, b in ran)
+        loss_ok = sum(no_worse(n["best_val_loss"], reference(n, b, "val_loss"), False) for n, b in ran)
         rows.append([phase, spread([n["best_val_acc"] for n in now]), spread([n["best_val_loss"] for n in now]),
                      f"{acc_ok}/{len(now)}", f"{loss_ok}/{len(now)}",
-                     f"{sum(bool(n['kept_start']) for n in now)}/{len(now)}",
-                     spread([n["planned_steps"] for n in now], 0), spread([n["seconds"] for n in now], 0)])
-    return markdown(["phase", "val acc", "val loss", "acc ≥ previous", "loss ≤ previous", "kept start",
-                     "planned steps", "s"], rows)
+                     f"{sum(bool(n.get('kept_start')) for n in now)}/{len(now)}",
+                     f"{len(pairs) - len(now)}/{len(pairs)}",
+                     spread([n.get("planned_steps") for n in now], 0), spread([n.get("taken_steps") for n in now], 0),
+                     spread([n.get("seconds") for n in now], 0)])
+    return markdown(["phase", "val acc", "val loss", "acc ≥ previous", "loss ≤ previous", "kept start", "skipped",
+                     "planned steps", "taken steps", "s"], rows)
+
+
+def refit_table(results: list[dict[str, Any]]) -> str:
+    """The refit runs (every photo, no validation): per phase, over seeds, the steps taken and the time."""
+    phases = list(dict.fromkeys(p["phase"] for r in results for p in r.get("refit", [])))
+    rows = []
+    for phase in phases:
+        now = [p for r in results for p in r.get("refit", []) if p["phase"] == phase and not p.get("skipped")]
+        rows.append([phase, str(len(now)), spread([n.get("taken_steps") for n in now], 0),
+                     spread([n.get("seconds") for n in now], 0)])
+    return markdown(["refit phase", "runs", "taken steps", "s"], rows)
 
 
 def report(runs: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> str:
     text = [f"# Accuracy on {meta['data']}", "",
             f"{meta['model']} from {meta['weights']}, {meta['image_size']} px, seeds {meta['seeds']}, "
-            f"device {meta['device']}; test photos: {meta['test_photos']}, training photos: {meta['train_photos']}.",
-            "", method_table(runs)]
-    if runs.get("carnet"):
-        text += ["", f"carnet per phase ({meta['via']}): validation over seeds; 'previous' is the phase before (the "
-                     "first phase: its own start); s is the run's own time from summary.json, without start-up.", "",
-                 phase_table(runs["carnet"])]
+            f"device {meta['device']}, {meta.get('threads')} threads; test photos: {meta['test_photos']}, training "
+            f"photos: {meta['train_photos']}.", "", method_table(runs)]
+    for method, results in runs.items():
+        if not results or "phases" not in results[0]:
+            continue
+        text += ["", f"{method} per phase ({meta['via']}, overrides {meta.get('variants', {}).get(method, [])}): "
+                     "validation over seeds; 'previous' is the phase before (the first phase: its own start); s is "
+                     "the run's own time from summary.json, without start-up.", "", phase_table(results)]
+        if any(r.get("refit") for r in results):
+            text += ["", refit_table(results)]
     return "\n".join(text) + "\n"
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
+
+def git_commit(repo: Path) -> str | None:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes), to say what was measured."""
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -496,12 +632,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ft-weight-decay", type=float, default=0.01)
     ap.add_argument("--carnet-args", nargs="+", action="extend", default=[], metavar="OVERRIDE",
                     help="Hydra overrides for every carnet phase, or PHASE:key=value for one phase")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                    help="another carnet recipe, run like carnet with these overrides added (e.g. --variant ema "
+                         "ema.decay=0.99); each is a method of its own, run after --methods for every seed")
+    ap.add_argument("--variant-repo", nargs=2, action="append", default=[], metavar=("NAME", "DIR"),
+                    help="run variant NAME (or carnet) from another checkout of carnet, e.g. the main branch")
+    ap.add_argument("--augment", default="light", help="conf/augment option of headfit's augmented views")
+    ap.add_argument("--headfit-views", type=int, default=4, help="headfit's augmented views of each photo "
+                    "(head_fit.views' default)")
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     args = ap.parse_args(argv)
     args.phases = [p for p in args.phases.split(",") if p]
     known = sorted(p.stem for p in (config_dir() / "phase").glob("*.yaml"))
     if unknown := [p for p in args.phases if p not in known]:
         ap.error(f"--phases: unknown phase(s) {unknown}; conf/phase has {known}")
+    args.variants = {name: overrides for name, *overrides in args.variant}
+    args.variant_repos = {name: Path(repo).resolve() for name, repo in args.variant_repo}
+    if clash := [n for n in args.variants if n in METHODS and n != "carnet"]:
+        ap.error(f"--variant: {clash} are baseline names")
+    if unknown := [n for n in args.variant_repos if n not in args.variants and n != "carnet"]:
+        ap.error(f"--variant-repo: no --variant named {unknown}")
     args.data, args.weights, args.out = args.data.resolve(), args.weights.resolve(), args.out.resolve()
     if not args.weights.is_file():
         ap.error(f"--weights {args.weights}: file not found")
@@ -549,18 +699,24 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__, "timm": timm.__version__, "train_photos": len(train),
             "test_photos": len(test), "class_names": class_names,
             "finetune": {"epochs": args.ft_epochs, "lr": args.ft_lr, "weight_decay": args.ft_weight_decay,
-                         "batch_size": args.batch_size}}
+                         "batch_size": args.batch_size},
+            "variants": args.variants, "variant_repos": {k: str(v) for k, v in args.variant_repos.items()},
+            "commit": git_commit(REPO)}
     print(f"{args.model} on {args.data}: {len(train)} training / {len(test)} test photos, {len(class_names)} "
           f"classes, device {device}, torch threads {torch.get_num_threads()}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+    methods = [*args.methods, *(v for v in args.variants if v not in args.methods)]
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     started = time.time()
     for seed in args.seeds:
-        for method in args.methods:
+        for method in methods:  # interleaved seed by seed: the methods of a seed share the machine's load
             print(f"seed {seed}: {method}", flush=True)
+            runner = RUNNERS.get(method) or functools.partial(run_carnet, name=method)
+            load = os.getloadavg()[0]
             t0 = time.perf_counter()
-            result = RUNNERS[method](seed, ctx, args)
-            runs[method].append({"seed": seed, **result, "seconds": round(time.perf_counter() - t0, 1)})
+            result = runner(seed, ctx, args)
+            runs[method].append({"seed": seed, **result, "seconds": round(time.perf_counter() - t0, 1),
+                                 "load_before": round(load, 1), "load_after": round(os.getloadavg()[0], 1)})
             print(f"seed {seed}: {method}: test acc {result['test_acc']:.4f}, TTA {result['test_acc_tta']:.4f}, "
                   f"{runs[method][-1]['seconds']:.0f} s", flush=True)
             meta["seconds"] = round(time.time() - started, 1)

@@ -73,6 +73,11 @@ class PhaseError(CarnetError):
     message says what to do."""
 
 
+class RefitError(CarnetError):
+    """A refit cannot follow its selection run (missing, unfinished, or not a run), or ``refit=true`` was asked
+    where it cannot apply (a single phase run)."""
+
+
 class NonFiniteError(CarnetError):
     """Training diverged: a loss or a weight is NaN or infinite."""
 

@@ -27,7 +27,9 @@ from carnet.artifacts import write_json
 from carnet.errors import SummaryError
 
 SUMMARY_FILE = "summary.json"
-SUMMARY_VERSION = "2.0"  # 2.0: epochs from 1, start and end times, max_val_acc; 1.0: the files without a version
+# 2.1: taken_steps, stopped_early, trained_on, refit_from, refit_steps; 2.0: epochs from 1, start and end times,
+# max_val_acc; 1.0: the files without a version
+SUMMARY_VERSION = "2.1"
 Status = Literal["running", "completed", "failed", "interrupted"]  # docs/architecture.md "How a run ends"
 
 
@@ -68,6 +70,8 @@ class RunSummary:
     max_epochs: int | None = None
     steps_per_epoch: int | None = None
     planned_steps: int | None = None
+    taken_steps: int | None = None
+    stopped_early: bool | None = None
     resolved: dict[str, Any] | None = None
     # The data.
     data_root: str | None = None
@@ -91,6 +95,10 @@ class RunSummary:
     start_val_acc_at_image_size: float | None = None
     unfrozen_fraction: float | None = None
     head_fit: dict[str, Any] | None = None
+    # Which photos trained the weights the run ends with (`refit`, carnet.training.refit).
+    trained_on: str | None = None
+    refit_from: str | None = None
+    refit_steps: int | None = None
     # tune=lr_find: what the learning-rate finder found (its curve is in lr_find.json).
     tune: dict[str, Any] | None = None
     # Keys of a newer minor version, kept as they were; never a key of the file itself.

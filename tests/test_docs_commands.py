@@ -63,6 +63,11 @@ NOT_RUN = {
     "hydra.launcher.max_num_timeout=5 ...": "needs a SLURM cluster",
     "tensorboard --logdir multirun/2026-11-30/10-00-00.000000": "a UI server that runs until stopped",
     "mlflow ui --backend-store-uri outputs/DATE/TIME/mlruns": "a UI server that runs until stopped",
+    "python benchmarks/accuracy.py --data adsdev_fewshot --weights tf_efficientnet_lite0.safetensors --seeds 0 "
+    "--methods headfit finetune --phases head,unfreeze_half,unfreeze_3q,unfreeze_all --via pipeline --variant "
+    "refit_stop refit=true pipeline.skip_after_kept_start=true early_stop.patience_steps=10 --variant carnet "
+    "--threads 2 --device cpu": "needs real photos and ImageNet weights; tests/test_accuracy_benchmark.py runs the "
+                                "benchmark on tiny data",
     # carnet-inspect (docs/inspection.md) and the file it writes for data.corrections
     "carnet-inspect outputs/demo": INSPECTED,
     "carnet-inspect outputs/2026-12-02/10-00-00.000000": INSPECTED,
@@ -217,7 +222,9 @@ def test_every_documented_command_parses(command: Command, monkeypatch: pytest.M
     program, args = words[0], words[1:]
     if program == "python" and args[0] in ENTRY_POINTS:
         program, args = ENTRY_POINTS[args[0]], args[1:]
-    if program == "carnet-train":
+    if program == "python" and re.fullmatch(r"benchmarks/\w+\.py", args[0]):  # a benchmark's own parser
+        _parse_with_the_tools_parser(args[0].removesuffix(".py").replace("/", "."), args[1:], monkeypatch)
+    elif program == "carnet-train":
         _check_hydra("train", args)
     elif program == "carnet-predict":
         from carnet.inference.predict import quote_tta_option

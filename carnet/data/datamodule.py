@@ -254,10 +254,13 @@ class CarDataModule(pl.LightningDataModule):
             self.set_epoch(self.trainer.current_epoch)
         return self._loader(self._dataset(rows.path, rows.label, transform), shuffle=True)
 
-    def feature_loader(self, augmented: bool, seed: int = 0) -> DataLoader:
+    def feature_loader(self, augmented: bool, seed: int = 0, photos: Sequence[int] | None = None) -> DataLoader:
         """The training photos in order, for computing features once (carnet.training.head_fit): the eval view,
-        or one training view of each drawn with ``seed`` (the same views on every run and DDP rank)."""
+        or one training view of each drawn with ``seed`` (the same views on every run and DDP rank); ``photos``:
+        only these rows of the training photos."""
         rows = self._rows("train")
+        if photos is not None:
+            rows = rows.iloc[list(photos)]
         transform = self.train_transform() if augmented else self.eval_transform()
         transform.set_random_seed(self.seed + seed)
         # Loader workers reseed their views from torch's worker seeds: a seeded generator fixes those too.

@@ -68,7 +68,8 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     if (phase := Phase.from_config(cfg)) is not None:
         callbacks.append(phase)
     if cfg.head_fit.enabled:
-        callbacks.append(HeadFit(views=cfg.head_fit.views, folds=cfg.head_fit.folds))
+        callbacks.append(HeadFit(views=cfg.head_fit.views, folds=cfg.head_fit.folds,
+                                 max_images=cfg.head_fit.max_images, seed=cfg.seed))
     if cfg.ema.decay is not None:
         callbacks.append(EMAWeightAveraging(decay=float(cfg.ema.decay)))
     if cfg.get("unfreeze") is not None:
@@ -79,7 +80,8 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], runtime: Runtime) -> pl.Trainer:
     """The Trainer of ``cfg.trainer`` with carnet's checkpointing, progress bar and loggers, its precision, cudnn
     benchmark and checkpoint writer as ``runtime`` resolved them."""
-    checkpoints = checkpoint_callbacks(run_dir / "checkpoints", cfg.checkpoint.monitor, cfg.checkpoint.mode,
+    monitor = None if cfg.get("refit_from") else cfg.checkpoint.monitor  # a refit validates nothing: its last epoch
+    checkpoints = checkpoint_callbacks(run_dir / "checkpoints", monitor, cfg.checkpoint.mode,
                                        resume_from=cfg.get("resume"))
     callbacks = [*checkpoints, SeedEachEpoch(), ResumeState(resume=cfg.get("resume")), *callbacks]
     # A Rich bar on a terminal (metrics read at Lightning's logging cadence), one line per epoch elsewhere.

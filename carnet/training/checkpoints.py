@@ -69,9 +69,10 @@ class WeightsCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
 
-def checkpoint_callbacks(folder: Path, monitor: str, mode: str, resume_from: str | None = None,
+def checkpoint_callbacks(folder: Path, monitor: str | None, mode: str, resume_from: str | None = None,
                          ) -> list[ModelCheckpoint]:
-    """``best.ckpt`` (:class:`WeightsCheckpoint`) and ``last.ckpt`` in ``folder``."""
+    """``best.ckpt`` (:class:`WeightsCheckpoint`) and ``last.ckpt`` in ``folder``; ``monitor`` None: best.ckpt is
+    the last epoch (a refit, which validates nothing)."""
     best = WeightsCheckpoint(dirpath=folder, filename="best", monitor=monitor, mode=mode, auto_insert_metric_name=False,
                              enable_version_counter=False, resume_from=resume_from)
     # Not `save_last=True`: Lightning 2.6 rewrites last.ckpt only in epochs where the best improved, so it goes

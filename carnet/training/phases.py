@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
 # What pipeline.json lists of each phase run, from its summary.json (carnet.summary.RunSummary's fields).
-PIPELINE_KEYS = ("status", "best_val_acc", "best_epoch", "kept_start", "image_size", "trainable_params")
+PIPELINE_KEYS = ("status", "best_val_acc", "best_epoch", "kept_start", "image_size", "trainable_params",
+                 "planned_steps", "taken_steps", "stopped_early", "trained_on")
 
 
 def phase_checkpoint(phases_dir: str | os.PathLike, phase: str) -> Path:
@@ -120,8 +121,10 @@ class Phase(pl.Callback):
 
     def __init__(self, name: str | None, init_from: str | os.PathLike | None, phases_dir: str | os.PathLike,
                  model_name: str, head: Any, num_classes: int, *, monitor: str, mode: str,
-                 starts_from: str | None = None, resume_from: str | os.PathLike | None = None) -> None:
+                 starts_from: str | None = None, resume_from: str | os.PathLike | None = None,
+                 refit: bool = False) -> None:
         self.name = name
+        self.refit = refit  # a refit (carnet.training.refit) has no validation: no start to judge, its last weights
         self.resume_from = Path(resume_from) if resume_from else None  # the last.ckpt a resumed run continues
         self.phases_dir = Path(phases_dir)
         self.monitor, self.mode = monitor, mode
@@ -156,7 +159,7 @@ class Phase(pl.Callback):
                        or "random weights (model.pretrained=false, no model.weights, no init_from)")
         return cls(cfg.get("phase"), init_from, cfg.paths.phases, cfg.model.name, cfg.head, len(cfg.data.class_names),
                    monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, starts_from=starts_from,
-                   resume_from=cfg.get("resume"))
+                   resume_from=cfg.get("resume"), refit=bool(cfg.get("refit_from")))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
@@ -186,7 +189,7 @@ class Phase(pl.Callback):
         self.init_path = Path(state_dict["init_path"]) if state_dict.get("init_path") else None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.checkpoint_callback is None:
+        if trainer.checkpoint_callback is None or self.refit:
             return
         if trainer.ckpt_path:  # resumed: its start was judged before; into a new folder, its start.ckpt comes along
             previous = self.resume_from.parent / "start.ckpt" if self.resume_from else None
@@ -223,6 +226,8 @@ class Phase(pl.Callback):
         if callback is None or trainer.interrupted or not trainer.is_global_zero:
             return
         best, score = callback.best_model_path, callback.best_model_score
+        if self.refit and not best:  # a refit of a selection that kept its start takes no step: its start it is
+            best = str(save_weights(Path(callback.dirpath) / "best.ckpt", pl_module))
         start = self.start.get(self.monitor)
         if start is not None and (not best or score is None or not better(float(score), start, self.mode)):
             self.kept_start = True  # training never beat the start on validation: the start is the best
@@ -310,16 +315,19 @@ def publish_checkpoint(best: str | os.PathLike, phases_dir: str | os.PathLike, p
     return target
 
 
-def join_phases(runs: list[tuple[str, str | os.PathLike]]) -> tuple[pd.DataFrame, list[tuple[float, str]]]:
+def join_phases(runs: list[tuple[str, str | os.PathLike | None]]) -> tuple[pd.DataFrame, list[tuple[float, str]]]:
     """Metrics of consecutive phase runs on one axis of epochs trained since the pipeline began, and the
     (position, label) of each phase's start.
 
     Each phase's rows start with its start (``phase_epoch`` 0: the weights it began from, as it validated them,
     summary.json's ``start_val_*``), drawn where the previous phase ended. ``kept``: the epoch lies on the way to
     what the phase handed on (its best epoch and those before it); the epochs after it, and every epoch of a phase
-    that handed on its start, were thrown away. ``handed_on``: the phase's best epoch (0: its start)."""
+    that handed on its start, were thrown away. ``handed_on``: the phase's best epoch (0: its start). A phase the
+    pipeline skipped (``run_dir`` None) has no rows."""
     frames, boundaries, offset = [], [], 0
     for phase, run_dir in runs:
+        if run_dir is None:
+            continue
         metrics, summary = read_metrics(run_dir), read_summary(run_dir, missing_ok=True)
         boundaries.append((offset, phase))
         best = summary.best_epoch if summary is not None else None
@@ -390,18 +398,35 @@ def plot_pipeline(joined: pd.DataFrame, boundaries: list[tuple[float, str]], pat
     return fig
 
 
-def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, str | os.PathLike]],
-                          title: str = "") -> Path:
-    """``<phases_dir>/curves.png`` (all phases, boundaries marked) and ``pipeline.json`` (run dirs, results)."""
+def _run_rows(runs: list[tuple[str, str | os.PathLike | None]], skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """pipeline.json's row of each run: its summary's PIPELINE_KEYS, or why the pipeline did not run it."""
+    rows = []
+    for phase, run_dir in runs:
+        if run_dir is None:
+            rows.append({"phase": phase, "run_dir": None, "skipped": skipped.get(phase, True)})
+            continue
+        summary = read_summary(run_dir, missing_ok=True)  # None: the phase never started
+        rows.append({"phase": phase, "run_dir": str(run_dir),
+                     **{key: getattr(summary, key, None) for key in PIPELINE_KEYS}})
+    return rows
+
+
+def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, str | os.PathLike | None]],
+                          title: str = "", skipped: dict[str, str] | None = None,
+                          refit: list[tuple[str, str | os.PathLike | None]] | None = None,
+                          final_checkpoint: str | None = None) -> Path:
+    """``<phases_dir>/curves.png`` (all phases, boundaries marked) and ``pipeline.json`` (run dirs, results; the
+    phases the pipeline skipped, with why; the refit runs and the checkpoint the pipeline ends with)."""
     phases_dir = Path(phases_dir)
     phases_dir.mkdir(parents=True, exist_ok=True)
     joined, boundaries = join_phases(runs)
     if len(joined):
         plot_pipeline(joined, boundaries, phases_dir / "curves.png", title=title or "pipeline")
-    results = []
-    for phase, run_dir in runs:
-        summary = read_summary(run_dir, missing_ok=True)  # None: the phase never started
-        results.append({"phase": phase, "run_dir": str(run_dir),
-                        **{key: getattr(summary, key, None) for key in PIPELINE_KEYS}})
-    write_json(phases_dir / PIPELINE_FILE, {"phases": results})
+    report: dict[str, Any] = {"phases": _run_rows(runs, skipped or {})}
+    if refit:
+        report["refit"] = _run_rows(refit, {p: "takes no step: hands its predecessor's refit on"
+                                            for p, d in refit if d is None})
+    if final_checkpoint:
+        report["final_checkpoint"] = final_checkpoint
+    write_json(phases_dir / PIPELINE_FILE, report)
     return phases_dir / "curves.png"

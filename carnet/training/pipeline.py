@@ -37,6 +37,17 @@ from rich.console import Console
 
 from carnet.config import config_dir
 from carnet.errors import CarnetError, PhaseError
+from carnet.training.chain import (
+    REFIT_FOLDER,
+    final_checkpoint,
+    hand_on,
+    phases_dir_of,
+    refit_command,
+    refit_on,
+    refit_plan,
+    skipped_after,
+    without,
+)
 from carnet.training.phases import PIPELINE_FILE, resolve_init_from, write_pipeline_report
 
 
@@ -112,8 +123,11 @@ def plan_pipeline(overrides: list[str], phases: list[str], folder: str | os.Path
     commands = []
     for i, phase in enumerate(phases, next_index(folder)):
         run_dir = folder / f"{i}-{phase}"
-        commands.append((phase, run_dir, [sys.executable, "-m", "carnet.training.train", f"phase={phase}", *common,
-                                          *hand_off, *per_phase[phase], f"hydra.run.dir={run_dir}"]))
+        # refit is the pipeline's to run once every phase has chosen (carnet.training.chain), not each phase's
+        commands.append((phase, run_dir, [sys.executable, "-m", "carnet.training.train", f"phase={phase}",
+                                          *without(common, "refit", "refit_from"), *hand_off,
+                                          *without(per_phase[phase], "refit", "refit_from"),
+                                          f"hydra.run.dir={run_dir}"]))
     return folder, commands
 
 
@@ -147,7 +161,8 @@ def earlier_runs(folder: Path, phases: list[str]) -> list[tuple[str, Path]]:
     if not path.is_file():
         return []
     rows = json.loads(path.read_text()).get("phases", [])
-    return [(row["phase"], Path(row["run_dir"])) for row in rows if row["phase"] not in phases]
+    return [(row["phase"], Path(row["run_dir"]) if row.get("run_dir") else None) for row in rows
+            if row["phase"] not in phases]
 
 
 def run_phase(command: list[str], env: dict[str, str]) -> int:
@@ -189,19 +204,32 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     unknown = [p for p in phases if p not in available]
     if unknown:
         raise SystemExit(f"--phases: unknown phase(s) {unknown}; conf/phase has {available}")
+    common, per_phase = split_overrides(overrides, phases)
+    settings = compose_common(common)  # refit, pipeline.skip_after_kept_start
     folder, commands = plan_pipeline(overrides, phases, folder)
     check_start(phases, commands[0][2])
+    phases_dir = phases_dir_of(folder, [*common, *(o for extra in per_phase.values() for o in extra)])
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     runs = earlier_runs(folder, phases)
+    skipped: dict[str, str] = {}
     console.print(f"pipeline folder: {folder} (a stopped pipeline continues with --dir {folder} and --phases from "
                   "the phase that stopped)", soft_wrap=True)
     for i, (phase, run_dir, command) in enumerate(commands):
         console.rule(f"[bold]phase {i + 1}/{len(commands)}: {phase}")
+        if phase in skipped:
+            source = next(p for p, d in reversed(runs) if d is not None)
+            hand_on(phases_dir, source, phase)
+            console.print(f"skipped: {skipped[phase]}; hands on {source}'s weights")
+            runs.append((phase, None))
+            write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped)
+            continue
         console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
         runs.append((phase, run_dir))
         code = run_phase(command, env)
-        write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs))
+        write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped)
         if code == 0:
+            for later in skipped_after(phase, run_dir, phases[i + 1:], settings):
+                skipped[later] = f"{phase} kept its start (pipeline.skip_after_kept_start)"
             continue
         resume = f"carnet-pipeline --dir {folder} --phases {','.join(phases[i:])} and the same overrides"
         if (signum := interrupting_signal(code)) is None:
@@ -210,9 +238,48 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
         print(f"pipeline stopped: phase {phase} was interrupted by {signum.name}; its run directory is {run_dir}. "
               f"Continue with: {resume}", file=sys.stderr)
         raise SystemExit(128 + signum)
+    refit_runs = run_refit(folder, runs, common, per_phase, env, console) if refit_on(settings) else None
+    final = final_checkpoint(phases_dir, folder / REFIT_FOLDER if refit_runs else None, runs[-1][0])
+    write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped, refit=refit_runs,
+                          final_checkpoint=final)
     console.rule("[bold]pipeline done")
+    console.print(f"final weights: {final}" + (" (refitted on every photo)" if refit_runs else ""))
     console.print(f"{folder / PIPELINE_FILE}, {folder / 'curves.png'}; runs and hand-offs (phases/) in {folder}")
     return folder
+
+
+def run_refit(folder: Path, runs: list[tuple[str, Path | None]], common: list[str],
+              per_phase: dict[str, list[str]], env: dict[str, str], console: Console) -> list[tuple[str, Path | None]]:
+    """The chain again on every photo, each phase for the length its selection run chose
+    (carnet.training.chain); a failed or interrupted refit stops the pipeline as a failed phase does."""
+    refit_phases = folder / REFIT_FOLDER
+    done: list[tuple[str, Path | None]] = []
+    plan = refit_plan(runs)
+    for i, (phase, selection) in enumerate(plan):
+        console.rule(f"[bold]refit {i + 1}/{len(plan)}: {phase} on every photo")
+        if selection is None:
+            if not done:
+                raise SystemExit(f"pipeline stopped: the refit of {phase} has no predecessor to hand on")
+            hand_on(refit_phases, done[-1][0], phase)
+            console.print("takes no step (its selection run kept its start, or was skipped): hands on the refit of "
+                          f"{done[-1][0]}")
+            done.append((phase, None))
+            continue
+        run_dir = folder / f"{next_index(folder)}-refit-{phase}"
+        command = refit_command(phase, selection, run_dir, refit_phases, common, per_phase.get(phase, []))
+        console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
+        done.append((phase, run_dir))
+        code = run_phase(command, env)
+        if code == 0:
+            continue
+        resume = f"carnet-pipeline --dir {folder} --phases {','.join(p for p, _ in runs)} and the same overrides"
+        if (signum := interrupting_signal(code)) is None:
+            raise SystemExit(f"pipeline stopped: the refit of {phase} failed (exit {code}); its run directory is "
+                             f"{run_dir}. Fix it, then run the pipeline again: {resume}")
+        print(f"pipeline stopped: the refit of {phase} was interrupted by {signum.name}; its run directory is "
+              f"{run_dir}. Run the pipeline again with: {resume}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    return done
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,11 +295,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every phase, or PHASE:override for one")
     args = parser.parse_args(argv)
     folder = run_pipeline(args.overrides, [p for p in args.phases.split(",") if p], folder=args.dir)
-    for row in json.loads((folder / PIPELINE_FILE).read_text())["phases"]:
-        acc, epoch = row["best_val_acc"], row["best_epoch"]
+    report = json.loads((folder / PIPELINE_FILE).read_text())
+    for row in report["phases"]:
+        acc, epoch = row.get("best_val_acc"), row.get("best_epoch")
         handed = "its start" if epoch == 0 else f"epoch {epoch}"
         print(f"{row['phase']:>14}: handed on {handed}, val/acc={acc:.4f}" if acc is not None
-              else f"{row['phase']:>14}: -")
+              else f"{row['phase']:>14}: {'skipped' if row.get('skipped') else '-'}")
+    print(f"final weights: {report.get('final_checkpoint')}")
 
 
 if __name__ == "__main__":

@@ -216,6 +216,8 @@ class RunArtifacts(pl.Callback):
             summary.update(max_val_acc=float(metrics["val/acc"][top]), max_val_acc_epoch=int(metrics["epoch"][top]))
         if self.best_checkpoint is not None:
             summary.best_checkpoint = str(self.best_checkpoint) if self.best_checkpoint.is_file() else None
+        if self.trainer is not None:
+            summary.taken_steps = int(self.trainer.global_step)  # beside planned_steps: fewer when it stopped early
         for callback in self.trainer.callbacks if self.trainer is not None else []:
             if callback is not self and isinstance(callback, SummaryReporter):
                 callback.add_to_summary(summary)  # last: a phase that kept its start weights reports that as best

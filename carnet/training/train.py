@@ -33,8 +33,10 @@ from carnet.training.budget import plan_budget
 from carnet.training.builders import build_callbacks, build_datamodule, build_module, build_trainer
 from carnet.training.console import log_to_files, quiet_lightning
 from carnet.training.finite import StopOnNonFinite
+from carnet.training.refit import REFIT_DIR, Refit, check_refit, refit_config, wants_plain_refit
 from carnet.training.resume import check_resumable, continue_in_place, scheduler_job_id
 from carnet.training.run_dir import RunArtifacts, run_dir_lock
+from carnet.training.stopping import early_stopping
 from carnet.training.tune import tune
 
 
@@ -49,7 +51,9 @@ def train(cfg: DictConfig) -> RunSummary:
     (:func:`continue_in_place`).
     """
     check_train_config(cfg)
+    check_refit(cfg)  # refused like a value typed wrong: before the run exists
     run_dir = run_dir_of(cfg)
+    as_typed = cfg.copy()  # _train plans the budget into cfg; a refit plans its own on every photo
     is_rank_zero = rank_zero_only.rank == 0  # DDP re-runs this script on every rank: files from rank 0 only
     with run_dir_lock(run_dir) if is_rank_zero else nullcontext(), signals_stop_the_run():
         if (completed := continue_in_place(cfg, run_dir)) is not None:
@@ -63,7 +67,7 @@ def train(cfg: DictConfig) -> RunSummary:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             artifacts.start()
         try:
-            return _train(cfg, run_dir, artifacts, is_rank_zero)
+            summary = _train(cfg, run_dir, artifacts, is_rank_zero)
         except BaseException as err:
             signum = stopping_signal(err)
             if is_rank_zero:
@@ -73,6 +77,10 @@ def train(cfg: DictConfig) -> RunSummary:
             if signum is None:
                 raise
             raise RunInterrupted(_how_to_continue(run_dir, signum), signum) from err
+    if wants_plain_refit(cfg) and summary.status == "completed":  # refit=true: every photo trains the final weights
+        print(f"refit on every photo: {run_dir / REFIT_DIR}")
+        train(refit_config(as_typed, run_dir))
+    return summary
 
 
 def _how_to_continue(run_dir: Path, signum: signal.Signals) -> str:
@@ -135,6 +143,7 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         check_resumable(cfg.resume, cfg.model.name, cfg.head, len(cfg.data.class_names))
     if cfg.model.pretrained and not cfg.model.get("weights"):
         check_pretrained_available(cfg.model.name)  # offline: one line in a second, not a minute of retries
+    refit = Refit.from_config(cfg)  # refit_from=RUN: this run trains every photo for RUN's chosen length
     runtime = resolve_runtime(cfg)  # every `auto`, once, for the device the Trainer will train on
     artifacts.summary.update(resolved=runtime.summary())  # what ran, for the user: also in a failed run's summary
     callbacks = build_callbacks(cfg)  # a missing or mismatching predecessor phase fails before any build
@@ -142,6 +151,8 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
     datamodule = build_datamodule(cfg, module, runtime)
     module.provenance = {"run_dir": str(run_dir.resolve()), "data_root": str(datamodule.root.resolve())}
     datamodule.setup("fit")
+    if refit is not None:
+        refit.prepare(cfg, datamodule)  # every photo trains; no validation
     if is_rank_zero:
         datamodule.write_split(run_dir / SPLIT_FILE)
     if cfg.get("tune"):  # `tune=lr_find`: search a learning rate on this config, do not train
@@ -156,11 +167,16 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
         num_excluded=len(datamodule.excluded),  # photos left out as unreadable (data.verify)
         **datamodule.data_summary(),  # extra_sources, fold, num_folds, num_dedup_excluded, corrections
         **budget,
+        trained_on="train",  # which photos trained the weights it ends with; a refit (Refit) says train+val
     )
     artifacts.best_checkpoint = run_dir / "checkpoints" / "best.ckpt"
     guard = StopOnNonFinite(lr=cfg.optimizer.get("lr"))
+    stopping = early_stopping(cfg, budget["steps_per_epoch"])  # after the phase: it counts from the phase's start
+    if refit is not None:
+        refit.plan(budget["planned_steps"])
+        stopping.append(refit)
     # artifacts last: it records what the others did
-    trainer = build_trainer(cfg, run_dir, [*callbacks, guard, artifacts], runtime)
+    trainer = build_trainer(cfg, run_dir, [*callbacks, *stopping, guard, artifacts], runtime)
     with warnings.catch_warnings():
         if cfg.get("resume") and Path(cfg.resume).parent.resolve() == (run_dir / "checkpoints").resolve():
             # A run continued in its own folder finds its checkpoints there, as it should.

@@ -1,0 +1,44 @@
+"""The head fit scales and says what it does (issue 21): at most ``head_fit.max_images`` images get features
+computed, and it logs each view and each point of the L2 grid instead of staying silent for minutes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carnet.training.head_fit import plan_images, sample_photos
+from carnet.training.train import train
+from tests.helpers.config import compose_cfg
+from tests.helpers.overrides import TINY
+
+
+def test_the_image_cap_takes_views_first_then_photos() -> None:
+    assert plan_images(50, 4, 1500) == (50, 5)  # few photos: every view
+    assert plan_images(300, 4, 1500) == (300, 5)
+    assert plan_images(400, 4, 1500) == (400, 3)  # fewer augmented views
+    assert plan_images(12449, 4, 1500) == (1500, 1)  # the competition: a sample, eval view only
+    assert plan_images(12449, 4, None) == (12449, 5)
+
+
+def test_a_sample_of_photos_keeps_every_class_in_proportion() -> None:
+    labels = np.repeat(np.arange(10), [500] * 9 + [20])
+    chosen = sample_photos(labels, 1000, seed=0)
+    counts = np.bincount(labels[chosen], minlength=10)
+    assert len(set(chosen)) == len(chosen) and counts.min() >= 1 and abs(counts[:9] - 1000 * 500 / 4520).max() <= 1
+
+
+def test_the_head_fit_reports_progress_and_keeps_to_its_cap(tiny_data: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="carnet.training.head_fit")
+    summary = train(compose_cfg([*TINY, f"data.root={tiny_data}", "phase=head", "head_fit.views=4",
+                                 "head_fit.max_images=50", "data.verify=false", "trainer.num_sanity_val_steps=0",
+                                 f"paths.output_dir={tmp_path / 'out'}", f"run_dir={tmp_path / 'run'}"]))
+    fit = summary.head_fit
+    assert fit["photos"] == summary.num_train and fit["views"] == 1 and fit["images"] == summary.num_train <= 50
+    assert fit["features_seconds"] + fit["solver_seconds"] == pytest.approx(fit["seconds"], abs=0.2)
+    messages = [r.getMessage() for r in caplog.records if r.name == "carnet.training.head_fit"]
+    assert any(m.startswith("head fit: features of view 1/1 (eval view)") for m in messages)
+    assert any(m.startswith("head fit: L2 ") and "of the grid" in m for m in messages)
