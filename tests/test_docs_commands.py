@@ -285,8 +285,13 @@ def _fold_sweep(sandbox: Path) -> Path:
 def as_run(words: tuple[str, ...], sandbox: Path, port: int) -> list[str]:
     """The command as the slow test runs it: placeholders replaced by what earlier commands made, the tiny model
     and image sizes, one epoch, a free port; optional ``[--flags]`` left out."""
-    text = re.sub(r"\s\[--[^\]]*\]", "", " ".join(shlex.quote(w) for w in words))
-    words = [w for w in shlex.split(text) if w != "..."]  # "..." stands for the rest of the same command
+    kept, optional = [], False
+    for word in words:  # "[--opset N]": an optional flag and its value, shown for reference
+        if word.startswith("[--") or optional:
+            optional = not word.endswith("]")
+            continue
+        kept.append(word)
+    words = [w for w in kept if w != "..."]  # "..." stands for the rest of the same command
     folds = None
     if any("f0/checkpoints/best.ckpt" in w for w in words):
         sweep = _fold_sweep(sandbox)

@@ -136,14 +136,17 @@ class ImageCache:
         """
         if not self.enabled or not items:
             return 0
+        import contextlib
         import sys
 
         from rich.progress import Progress
 
         misses = self.misses
-        with Progress(transient=True, disable=not sys.stdout.isatty()) as progress, \
-                ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            task = progress.add_task(f"{description} (data.cache={self.mode})", total=len(items))
+        # No Progress at all without a terminal: rich before 14.3 prints an empty line when a disabled one stops.
+        bar = Progress(transient=True) if sys.stdout.isatty() else None
+        with bar or contextlib.nullcontext(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            task = bar.add_task(f"{description} (data.cache={self.mode})", total=len(items)) if bar else None
             for _ in pool.map(lambda item: self.get(*item), items):
-                progress.advance(task)
+                if bar is not None:
+                    bar.advance(task)
         return self.misses - misses
