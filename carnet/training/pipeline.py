@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
@@ -194,6 +195,17 @@ def interrupting_signal(code: int) -> signal.Signals | None:
     return None
 
 
+def stop(what: str, code: int, run_dir: Path, after_failure: str, after_interruption: str) -> NoReturn:
+    """End carnet-pipeline at a run that did not complete: exit 1 saying what failed, or the signal's own status
+    (128 + n) when a signal interrupted it; either way the last line says how to go on."""
+    if (signum := interrupting_signal(code)) is None:
+        raise SystemExit(f"pipeline stopped: {what} failed (exit {code}); its run directory is {run_dir}. "
+                         f"{after_failure}")
+    print(f"pipeline stopped: {what} was interrupted by {signum.name}; its run directory is {run_dir}. "
+          f"{after_interruption}", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def run_pipeline(overrides: list[str], phases: list[str] | None = None, console: Console | None = None,
                  folder: str | os.PathLike | None = None) -> Path:
     """Run ``phases`` in order (:func:`plan_pipeline`); return the pipeline's folder. A failed or interrupted phase
@@ -232,12 +244,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
                 skipped[later] = f"{phase} kept its start (pipeline.skip_after_kept_start)"
             continue
         resume = f"carnet-pipeline --dir {folder} --phases {','.join(phases[i:])} and the same overrides"
-        if (signum := interrupting_signal(code)) is None:
-            raise SystemExit(f"pipeline stopped: phase {phase} failed (exit {code}); its run directory is {run_dir}. "
-                             f"Fix it, then resume with: {resume}")
-        print(f"pipeline stopped: phase {phase} was interrupted by {signum.name}; its run directory is {run_dir}. "
-              f"Continue with: {resume}", file=sys.stderr)
-        raise SystemExit(128 + signum)
+        stop(f"phase {phase}", code, run_dir, f"Fix it, then resume with: {resume}", f"Continue with: {resume}")
     refit_runs = run_refit(folder, runs, common, per_phase, env, console) if refit_on(settings) else None
     final = final_checkpoint(phases_dir, folder / REFIT_FOLDER if refit_runs else None, runs[-1][0])
     write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped, refit=refit_runs,
@@ -273,12 +280,8 @@ def run_refit(folder: Path, runs: list[tuple[str, Path | None]], common: list[st
         if code == 0:
             continue
         resume = f"carnet-pipeline --dir {folder} --phases {','.join(p for p, _ in runs)} and the same overrides"
-        if (signum := interrupting_signal(code)) is None:
-            raise SystemExit(f"pipeline stopped: the refit of {phase} failed (exit {code}); its run directory is "
-                             f"{run_dir}. Fix it, then run the pipeline again: {resume}")
-        print(f"pipeline stopped: the refit of {phase} was interrupted by {signum.name}; its run directory is "
-              f"{run_dir}. Run the pipeline again with: {resume}", file=sys.stderr)
-        raise SystemExit(128 + signum)
+        stop(f"the refit of {phase}", code, run_dir, f"Fix it, then run the pipeline again: {resume}",
+             f"Run the pipeline again with: {resume}")
     return done
 
 
