@@ -179,6 +179,7 @@ class TorchDevice:
 #   train:     every BatchNorm re-estimates its statistics and trains, frozen blocks too (fastai's train_bn)
 BN_POLICIES = ("frozen", "per_block", "train")
 TUNE_MODES = ("lr_find",)  # tune.mode (carnet.training.tune)
+SEARCH_MODES = ("exponential", "linear")  # tune.search: how the range test raises the rate
 # What CarClassifier logs once per validation epoch: what checkpoints and ReduceLROnPlateau can follow.
 MONITORED = ("val/loss", "val/acc")
 # torch.optim.lr_scheduler.CyclicLR's modes (torch keeps no public list of them).
@@ -252,7 +253,7 @@ TRAIN: tuple[Check, ...] = (
     ("tune.min_lr", POSITIVE, ""),
     ("tune.max_lr", POSITIVE, ""),
     ("tune.num_training", COUNT, "batches"),
-    ("tune.search", OneOf(("exponential", "linear")), ""),
+    ("tune.search", OneOf(SEARCH_MODES), ""),
     ("tune.early_stop_threshold", optional(POSITIVE), ""),
 )
 

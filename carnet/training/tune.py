@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from carnet.artifacts import write_json
-from carnet.config_check import TUNE_MODES
+from carnet.config_check import SEARCH_MODES, TUNE_MODES
 from carnet.data.datamodule import CarDataModule
 from carnet.errors import CarnetError
 from carnet.runtime import Runtime
@@ -109,8 +109,8 @@ class RangeTest(pl.Callback):
 
     def __init__(self, min_lr: float, max_lr: float, steps: int, mode: str = "exponential",
                  stop_factor: float | None = 4.0) -> None:
-        if mode not in ("exponential", "linear"):
-            raise CarnetError(f"tune.search={mode!r}: expected exponential or linear")
+        if mode not in SEARCH_MODES:
+            raise CarnetError(f"tune.search={mode!r}: expected {' or '.join(SEARCH_MODES)}")
         if not 0 < min_lr < max_lr:
             raise CarnetError(f"tune.min_lr={min_lr}, tune.max_lr={max_lr}: expected 0 < min_lr < max_lr")
         self.min_lr, self.max_lr, self.steps, self.mode = float(min_lr), float(max_lr), int(steps), mode
