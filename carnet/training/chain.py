@@ -6,7 +6,8 @@
 * **Refit** (``refit``, carnet/training/refit.py): once every phase has chosen, the chain runs again on every photo,
   each phase for the share of its plan its selection run chose, into ``<pipeline>/refit/`` (hand-offs) and
   ``<i>-refit-<phase>/`` (runs). A phase whose selection run kept its start, or that was skipped, takes no step: it
-  hands on its predecessor's refit, except a phase that fits its head (``head``), which fits it again on every photo.
+  hands on its predecessor's refit (the first phase: its start, which no photo trained), except a phase that fits its
+  head (``head``), which fits it again on every photo.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ def skipped_after(phase: str, run_dir: Path, remaining: list[str], settings: Dic
     return [p for p in remaining if p in UNFREEZING] if summary is not None and summary.kept_start else []
 
 
-def hand_on(phases_dir: Path, source: str, target: str) -> Path:
-    """``<phases_dir>/<target>.ckpt`` as a copy of ``<source>.ckpt``: a phase that is not run hands on its start."""
+def hand_on(phases_dir: Path, source: str, target: str, source_dir: Path | None = None) -> Path:
+    """``<phases_dir>/<target>.ckpt`` as a copy of ``<source>.ckpt`` (in ``source_dir``, by default the same
+    folder): a phase that is not run hands on its start."""
     path = phases_dir / f"{target}.ckpt"
     with atomic_path(path) as tmp:
-        shutil.copyfile(phases_dir / f"{source}.ckpt", tmp)
+        shutil.copyfile((source_dir or phases_dir) / f"{source}.ckpt", tmp)
     return path
 
 

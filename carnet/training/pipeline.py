@@ -245,7 +245,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
             continue
         resume = f"carnet-pipeline --dir {folder} --phases {','.join(phases[i:])} and the same overrides"
         stop(f"phase {phase}", code, run_dir, f"Fix it, then resume with: {resume}", f"Continue with: {resume}")
-    refit_runs = run_refit(folder, runs, common, per_phase, env, console) if refit_on(settings) else None
+    refit_runs = run_refit(folder, phases_dir, runs, common, per_phase, env, console) if refit_on(settings) else None
     final = final_checkpoint(phases_dir, folder / REFIT_FOLDER if refit_runs else None, runs[-1][0])
     write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped, refit=refit_runs,
                           final_checkpoint=final)
@@ -255,7 +255,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     return folder
 
 
-def run_refit(folder: Path, runs: list[tuple[str, Path | None]], common: list[str],
+def run_refit(folder: Path, phases_dir: Path, runs: list[tuple[str, Path | None]], common: list[str],
               per_phase: dict[str, list[str]], env: dict[str, str], console: Console) -> list[tuple[str, Path | None]]:
     """The chain again on every photo, each phase for the length its selection run chose
     (carnet.training.chain); a failed or interrupted refit stops the pipeline as a failed phase does."""
@@ -265,8 +265,12 @@ def run_refit(folder: Path, runs: list[tuple[str, Path | None]], common: list[st
     for i, (phase, selection) in enumerate(plan):
         console.rule(f"[bold]refit {i + 1}/{len(plan)}: {phase} on every photo")
         if selection is None:
-            if not done:
-                raise SystemExit(f"pipeline stopped: the refit of {phase} has no predecessor to hand on")
+            if not done:  # the first phase kept its start: weights no photo of this data trained
+                hand_on(refit_phases, phase, phase, source_dir=phases_dir)
+                console.print("takes no step (its selection run kept its start, which trained on no photo): hands "
+                              "that start on")
+                done.append((phase, None))
+                continue
             hand_on(refit_phases, done[-1][0], phase)
             console.print("takes no step (its selection run kept its start, or was skipped): hands on the refit of "
                           f"{done[-1][0]}")
