@@ -10,11 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from carnet.runtime import resolve_runtime
 from carnet.summary import read_summary
+from carnet.training.builders import build_module
 from carnet.training.head_fit import choose_l2, fit_head, fit_logistic
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH, TINY
+from tests.helpers.recipe import classifier
 
 
 def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int,
@@ -139,3 +142,53 @@ def test_onecycle_runs_for_any_number_of_steps(total_steps: int) -> None:
         scheduler.step()
         rates.append(optimizer.param_groups[0]["lr"])
     assert all(0 < r <= 0.1 + 1e-9 for r in rates)
+
+
+MIXUP_ONLY = {"mixup_alpha": 1.0, "cutmix_alpha": 0.0, "prob": 1.0, "switch_prob": 0.5}
+
+
+def seen_by_the_network(module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """The batch the network received in one training step, and that step's loss."""
+    seen = []
+    hook = module.net.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().float()))
+    try:
+        loss = module.training_step((images, labels), 0)
+    finally:
+        hook.remove()
+    return seen[0], loss.detach()
+
+
+def test_mixup_trains_on_blended_pairs_with_blended_labels() -> None:
+    """mixup.*: each image is blended with its mirror in the batch by one weight lam, and the loss is the
+    cross-entropy against labels blended by the same lam (timm's Mixup); an odd batch trains unmixed."""
+    torch.manual_seed(0)
+    module = classifier(mixup=MIXUP_ONLY, label_smoothing=0.0)
+    module.log = lambda *args, **kwargs: None  # no Trainer here: Lightning's logging is not what is tested
+    images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    seen, loss = seen_by_the_network(module, images, labels)
+    x, mirror = images.float(), images.flip(0).float()
+    lam = float(((seen - mirror) * (x - mirror)).sum() / ((x - mirror) ** 2).sum())  # least squares for lam
+    assert 0.0 < lam < 1.0 and torch.allclose(seen, lam * x + (1 - lam) * mirror, atol=1e-3)
+    targets = lam * F.one_hot(labels, 10) + (1 - lam) * F.one_hot(labels.flip(0), 10)
+    with torch.no_grad():
+        expected = F.cross_entropy(module(seen), targets.float())
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+    seen_odd, _ = seen_by_the_network(module, images[:5], labels[:5])
+    assert torch.equal(seen_odd, images[:5].float())
+    plain = classifier(label_smoothing=0.0)
+    plain.log = lambda *args, **kwargs: None
+    assert plain.mix is None and torch.equal(seen_by_the_network(plain, images, labels)[0], x)
+
+
+def test_a_run_with_mixup_and_cutmix_trains(tiny_data: Path, tmp_path: Path) -> None:
+    """mixup.* from the command line reach the module, and a run mixing every batch completes."""
+    cfg = compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", f"run_dir={tmp_path}", "mixup.mixup_alpha=0.2",
+                       "mixup.cutmix_alpha=1.0", "data.batch_size=8"])
+    mix = build_module(cfg, resolve_runtime(cfg)).mix
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob) == (0.2, 1.0, 1.0)
+    train(cfg)
+    summary = read_summary(tmp_path)
+    assert summary.status == "completed" and np.isfinite(summary.best_val_loss)

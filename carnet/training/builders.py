@@ -50,6 +50,7 @@ def build_module(cfg: DictConfig, runtime: Runtime) -> CarClassifier:
         scheduler=cfg.scheduler,
         backbone_lr_mult=cfg.backbone_lr_mult,
         label_smoothing=cfg.label_smoothing,
+        mixup=OmegaConf.to_container(cfg.mixup, resolve=True),
     )
 
 

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from timm.data import Mixup
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -20,6 +21,14 @@ from carnet.config import plain
 from carnet.models.checkpoint import CHECKPOINT_KEY
 from carnet.models.heads import build_head
 from carnet.models.network import CarNet, compile_network, create_backbone
+
+
+def mix_batches(mixup: dict[str, float], num_classes: int, label_smoothing: float) -> Mixup | None:
+    """timm's Mixup/CutMix of training batches (``mixup``: conf/train.yaml), or None when both alphas are 0."""
+    if not (mixup["mixup_alpha"] > 0 or mixup["cutmix_alpha"] > 0):
+        return None
+    return Mixup(mixup_alpha=mixup["mixup_alpha"], cutmix_alpha=mixup["cutmix_alpha"], prob=mixup["prob"],
+                 switch_prob=mixup["switch_prob"], label_smoothing=label_smoothing, num_classes=num_classes)
 
 
 class CarClassifier(pl.LightningModule):
@@ -48,16 +57,17 @@ class CarClassifier(pl.LightningModule):
         scheduler: dict[str, Any] | None,
         backbone_lr_mult: float,
         label_smoothing: float,
+        mixup: dict[str, float],
     ) -> None:
         super().__init__()
-        head, optimizer, scheduler = plain(head), plain(optimizer), plain(scheduler)
+        head, optimizer, scheduler, mixup = plain(head), plain(optimizer), plain(scheduler), plain(mixup)
         self.save_hyperparameters({
             "model_name": model_name, "class_names": list(class_names), "head": head, "image_size": image_size,
             "pretrained": pretrained, "weights": weights, "drop_rate": drop_rate,
             "drop_path_rate": drop_path_rate, "channels_last": channels_last, "compile": compile,
             "compile_backend": compile_backend,
             "optimizer": optimizer, "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult,
-            "label_smoothing": label_smoothing,
+            "label_smoothing": label_smoothing, "mixup": mixup,
         }, logger=False)  # carnet.training.loggers.LogConfig logs the whole run config instead
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if drop_path_rate or drop_rate else {}
         backbone = create_backbone(model_name, pretrained=pretrained, weights=weights, **kwargs)
@@ -71,6 +81,7 @@ class CarClassifier(pl.LightningModule):
         # Where this model was trained (run_dir, data_root), set by carnet.training.train: predict's split=val finds the
         # run's split.csv through it even after the checkpoint was copied out of <run dir>/checkpoints/.
         self.provenance: dict[str, str] = {}
+        self.mix = mix_batches(mixup, len(class_names), label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=len(class_names), average="micro")
 
@@ -115,7 +126,14 @@ class CarClassifier(pl.LightningModule):
         return loss, logits, labels
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, logits, labels = self._step(batch)
+        images, labels = batch
+        if self.mix is not None and len(labels) % 2 == 0:  # timm's Mixup pairs each image with its mirror in the
+            # batch, so it needs an even batch; an odd one (a last batch) trains unmixed.
+            images, targets = self.mix(images.float(), labels)  # the net takes float 0..255 pixels as well as uint8
+            logits = self(images)
+            loss = F.cross_entropy(logits, targets)  # soft targets: the mixed labels, smoothed by the Mixup
+        else:
+            loss, logits, labels = self._step(batch)
         # Lean on purpose (benchmarks/train_step.py): each self.log costs ~2-3 ms of Lightning bookkeeping per step
         # on a CPU, and calling the metric (forward) computes a per-batch value nobody logs; `update` only
         # accumulates. The learning rates are recorded per epoch by RunArtifacts (per step: LearningRateMonitor).
