@@ -51,13 +51,10 @@ Writes ``--out``/accuracy.md (the tables printed at the end) and ``--out``/accur
 times, every command line); carnet's runs go to ``--out``/<seed>/ (phase runs, ``phases/`` hand-offs, logs,
 submissions).
 
-Cost: carnet's five phases dominate. On the 50-photo few-shot set (40 photos train, 10 validate, batch 32: one
-step an epoch) the head phase computes features of 5 views of each photo and takes one step; each later phase takes
-``budget.min_steps`` = 30 steps with a validation pass after each, the last one at 448 px: ~90 training steps at
-224 px and 30 at 448 px a seed, against 16 for the plain fine-tune and one forward pass a photo for the probe. On
-this project's shared 2-core CPU one tf_efficientnet_lite0 step of 32 images took ~25 s at 224 px and ~55 s for
-16 images at 448 px, i.e. roughly 1.5 h a seed for carnet, ~7 min for the fine-tune, ~1 min for the probe; use a
-GPU (``--device auto`` picks it), or start with ``--seeds 0 --methods probe finetune``.
+Cost, on a quiet 2-core CPU with tf_efficientnet_lite0 at 224 px (docs/fine-tuning.md, "What the recipe
+measured"): a seed of carnet's pipeline took 115-353 s on the 50-photo few-shot set and ~350 s on 365 photos,
+the plain fine-tune 65 s and 312 s, headfit 22 s and 77 s. Use a GPU (``--device auto`` picks it), or start with
+``--seeds 0 --methods headfit finetune``.
 """
 
 from __future__ import annotations
