@@ -65,9 +65,8 @@ NOT_RUN = {
     "mlflow ui --backend-store-uri outputs/DATE/TIME/mlruns": "a UI server that runs until stopped",
     "python benchmarks/accuracy.py --data adsdev_fewshot --weights tf_efficientnet_lite0.safetensors --seeds 0 "
     "--methods headfit finetune --phases head,unfreeze_half,unfreeze_3q,unfreeze_all --via pipeline --variant "
-    "refit_stop refit=true pipeline.skip_after_kept_start=true early_stop.patience_steps=10 --variant carnet "
-    "--threads 2 --device cpu": "needs real photos and ImageNet weights; tests/test_accuracy_benchmark.py runs the "
-                                "benchmark on tiny data",
+    "carnet --variant before --variant-repo before ../carnet-before --threads 2 --device cpu":
+        "needs real photos and ImageNet weights; tests/test_accuracy_benchmark.py runs the benchmark on tiny data",
     # carnet-inspect (docs/inspection.md) and the file it writes for data.corrections
     "carnet-inspect outputs/demo": INSPECTED,
     "carnet-inspect outputs/2026-12-02/10-00-00.000000": INSPECTED,
