@@ -264,16 +264,11 @@ def run_refit(folder: Path, phases_dir: Path, runs: list[tuple[str, Path | None]
     plan = refit_plan(runs)
     for i, (phase, selection) in enumerate(plan):
         console.rule(f"[bold]refit {i + 1}/{len(plan)}: {phase} on every photo")
-        if selection is None:
-            if not done:  # the first phase kept its start: weights no photo of this data trained
-                hand_on(refit_phases, phase, phase, source_dir=phases_dir)
-                console.print("takes no step (its selection run kept its start, which trained on no photo): hands "
-                              "that start on")
-                done.append((phase, None))
-                continue
-            hand_on(refit_phases, done[-1][0], phase)
-            console.print("takes no step (its selection run kept its start, or was skipped): hands on the refit of "
-                          f"{done[-1][0]}")
+        if selection is None:  # hands on its predecessor's refit; the first phase, its own start (no photo trained it)
+            source, source_dir = (done[-1][0], None) if done else (phase, phases_dir)
+            hand_on(refit_phases, source, phase, source_dir=source_dir)
+            console.print("takes no step (its selection run kept its start, or was skipped): hands on "
+                          + (f"the refit of {source}" if done else "that start, which trained on no photo"))
             done.append((phase, None))
             continue
         run_dir = folder / f"{next_index(folder)}-refit-{phase}"

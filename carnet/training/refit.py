@@ -125,14 +125,16 @@ class Refit(pl.Callback):
                  "which the selection run reached its best epoch (%s)", self.selection_dir, self.moved, self.steps,
                  planned_steps, self.selection.best_epoch)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _stop_once_taken(self, trainer: pl.Trainer) -> None:
         if self.steps is not None and trainer.global_step >= self.steps:
             trainer.should_stop = True
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_once_taken(trainer)  # a refit of 0 steps takes none
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.steps is not None and trainer.global_step >= self.steps:
-            trainer.should_stop = True
+        self._stop_once_taken(trainer)
 
     def add_to_summary(self, summary: RunSummary) -> None:
         """summary.json's ``trained_on``, ``refit_from``, ``refit_steps`` (:class:`carnet.summary.SummaryReporter`)."""
