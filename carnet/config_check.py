@@ -245,6 +245,7 @@ TRAIN: tuple[Check, ...] = (
     ("early_stop.min_delta", NON_NEGATIVE, "the least change of checkpoint.monitor that counts as improving"),
     ("refit", OneOf((True, False, "auto")), "train again on every photo once validation has chosen"),
     ("pipeline.skip_after_kept_start", FLAG, ""),
+    ("pipeline.fork_phases", FLAG, ""),
     ("checkpoint.monitor", OneOf(MONITORED), ""),
     ("checkpoint.mode", OneOf(("min", "max")), ""),
     ("checkpoint.async_save", OneOf((True, False, "auto")), ""),

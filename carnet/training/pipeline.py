@@ -15,8 +15,10 @@ A phase that fails stops the pipeline with exit status 1; one interrupted (Ctrl-
 which passes it on to the phase) stops it with the phase's own status (130, 143). Either way the last line says
 how to continue.
 
-Why subprocesses: every phase is then literally ``carnet-train phase=NAME ...`` (fresh Hydra state, its own run
-directory, nothing carried over in memory that the hand-off through checkpoints would not carry).
+Why a process per phase: every phase is then literally ``carnet-train phase=NAME ...`` (fresh Hydra state, its own
+run directory, nothing carried over in memory that the hand-off through checkpoints would not carry). The pipeline
+forks it from its own process, which imported carnet-train once, so no phase waits for the imports again
+(carnet.training.phase_process; ``pipeline.fork_phases=false`` starts each in a fresh interpreter).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ from carnet.training.chain import (
     skipped_after,
     without,
 )
+from carnet.training.phase_process import start_phase
 from carnet.training.phases import PIPELINE_FILE, resolve_init_from, write_pipeline_report
 
 
@@ -166,14 +168,15 @@ def earlier_runs(folder: Path, phases: list[str]) -> list[tuple[str, Path]]:
             if row["phase"] not in phases]
 
 
-def run_phase(command: list[str], env: dict[str, str]) -> int:
-    """Run one phase's command and return its exit status, passing a SIGTERM sent to the pipeline on to it.
+def run_phase(command: list[str], env: dict[str, str], fork: bool = True) -> int:
+    """Run one phase's command (forked from this process when ``fork`` allows, carnet.training.phase_process) and
+    return its exit status, passing a SIGTERM sent to the pipeline on to it.
 
     A scheduler that preempts the pipeline (Kubernetes signals the main process only) then gets the phase's own
     ending: an ``interrupted`` run with a whole ``last.ckpt``. Ctrl-C reaches the phase from the terminal (same
     process group), so the pipeline ignores its own copy and waits for the phase's verdict.
     """
-    child = subprocess.Popen(command, env=env)
+    child = start_phase(command, env, fork=fork)
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         return child.wait()
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
@@ -217,7 +220,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     if unknown:
         raise SystemExit(f"--phases: unknown phase(s) {unknown}; conf/phase has {available}")
     common, per_phase = split_overrides(overrides, phases)
-    settings = compose_common(common)  # refit, pipeline.skip_after_kept_start
+    settings = compose_common(common)  # refit, pipeline.skip_after_kept_start, pipeline.fork_phases
     folder, commands = plan_pipeline(overrides, phases, folder)
     check_start(phases, commands[0][2])
     phases_dir = phases_dir_of(folder, [*common, *(o for extra in per_phase.values() for o in extra)])
@@ -237,7 +240,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
             continue
         console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
         runs.append((phase, run_dir))
-        code = run_phase(command, env)
+        code = run_phase(command, env, settings.pipeline.fork_phases)
         write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped)
         if code == 0:
             for later in skipped_after(phase, run_dir, phases[i + 1:], settings):
@@ -245,7 +248,8 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
             continue
         resume = f"carnet-pipeline --dir {folder} --phases {','.join(phases[i:])} and the same overrides"
         stop(f"phase {phase}", code, run_dir, f"Fix it, then resume with: {resume}", f"Continue with: {resume}")
-    refit_runs = run_refit(folder, phases_dir, runs, common, per_phase, env, console) if refit_on(settings) else None
+    refit_runs = run_refit(folder, phases_dir, runs, common, per_phase, env, console,
+                           settings.pipeline.fork_phases) if refit_on(settings) else None
     final = final_checkpoint(phases_dir, folder / REFIT_FOLDER if refit_runs else None, runs[-1][0])
     write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped, refit=refit_runs,
                           final_checkpoint=final)
@@ -256,7 +260,8 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
 
 
 def run_refit(folder: Path, phases_dir: Path, runs: list[tuple[str, Path | None]], common: list[str],
-              per_phase: dict[str, list[str]], env: dict[str, str], console: Console) -> list[tuple[str, Path | None]]:
+              per_phase: dict[str, list[str]], env: dict[str, str], console: Console,
+              fork: bool = True) -> list[tuple[str, Path | None]]:
     """The chain again on every photo, each phase for the length its selection run chose
     (carnet.training.chain); a failed or interrupted refit stops the pipeline as a failed phase does."""
     refit_phases = folder / REFIT_FOLDER
@@ -275,7 +280,7 @@ def run_refit(folder: Path, phases_dir: Path, runs: list[tuple[str, Path | None]
         command = refit_command(phase, selection, run_dir, refit_phases, common, per_phase.get(phase, []))
         console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
         done.append((phase, run_dir))
-        code = run_phase(command, env)
+        code = run_phase(command, env, fork)
         if code == 0:
             continue
         resume = f"carnet-pipeline --dir {folder} --phases {','.join(p for p, _ in runs)} and the same overrides"
