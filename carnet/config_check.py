@@ -197,6 +197,7 @@ TRAIN: tuple[Check, ...] = (
     ("mixup.prob", Number(0, 1), "the share of batches mixed"),
     ("mixup.switch_prob", Number(0, 1), "the share of mixed batches that use CutMix"),
     ("backbone_lr_mult", NON_NEGATIVE, "the backbone's learning rate over the head's"),
+    ("layer_decay", optional(Number(0, 1, lo_open=True)), "each backbone layer's rate over the layer above it's"),
     ("bn", OneOf(BN_POLICIES), ""),
     ("model.name", TimmModel(), ""),
     ("model.pretrained", FLAG, ""),

@@ -30,6 +30,8 @@ BAD_TRAIN_VALUES = [
     ("seed=-1", "seed=-1: expected a whole number in [0, 4294967295]"),
     ("label_smoothing=1.5", "label_smoothing=1.5: expected a number in [0, 1)"),
     ("backbone_lr_mult=-0.1", "backbone_lr_mult=-0.1: expected a number >= 0"),
+    ("layer_decay=0", "layer_decay=0: expected null or a number in (0, 1]"),
+    ("pipeline.fork_phases=sometimes", "pipeline.fork_phases='sometimes': expected true or false"),
     ("mixup.prob=1.5", "mixup.prob=1.5: expected a number in [0, 1] (the share of batches mixed)"),
     ("optimizer.weight_decay=nan", "optimizer.weight_decay=nan: expected a number >= 0"),
     ("data.val_fraction=1", "data.val_fraction=1: expected a number in (0, 1)"),

@@ -192,3 +192,38 @@ def test_a_run_with_mixup_and_cutmix_trains(tiny_data: Path, tmp_path: Path) -> 
     train(cfg)
     summary = read_summary(tmp_path)
     assert summary.status == "completed" and np.isfinite(summary.best_val_loss)
+
+
+def test_layer_decay_gives_each_backbone_layer_its_rate_and_the_optimizer_uses_it() -> None:
+    """layer_decay=0.5: the head at the optimizer's rate, the backbone's top layer at backbone_lr_mult times it and
+    each layer below at half the rate of the one above, every backbone weight in one group, frozen ones too (so
+    unfreezing needs no new group). One AdamW step moves a weight by about its group's rate (the first step's
+    update is the gradient's sign), which shows the rates reach the optimizer."""
+    cfg = compose_cfg([*TINY, "layer_decay=0.5", "backbone_lr_mult=0.5", "optimizer.lr=0.01",
+                       "optimizer.weight_decay=0", "scheduler=none"])
+    module = build_module(cfg, resolve_runtime(cfg))
+    module.backbone.requires_grad_(False)  # as the head phase leaves it: still in the groups
+    groups = module.param_groups()
+    module.backbone.requires_grad_(True)
+    backbone = groups[1:]
+    assert groups[0]["name"] == "head" and groups[0]["lr"] == 0.01 and len(backbone) > 3
+    assert backbone[-1]["lr"] == pytest.approx(0.005)
+    assert [g["lr"] for g in backbone[:-1]] == pytest.approx([g["lr"] / 2 for g in backbone[1:]])
+    grouped = [id(p) for g in backbone for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in module.backbone.parameters())  # each once
+    optimizer = torch.optim.AdamW(groups, lr=0.01, weight_decay=0)
+    before = [[p.detach().clone() for p in g["params"]] for g in groups]
+    x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    F.cross_entropy(module(x), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    for group, old in zip(groups, before, strict=True):
+        moved = max(float((p.detach() - o).abs().max()) for p, o in zip(group["params"], old, strict=True))
+        assert moved == pytest.approx(group["lr"], rel=0.05), group["name"]
+
+
+def test_a_run_with_layer_decay_trains(tiny_data: Path, tmp_path: Path) -> None:
+    """layer_decay from the command line reaches a run of an unfreezing phase, whose rates metrics.csv logs."""
+    cfg = compose_cfg([*ONE_BATCH, f"data.root={tiny_data}", f"run_dir={tmp_path}", "layer_decay=0.8", "unfreeze=1.0"])
+    train(cfg)
+    summary = read_summary(tmp_path)
+    assert summary.status == "completed" and np.isfinite(summary.best_val_loss)

@@ -49,6 +49,7 @@ def build_module(cfg: DictConfig, runtime: Runtime) -> CarClassifier:
         optimizer=optimizer,
         scheduler=cfg.scheduler,
         backbone_lr_mult=cfg.backbone_lr_mult,
+        layer_decay=cfg.layer_decay,
         label_smoothing=cfg.label_smoothing,
         mixup=OmegaConf.to_container(cfg.mixup, resolve=True),
     )

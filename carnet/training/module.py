@@ -21,6 +21,7 @@ from carnet.config import plain
 from carnet.models.checkpoint import CHECKPOINT_KEY
 from carnet.models.heads import build_head
 from carnet.models.network import CarNet, compile_network, create_backbone
+from carnet.training.optim import param_groups
 
 
 def mix_batches(mixup: dict[str, float], num_classes: int, label_smoothing: float) -> Mixup | None:
@@ -58,6 +59,7 @@ class CarClassifier(pl.LightningModule):
         backbone_lr_mult: float,
         label_smoothing: float,
         mixup: dict[str, float],
+        layer_decay: float | None,
     ) -> None:
         super().__init__()
         head, optimizer, scheduler, mixup = plain(head), plain(optimizer), plain(scheduler), plain(mixup)
@@ -67,7 +69,7 @@ class CarClassifier(pl.LightningModule):
             "drop_path_rate": drop_path_rate, "channels_last": channels_last, "compile": compile,
             "compile_backend": compile_backend,
             "optimizer": optimizer, "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult,
-            "label_smoothing": label_smoothing, "mixup": mixup,
+            "layer_decay": layer_decay, "label_smoothing": label_smoothing, "mixup": mixup,
         }, logger=False)  # carnet.training.loggers.LogConfig logs the whole run config instead
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if drop_path_rate or drop_rate else {}
         backbone = create_backbone(model_name, pretrained=pretrained, weights=weights, **kwargs)
@@ -150,18 +152,9 @@ class CarClassifier(pl.LightningModule):
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Head at the optimizer's LR, the whole backbone at ``backbone_lr_mult`` x that LR.
-
-        The whole backbone is always in the optimizer, frozen parts included: a frozen tensor has no gradient
-        and optimizers skip it, so unfreezing later needs no optimizer surgery and every scheduler's
-        per-group state (ReduceLROnPlateau, CyclicLR) stays valid, also across resumes.
-        """
-        lr = self.hparams.optimizer["lr"]
-        return [
-            {"params": list(self.head.parameters()), "lr": lr, "name": "head"},
-            {"params": list(self.backbone.parameters()), "lr": lr * self.hparams.backbone_lr_mult,
-             "name": "backbone"},
-        ]
+        """The optimizer's groups (carnet.training.optim): head, then the backbone, by layer with ``layer_decay``."""
+        return param_groups(self.head, self.backbone, self.hparams.optimizer["lr"], self.hparams.backbone_lr_mult,
+                            self.hparams.layer_decay)
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(self.param_groups())
