@@ -247,6 +247,7 @@ TRAIN: tuple[Check, ...] = (
     ("refit", OneOf((True, False, "auto")), "train again on every photo once validation has chosen"),
     ("pipeline.skip_after_kept_start", FLAG, ""),
     ("pipeline.fork_phases", FLAG, ""),
+    ("pipeline.soup", FLAG, ""),
     ("checkpoint.monitor", OneOf(MONITORED), ""),
     ("checkpoint.mode", OneOf(("min", "max")), ""),
     ("checkpoint.async_save", OneOf((True, False, "auto")), ""),

@@ -13,12 +13,14 @@ import torch
 from rich.console import Console
 
 from carnet.errors import RefitError
+from carnet.models.checkpoint import CHECKPOINT_KEY, load_checkpoint, read_checkpoint
 from carnet.summary import RunSummary, read_summary
 from carnet.training.pipeline import run_pipeline
 from carnet.training.refit import REFIT_DIR, refit_steps
+from carnet.training.soup import SOUP_FILE, soup_members
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
-from tests.helpers.overrides import TINY
+from tests.helpers.overrides import ONE_BATCH, TINY
 
 
 def test_a_refit_repeats_the_share_of_its_plan_at_which_its_selection_was_best() -> None:
@@ -86,8 +88,36 @@ def test_the_pipeline_skips_after_a_kept_start_and_refits_the_chain(tiny_data: P
     assert refit["head"]["trained_on"] == "train+val" and refit["unfreeze_half"]["run_dir"] is None
     head = read_summary(refit["head"]["run_dir"])
     assert head.head_fit["photos"] == head.num_train == phases_photos(phases["head"]["run_dir"])
-    assert report["final_checkpoint"] == str(folder / "refit" / "unfreeze_3q.ckpt")
+    assert report["final_checkpoint"] == str(folder / "refit" / "unfreeze_3q.ckpt") and "soup" not in report  # one end
     assert (folder / "refit" / "unfreeze_3q.ckpt").read_bytes() == (folder / "refit" / "head.ckpt").read_bytes()
+
+
+def test_the_pipeline_ends_with_the_average_of_the_phase_ends_that_trained(tiny_data: Path, tmp_path: Path) -> None:
+    """Both phases fit a head, so both train and are refitted: the final checkpoint is soup.ckpt, each weight the
+    mean of the two refitted ends (integer buffers and everything inference reads from the last), and it loads. An
+    end at another image size (finetune_448's) stays out of the soup."""
+    folder = tmp_path / "pipe"
+    run_pipeline([f"data.root={tiny_data}", *ONE_BATCH, "head_fit.views=0", f"paths.output_dir={tmp_path}",
+                  "unfreeze_half:head_fit.enabled=true"], ["head", "unfreeze_half"],
+                 console=Console(file=io.StringIO()), folder=folder)
+    report = json.loads((folder / "pipeline.json").read_text())
+    members = [folder / "refit" / "head.ckpt", folder / "refit" / "unfreeze_half.ckpt"]
+    assert report["soup"] == [str(m) for m in members] and report["final_checkpoint"] == str(folder / SOUP_FILE)
+    head, half = (read_checkpoint(m) for m in members)
+    soup = read_checkpoint(folder / SOUP_FILE)
+    assert soup[CHECKPOINT_KEY] == half[CHECKPOINT_KEY]
+    differ = 0
+    for key, value in soup["state_dict"].items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (head["state_dict"][key] + half["state_dict"][key]) / 2, atol=1e-6), key
+            differ += not torch.equal(head["state_dict"][key], half["state_dict"][key])
+        else:
+            assert torch.equal(value, half["state_dict"][key]), key
+    assert differ > 0  # two different networks: the soup is a third one
+    load_checkpoint(folder / SOUP_FILE)
+    larger = tmp_path / "finetune_448.ckpt"
+    torch.save({**half, CHECKPOINT_KEY: {**half[CHECKPOINT_KEY], "image_size": 448}}, larger)
+    assert soup_members([*members, larger]) == [larger] and soup_members([larger, *members]) == members
 
 
 def phases_photos(run_dir: str) -> int:

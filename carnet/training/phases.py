@@ -414,9 +414,10 @@ def _run_rows(runs: list[tuple[str, str | os.PathLike | None]], skipped: dict[st
 def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, str | os.PathLike | None]],
                           title: str = "", skipped: dict[str, str] | None = None,
                           refit: list[tuple[str, str | os.PathLike | None]] | None = None,
-                          final_checkpoint: str | None = None) -> Path:
+                          final_checkpoint: str | None = None, soup: list[str] | None = None) -> Path:
     """``<phases_dir>/curves.png`` (all phases, boundaries marked) and ``pipeline.json`` (run dirs, results; the
-    phases the pipeline skipped, with why; the refit runs and the checkpoint the pipeline ends with)."""
+    phases the pipeline skipped, with why; the refit runs, the checkpoints the final one averages, and the
+    checkpoint the pipeline ends with)."""
     phases_dir = Path(phases_dir)
     phases_dir.mkdir(parents=True, exist_ok=True)
     joined, boundaries = join_phases(runs)
@@ -426,6 +427,8 @@ def write_pipeline_report(phases_dir: str | os.PathLike, runs: list[tuple[str, s
     if refit:
         report["refit"] = _run_rows(refit, {p: "takes no step: hands its predecessor's refit on"
                                             for p, d in refit if d is None})
+    if soup:
+        report["soup"] = soup
     if final_checkpoint:
         report["final_checkpoint"] = final_checkpoint
     write_json(phases_dir / PIPELINE_FILE, report)

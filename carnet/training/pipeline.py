@@ -52,6 +52,7 @@ from carnet.training.chain import (
 )
 from carnet.training.phase_process import start_phase
 from carnet.training.phases import PIPELINE_FILE, resolve_init_from, write_pipeline_report
+from carnet.training.soup import SOUP_FILE, soup_members, write_soup
 
 
 def phase_order() -> list[str]:
@@ -220,7 +221,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     if unknown:
         raise SystemExit(f"--phases: unknown phase(s) {unknown}; conf/phase has {available}")
     common, per_phase = split_overrides(overrides, phases)
-    settings = compose_common(common)  # refit, pipeline.skip_after_kept_start, pipeline.fork_phases
+    settings = compose_common(common)  # refit and pipeline.*
     folder, commands = plan_pipeline(overrides, phases, folder)
     check_start(phases, commands[0][2])
     phases_dir = phases_dir_of(folder, [*common, *(o for extra in per_phase.values() for o in extra)])
@@ -250,11 +251,17 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
         stop(f"phase {phase}", code, run_dir, f"Fix it, then resume with: {resume}", f"Continue with: {resume}")
     refit_runs = run_refit(folder, phases_dir, runs, common, per_phase, env, console,
                            settings.pipeline.fork_phases) if refit_on(settings) else None
+    ends = folder / REFIT_FOLDER if refit_runs else phases_dir
     final = final_checkpoint(phases_dir, folder / REFIT_FOLDER if refit_runs else None, runs[-1][0])
+    members = soup_members([ends / f"{p}.ckpt" for p, run in refit_plan(runs) if run]) if settings.pipeline.soup \
+        else []
+    if len(members) > 1:
+        final = str(write_soup(members, folder / SOUP_FILE))
     write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped, refit=refit_runs,
-                          final_checkpoint=final)
+                          final_checkpoint=final, soup=[str(m) for m in members] if len(members) > 1 else None)
     console.rule("[bold]pipeline done")
-    console.print(f"final weights: {final}" + (" (refitted on every photo)" if refit_runs else ""))
+    console.print(f"final weights: {final}" + (" (refitted on every photo)" if refit_runs else "")
+                  + (f", the average of {', '.join(m.stem for m in members)}" if len(members) > 1 else ""))
     console.print(f"{folder / PIPELINE_FILE}, {folder / 'curves.png'}; runs and hand-offs (phases/) in {folder}")
     return folder
 
