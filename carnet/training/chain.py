@@ -1,4 +1,5 @@
-"""What carnet-pipeline decides between its phases: which phases to skip, and the refit chain.
+"""What carnet-pipeline decides between its phases: which phases to skip, the refit chain, and which phase ends
+its final weights average (carnet.training.soup).
 
 * **Skipping** (``pipeline.skip_after_kept_start``): once an unfreezing phase keeps its start (no epoch beat it on
   validation), the unfreezing phases after it are not run; each hands the same weights on (its ``<phase>.ckpt`` is
@@ -73,9 +74,15 @@ def refit_command(phase: str, selection_dir: Path, run_dir: Path, refit_phases: 
             f"hydra.run.dir={run_dir}"]
 
 
-def final_checkpoint(phases_dir: Path, refit_dir: Path | None, last_phase: str) -> str:
-    """The checkpoint the pipeline ends with: the last phase's refit, else its hand-off."""
-    return str((refit_dir if refit_dir is not None else phases_dir) / f"{last_phase}.ckpt")
+def final_checkpoint(ends_dir: Path, last_phase: str) -> Path:
+    """The last phase's end in ``ends_dir`` (the refit's hand-offs, else the phases'): without a soup, the
+    checkpoint the pipeline ends with."""
+    return ends_dir / f"{last_phase}.ckpt"
+
+
+def trained_ends(selection: list[tuple[str, Path | None]], ends_dir: Path) -> list[Path]:
+    """The ends in ``ends_dir`` of the phases that trained, in order (those a refit repeats: :func:`refit_plan`)."""
+    return [final_checkpoint(ends_dir, phase) for phase, run_dir in refit_plan(selection) if run_dir is not None]
 
 
 def phases_dir_of(folder: Path, overrides: list[str]) -> Path:

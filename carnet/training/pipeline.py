@@ -48,6 +48,7 @@ from carnet.training.chain import (
     refit_on,
     refit_plan,
     skipped_after,
+    trained_ends,
     without,
 )
 from carnet.training.phase_process import start_phase
@@ -251,17 +252,16 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
         stop(f"phase {phase}", code, run_dir, f"Fix it, then resume with: {resume}", f"Continue with: {resume}")
     refit_runs = run_refit(folder, phases_dir, runs, common, per_phase, env, console,
                            settings.pipeline.fork_phases) if refit_on(settings) else None
-    ends = folder / REFIT_FOLDER if refit_runs else phases_dir
-    final = final_checkpoint(phases_dir, folder / REFIT_FOLDER if refit_runs else None, runs[-1][0])
-    members = soup_members([ends / f"{p}.ckpt" for p, run in refit_plan(runs) if run]) if settings.pipeline.soup \
-        else []
-    if len(members) > 1:
-        final = str(write_soup(members, folder / SOUP_FILE))
+    ends_dir = folder / REFIT_FOLDER if refit_runs else phases_dir
+    final = final_checkpoint(ends_dir, runs[-1][0])
+    soup = soup_members(trained_ends(runs, ends_dir)) if settings.pipeline.soup else []
+    if len(soup) > 1:  # one member is the final checkpoint itself
+        final = write_soup(soup, folder / SOUP_FILE)
     write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped, refit=refit_runs,
-                          final_checkpoint=final, soup=[str(m) for m in members] if len(members) > 1 else None)
+                          final_checkpoint=str(final), soup=[str(m) for m in soup] if len(soup) > 1 else None)
     console.rule("[bold]pipeline done")
     console.print(f"final weights: {final}" + (" (refitted on every photo)" if refit_runs else "")
-                  + (f", the average of {', '.join(m.stem for m in members)}" if len(members) > 1 else ""))
+                  + (f", the average of {', '.join(m.stem for m in soup)}" if len(soup) > 1 else ""))
     console.print(f"{folder / PIPELINE_FILE}, {folder / 'curves.png'}; runs and hand-offs (phases/) in {folder}")
     return folder
 
