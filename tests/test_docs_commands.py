@@ -63,7 +63,7 @@ NOT_RUN = {
     "hydra.launcher.max_num_timeout=5 ...": "needs a SLURM cluster",
     "tensorboard --logdir multirun/2026-11-30/10-00-00.000000": "a UI server that runs until stopped",
     "mlflow ui --backend-store-uri outputs/DATE/TIME/mlruns": "a UI server that runs until stopped",
-    "python benchmarks/accuracy.py --data adsdev_fewshot --weights tf_efficientnet_lite0.safetensors --seeds 0 "
+    "python benchmarks/accuracy.py --data adsdev_fewshot --weights tf_efficientnet_lite0.safetensors --seeds 0 1 2 "
     "--methods headfit finetune --phases head,unfreeze_half,unfreeze_3q,unfreeze_all --via pipeline --variant "
     "carnet --variant before --variant-repo before ../carnet-before --threads 2 --device cpu":
         "needs real photos and ImageNet weights; tests/test_accuracy_benchmark.py runs the benchmark on tiny data",
