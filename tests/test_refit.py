@@ -117,7 +117,7 @@ def test_the_pipeline_ends_with_the_average_of_the_phase_ends_that_trained(tiny_
     load_checkpoint(folder / SOUP_FILE)
     larger = tmp_path / "finetune_448.ckpt"
     torch.save({**half, CHECKPOINT_KEY: {**half[CHECKPOINT_KEY], "image_size": 448}}, larger)
-    assert soup_members([*members, larger]) == [larger] and soup_members([larger, *members]) == members
+    assert list(soup_members([*members, larger])) == [larger] and list(soup_members([larger, *members])) == members
 
 
 def phases_photos(run_dir: str) -> int:

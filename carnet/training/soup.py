@@ -12,6 +12,7 @@ last member, and so does everything inference reads (classes, image size, the ev
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,26 +23,27 @@ from carnet.models.checkpoint import CHECKPOINT_KEY, read_checkpoint
 SOUP_FILE = "soup.ckpt"
 
 
-def soup_members(checkpoints: list[Path]) -> list[Path]:
-    """Those of ``checkpoints`` (the phase ends that trained, in order) at the last one's image size."""
+def soup_members(checkpoints: list[Path]) -> dict[Path, dict[str, Any]]:
+    """Those of ``checkpoints`` (the phase ends that trained, in order) at the last one's image size, each read once
+    (for its size here and its weights in :func:`write_soup`)."""
+    loaded = {path: read_checkpoint(path) for path in checkpoints}
     if not checkpoints:
-        return []
-    size_of = {path: read_checkpoint(path)[CHECKPOINT_KEY]["image_size"] for path in checkpoints}
-    return [path for path in checkpoints if size_of[path] == size_of[checkpoints[-1]]]
+        return {}
+    size = loaded[checkpoints[-1]][CHECKPOINT_KEY]["image_size"]
+    return {path: c for path, c in loaded.items() if c[CHECKPOINT_KEY]["image_size"] == size}
 
 
-def write_soup(members: list[Path], path: Path) -> Path:
+def write_soup(members: dict[Path, dict[str, Any]], path: Path) -> Path:
     """``path``: the checkpoint of the last member, with each floating-point tensor the members' mean."""
-    loaded = [read_checkpoint(member) for member in members]
-    last = loaded[-1]
-    for member, checkpoint in zip(members, loaded, strict=True):
+    *_, (last_path, last) = members.items()
+    for member, checkpoint in members.items():
         if checkpoint["state_dict"].keys() != last["state_dict"].keys():
-            raise CheckpointError(f"soup: {member} has other weights than {members[-1]} (another architecture); "
+            raise CheckpointError(f"soup: {member} has other weights than {last_path} (another architecture); "
                                   "expected the phase ends of one network")
     state_dict = {}
     for key, value in last["state_dict"].items():
         if value.is_floating_point():
-            value = torch.stack([c["state_dict"][key].float() for c in loaded]).mean(0).to(value.dtype)
+            value = torch.stack([c["state_dict"][key].float() for c in members.values()]).mean(0).to(value.dtype)
         state_dict[key] = value
     with atomic_path(path) as tmp:
         torch.save({**last, "state_dict": state_dict}, tmp)
