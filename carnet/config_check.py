@@ -114,6 +114,19 @@ class Either:
         return " or ".join(rule.expected(value) for rule in self.rules)
 
 
+@dataclass(frozen=True)
+class ListOf:
+    """A non-empty list whose every item ``rule`` accepts."""
+
+    rule: Rule
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) > 0 and all(self.rule.accepts(v) for v in value)
+
+    def expected(self, value: Any = None) -> str:
+        return f"a list of one or more of: {self.rule.expected()}"
+
+
 FLAG = OneOf((True, False))
 NULL = OneOf((None,))
 AUTO = OneOf(("auto",))
@@ -205,6 +218,7 @@ TRAIN: tuple[Check, ...] = (
     ("model.drop_path_rate", FRACTION, ""),
     ("model.channels_last", FLAG, ""),
     ("model.compile", OneOf((True, False, "regional", "auto")), ""),
+    ("model.scales", ListOf(Number(0, 4, lo_open=True)), "multiples of image_size the network predicts at"),
     ("head.dropout", FRACTION, ""),
     ("head.hidden_dim", COUNT, ""),
     ("optimizer.lr", NON_NEGATIVE, "the head's learning rate"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from carnet.models.checkpoint import load_checkpoint
 from carnet.runtime import resolve_runtime
 from carnet.summary import read_summary
 from carnet.training.builders import build_module
@@ -227,3 +228,23 @@ def test_a_run_with_layer_decay_trains(tiny_data: Path, tmp_path: Path) -> None:
     train(cfg)
     summary = read_summary(tmp_path)
     assert summary.status == "completed" and np.isfinite(summary.best_val_loss)
+
+
+def test_a_multi_scale_network_predicts_the_mean_of_its_scales_with_a_head_fitted_on_all(tiny_data: Path,
+                                                                                         tmp_path: Path) -> None:
+    """model.scales: the head fit has a row per photo, view and scale; the checkpoint rebuilds the network with its
+    scales, and in evaluation its output is the log of the mean of the per-scale probabilities."""
+    cfg = compose_cfg([*TINY, f"data.root={tiny_data}", "phase=head", "head_fit.views=1", "model.scales=[1,1.5]",
+                       f"paths.output_dir={tmp_path / 'out'}", f"run_dir={tmp_path / 'run'}"])
+    summary = train(cfg)
+    assert summary.status == "completed"
+    assert summary.head_fit["scales"] == 2 and summary.head_fit["images"] == summary.num_train * 2 * 2
+    net, meta = load_checkpoint(summary.phase_checkpoint)
+    assert meta["scales"] == [1.0, 1.5] and net.scales == (1.0, 1.5)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        at_scale = [net.head(net.features(images, s)).softmax(1) for s in net.scales]
+        assert net.features(images, 1.5).shape == net.features(images).shape  # pooled: any input size
+        mixture = net(images).softmax(1)
+    assert torch.allclose(mixture, (at_scale[0] + at_scale[1]) / 2, atol=1e-5)
+    assert not torch.allclose(mixture, at_scale[0], atol=1e-5)  # the second scale counts

@@ -106,7 +106,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[CarNet, dict[str, Any]]:
                               f"{timm.__version__} does not know: use the timm version it was trained with")
     backbone = create_backbone(meta["model_name"], pretrained=False)
     net = CarNet(backbone, build_head(meta["head"], backbone.num_features, len(meta["class_names"])),
-                 mean=meta["mean"], std=meta["std"])  # the normalisation it was trained with
+                 mean=meta["mean"], std=meta["std"],  # the normalisation it was trained with
+                 scales=meta.get("scales", (1.0,)))  # checkpoints from before model.scales: the plain network
     state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     try:
         net.load_state_dict(state)

@@ -17,6 +17,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from carnet.errors import CarnetError, WeightsError
@@ -98,10 +99,16 @@ class CarNet(nn.Module):
 
     Input: uint8 (or float 0..255) NCHW pixels, any size the backbone accepts. mean/std default to the
     backbone's timm data config (what its pretrained weights expect).
+
+    ``scales`` (multiples of the input's size): in training the network looks at the input at the first scale; in
+    evaluation at every scale, and its output is the log of the mean of their class probabilities (a mixture, so
+    ``softmax`` of the output is that mean and cross-entropy its log-loss). A CNN that sees a car at several
+    apparent sizes, with a head fitted on all of them (carnet.training.head_fit), is right on photos one scale
+    misses; docs/fine-tuning.md has the measurement. ``(1.0,)``: the plain network.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> None:
+                 std: Sequence[float] | None = None, scales: Sequence[float] = (1.0,)) -> None:
         super().__init__()
         if mean is None or std is None:
             config = timm.data.resolve_model_data_config(backbone)
@@ -110,6 +117,9 @@ class CarNet(nn.Module):
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
         self.head = head
+        self.scales = tuple(float(s) for s in scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales: expected one or more positive numbers, got {list(scales)}")
 
     def uses_channels_last(self) -> bool:
         """Whether the weights are in channels_last (``net.to(memory_format=torch.channels_last)``): the input is
@@ -119,12 +129,23 @@ class CarNet(nn.Module):
                 return param.is_contiguous(memory_format=torch.channels_last) and not param.is_contiguous()
         return False
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features of pixel batches (what the head sees; carnet.training.head_fit fits on them)."""
-        return self.backbone(self.normalize(images, self.uses_channels_last()))
+    def features(self, images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Pooled backbone features of pixel batches at ``scale`` x their size (what the head sees;
+        carnet.training.head_fit fits on them)."""
+        x = self.normalize(images, self.uses_channels_last())
+        if scale != 1.0:  # after normalising: it is affine per channel, so resampling commutes with it
+            size = [max(1, round(side * scale)) for side in x.shape[-2:]]
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=scale < 1)
+        return self.backbone(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        if self.training or len(self.scales) == 1:
+            return self.head(self.features(images, self.scales[0]))
+        probs = torch.stack([self.head(self.features(images, s)).float().softmax(1) for s in self.scales]).mean(0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+    def extra_repr(self) -> str:
+        return "" if self.scales == (1.0,) else f"scales={self.scales}"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def build_module(cfg: DictConfig, runtime: Runtime) -> CarClassifier:
         layer_decay=cfg.layer_decay,
         label_smoothing=cfg.label_smoothing,
         mixup=OmegaConf.to_container(cfg.mixup, resolve=True),
+        scales=list(cfg.model.scales),
     )
 
 

@@ -220,7 +220,7 @@ class HeadFit(pl.Callback):
     def features(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                  progress: Progress | None = None) -> tuple[torch.Tensor, ...]:
         """Pooled features of the training photos (or of a sample, :func:`plan_images`): the eval view, then the
-        augmented views of each."""
+        augmented views of each, each at every scale of ``model.scales``."""
         progress = progress or Progress()
         datamodule = trainer.datamodule
         labels_all = datamodule.split.label[datamodule.split.split == "train"].to_numpy()
@@ -235,10 +235,11 @@ class HeadFit(pl.Callback):
             start = 0
             for images, targets in loader:
                 images = images.to(pl_module.device)  # uint8: the net normalises (and sets the memory format)
-                with trainer.precision_plugin.forward_context():
-                    rows.append(net.features(images).float())
-                labels.append(targets.to(pl_module.device))
-                groups.append(np.arange(start, start + len(targets)))
+                for scale in net.scales:  # one row per scale the network predicts at (model.scales)
+                    with trainer.precision_plugin.forward_context():
+                        rows.append(net.features(images, scale).float())
+                    labels.append(targets.to(pl_module.device))
+                    groups.append(np.arange(start, start + len(targets)))
                 start += len(targets)
                 progress.batch(view, per_photo, start, photos)
             progress.view(view, per_photo, photos)
@@ -260,10 +261,12 @@ class HeadFit(pl.Callback):
             layer.bias.copy_(bias)
             train_acc = (pl_module.head(x).argmax(1) == y).float().mean().item()
         photos = len(np.unique(groups))
-        self.head_fit = {"photos": photos, "views": len(y) // max(1, photos), "images": len(y), **info,
-                                    "train_acc": round(train_acc, 4), "features_seconds": round(features_seconds, 1),
-                                    "solver_seconds": round(progress.elapsed() - features_seconds, 1),
-                                    "seconds": round(progress.elapsed(), 1)}
+        scales = len(pl_module.net.scales)
+        self.head_fit = {"photos": photos, "views": len(y) // max(1, photos * scales), "scales": scales,
+                         "images": len(y), **info, "train_acc": round(train_acc, 4),
+                         "features_seconds": round(features_seconds, 1),
+                         "solver_seconds": round(progress.elapsed() - features_seconds, 1),
+                         "seconds": round(progress.elapsed(), 1)}
         log.info("head fitted on frozen features: %d photos x %d views, l2=%g (cross-validated), train acc %.3f, "
                  "%.1f s (features %.1f s, solver %.1f s)", photos, self.head_fit["views"], info["l2"],
                  train_acc, progress.elapsed(), features_seconds, progress.elapsed() - features_seconds)

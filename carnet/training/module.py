@@ -60,6 +60,7 @@ class CarClassifier(pl.LightningModule):
         label_smoothing: float,
         mixup: dict[str, float],
         layer_decay: float | None,
+        scales: Sequence[float],
     ) -> None:
         super().__init__()
         head, optimizer, scheduler, mixup = plain(head), plain(optimizer), plain(scheduler), plain(mixup)
@@ -70,12 +71,13 @@ class CarClassifier(pl.LightningModule):
             "compile_backend": compile_backend,
             "optimizer": optimizer, "scheduler": scheduler, "backbone_lr_mult": backbone_lr_mult,
             "layer_decay": layer_decay, "label_smoothing": label_smoothing, "mixup": mixup,
+            "scales": [float(s) for s in scales],
         }, logger=False)  # carnet.training.loggers.LogConfig logs the whole run config instead
         kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if drop_path_rate or drop_rate else {}
         backbone = create_backbone(model_name, pretrained=pretrained, weights=weights, **kwargs)
         # CarNet normalises the uint8 batches itself (carnet.models.network.Normalize), with the backbone's timm
         # mean/std (data_config, which inference_meta records), on the device and in the run's precision.
-        self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)))
+        self.net = CarNet(backbone, build_head(head, backbone.num_features, len(class_names)), scales=scales)
         if channels_last:  # the net converts its input to match
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and load_checkpoint unchanged
@@ -114,6 +116,7 @@ class CarClassifier(pl.LightningModule):
             "std": list(config["std"]),
             "interpolation": config["interpolation"],
             "crop_pct": float(config.get("crop_pct", 1.0)),
+            "scales": list(self.net.scales),
             **self.provenance,
         }
 
