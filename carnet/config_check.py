@@ -218,7 +218,7 @@ TRAIN: tuple[Check, ...] = (
     ("model.drop_path_rate", FRACTION, ""),
     ("model.channels_last", FLAG, ""),
     ("model.compile", OneOf((True, False, "regional", "auto")), ""),
-    ("model.scales", ListOf(Number(0, 4, lo_open=True)), "multiples of image_size the network predicts at"),
+    ("model.scales", ListOf(Number(1, 4)), "multiples of image_size the network predicts at"),
     ("head.dropout", FRACTION, ""),
     ("head.hidden_dim", COUNT, ""),
     ("optimizer.lr", NON_NEGATIVE, "the head's learning rate"),

@@ -31,6 +31,7 @@ BAD_TRAIN_VALUES = [
     ("label_smoothing=1.5", "label_smoothing=1.5: expected a number in [0, 1)"),
     ("backbone_lr_mult=-0.1", "backbone_lr_mult=-0.1: expected a number >= 0"),
     ("layer_decay=0", "layer_decay=0: expected null or a number in (0, 1]"),
+    ("model.scales=[1,0.5]", "model.scales=[1, 0.5]: expected a list of one or more of: a number in [1, 4] (multiples"),
     ("pipeline.fork_phases=sometimes", "pipeline.fork_phases='sometimes': expected true or false"),
     ("mixup.prob=1.5", "mixup.prob=1.5: expected a number in [0, 1] (the share of batches mixed)"),
     ("optimizer.weight_decay=nan", "optimizer.weight_decay=nan: expected a number >= 0"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from carnet.inference.export import export_onnx
 from carnet.models.checkpoint import load_checkpoint
 from carnet.runtime import resolve_runtime
 from carnet.summary import read_summary
@@ -248,3 +249,5 @@ def test_a_multi_scale_network_predicts_the_mean_of_its_scales_with_a_head_fitte
         mixture = net(images).softmax(1)
     assert torch.allclose(mixture, (at_scale[0] + at_scale[1]) / 2, atol=1e-5)
     assert not torch.allclose(mixture, at_scale[0], atol=1e-5)  # the second scale counts
+    exported = export_onnx(summary.phase_checkpoint, tmp_path / "net.onnx")  # onnxruntime agrees, or it raises
+    assert exported["scales"] == [1.0, 1.5] and exported["max_abs_diff"] <= 1e-4

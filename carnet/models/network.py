@@ -100,11 +100,11 @@ class CarNet(nn.Module):
     Input: uint8 (or float 0..255) NCHW pixels, any size the backbone accepts. mean/std default to the
     backbone's timm data config (what its pretrained weights expect).
 
-    ``scales`` (multiples of the input's size): in training the network looks at the input at the first scale; in
-    evaluation at every scale, and its output is the log of the mean of their class probabilities (a mixture, so
-    ``softmax`` of the output is that mean and cross-entropy its log-loss). A CNN that sees a car at several
-    apparent sizes, with a head fitted on all of them (carnet.training.head_fit), is right on photos one scale
-    misses; docs/fine-tuning.md has the measurement. ``(1.0,)``: the plain network.
+    ``scales`` (multiples of the input's size, each >= 1): in training the network looks at the input at the first
+    scale; in evaluation at every scale, and its output is the log of the mean of their class probabilities (a
+    mixture, so ``softmax`` of the output is that mean and cross-entropy its log-loss). A CNN that sees a car at
+    several apparent sizes, with a head fitted on all of them (carnet.training.head_fit), is right on photos one
+    scale misses; docs/fine-tuning.md has the measurement. ``(1.0,)``: the plain network.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, mean: Sequence[float] | None = None,
@@ -118,8 +118,8 @@ class CarNet(nn.Module):
         self.backbone = backbone
         self.head = head
         self.scales = tuple(float(s) for s in scales)
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales: expected one or more positive numbers, got {list(scales)}")
+        if not self.scales or min(self.scales) < 1:  # upsampling only: antialiased downsampling exports to no ONNX
+            raise ValueError(f"scales: expected one or more numbers >= 1, got {list(scales)}")
 
     def uses_channels_last(self) -> bool:
         """Whether the weights are in channels_last (``net.to(memory_format=torch.channels_last)``): the input is
@@ -134,8 +134,7 @@ class CarNet(nn.Module):
         carnet.training.head_fit fits on them)."""
         x = self.normalize(images, self.uses_channels_last())
         if scale != 1.0:  # after normalising: it is affine per channel, so resampling commutes with it
-            size = [max(1, round(side * scale)) for side in x.shape[-2:]]
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=scale < 1)
+            x = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
         return self.backbone(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
