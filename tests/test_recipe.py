@@ -249,5 +249,13 @@ def test_a_multi_scale_network_predicts_the_mean_of_its_scales_with_a_head_fitte
         mixture = net(images).softmax(1)
     assert torch.allclose(mixture, (at_scale[0] + at_scale[1]) / 2, atol=1e-5)
     assert not torch.allclose(mixture, at_scale[0], atol=1e-5)  # the second scale counts
+    sizes = []  # in training, each batch at one of the scales
+    net.backbone.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[-1]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(12):
+            net.train()(images)
+    assert sorted(set(sizes)) == [64, 96] and len(sizes) == 12
+    net.eval()
     exported = export_onnx(summary.phase_checkpoint, tmp_path / "net.onnx")  # onnxruntime agrees, or it raises
     assert exported["scales"] == [1.0, 1.5] and exported["max_abs_diff"] <= 1e-4

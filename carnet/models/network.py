@@ -100,11 +100,11 @@ class CarNet(nn.Module):
     Input: uint8 (or float 0..255) NCHW pixels, any size the backbone accepts. mean/std default to the
     backbone's timm data config (what its pretrained weights expect).
 
-    ``scales`` (multiples of the input's size, each >= 1): in training the network looks at the input at the first
-    scale; in evaluation at every scale, and its output is the log of the mean of their class probabilities (a
-    mixture, so ``softmax`` of the output is that mean and cross-entropy its log-loss). A CNN that sees a car at
-    several apparent sizes, with a head fitted on all of them (carnet.training.head_fit), is right on photos one
-    scale misses; docs/fine-tuning.md has the measurement. ``(1.0,)``: the plain network.
+    ``scales`` (multiples of the input's size, each >= 1): in training the network looks at each batch at one of
+    them, drawn at random; in evaluation at every scale, and its output is the log of the mean of their class
+    probabilities (a mixture, so ``softmax`` of the output is that mean and cross-entropy its log-loss). A CNN that
+    sees a car at several apparent sizes, with a head fitted on all of them (carnet.training.head_fit), is right on
+    photos one scale misses; docs/fine-tuning.md has the measurement. ``(1.0,)``: the plain network.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, mean: Sequence[float] | None = None,
@@ -138,8 +138,10 @@ class CarNet(nn.Module):
         return self.backbone(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.training or len(self.scales) == 1:
+        if len(self.scales) == 1:
             return self.head(self.features(images, self.scales[0]))
+        if self.training:  # one scale a batch, drawn from torch's seeded generator: the head learns every scale
+            return self.head(self.features(images, self.scales[int(torch.randint(len(self.scales), ()))]))
         probs = torch.stack([self.head(self.features(images, s)).float().softmax(1) for s in self.scales]).mean(0)
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
