@@ -106,6 +106,26 @@ def test_ema_weights_are_checkpointed_and_resumed(tiny_data: Path, tmp_path: Pat
     assert read_summary(tmp_path / "cut").epochs_run == 3
 
 
+def test_ema_ends_a_run_that_takes_no_step_with_the_weights_it_started_from(tiny_data: Path, tmp_path: Path) -> None:
+    """The refit of a head phase that kept its start takes no step. With ema.decay it must still end with the head
+    fitted on every photo, as without: the average used to hold the weights from before the head fit (on the
+    365-photo dev set, a random head)."""
+    common = [*TINY, f"data.root={tiny_data}", "phase=head", "head_fit.views=1", "data.verify=false"]
+    selection = train(compose_cfg([*common, "optimizer.lr=0", f"paths.output_dir={tmp_path / 'out'}",
+                                   f"run_dir={tmp_path / 'selection'}"]))
+    assert selection.kept_start is True
+    ends = {}
+    for name, extra in (("plain", []), ("ema", ["ema.decay=0.5"])):
+        refit = train(compose_cfg([*common, *extra, f"refit_from={tmp_path / 'selection'}",
+                                   f"paths.output_dir={tmp_path / name / 'out'}", f"run_dir={tmp_path / name}"]))
+        assert refit.status == "completed" and refit.taken_steps == 0 and refit.head_fit is not None
+        ends[name] = torch.load(tmp_path / name / "checkpoints" / "best.ckpt", map_location="cpu",
+                                weights_only=True)["state_dict"]
+    assert ends["plain"].keys() == ends["ema"].keys()
+    for key, value in ends["plain"].items():
+        assert torch.equal(value, ends["ema"][key]), key
+
+
 def test_a_phase_that_changes_image_size_competes_with_its_predecessor_at_its_own_size(tiny_data: Path,
                                                                                       tmp_path: Path) -> None:
     """finetune_448-style: the predecessor is judged at the size it was validated at, the new phase at its own; if

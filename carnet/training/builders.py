@@ -8,7 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EMAWeightAveraging, ProgressBar
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
 from carnet.config import plain
@@ -17,6 +17,7 @@ from carnet.models.network import use_compile_cache
 from carnet.runtime import Runtime
 from carnet.training.checkpoints import AtomicCheckpointIO, checkpoint_callbacks
 from carnet.training.console import console_callbacks
+from carnet.training.ema import WeightEMA
 from carnet.training.finetune import ProgressiveUnfreezing
 from carnet.training.head_fit import HeadFit
 from carnet.training.loggers import LogConfig
@@ -74,7 +75,7 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         callbacks.append(HeadFit(views=cfg.head_fit.views, folds=cfg.head_fit.folds,
                                  max_images=cfg.head_fit.max_images, seed=cfg.seed))
     if cfg.ema.decay is not None:
-        callbacks.append(EMAWeightAveraging(decay=float(cfg.ema.decay)))
+        callbacks.append(WeightEMA(decay=float(cfg.ema.decay)))
     if cfg.get("unfreeze") is not None:
         callbacks.append(ProgressiveUnfreezing(plain(cfg.unfreeze), bn=cfg.bn))
     return callbacks
