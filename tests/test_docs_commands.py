@@ -64,8 +64,8 @@ NOT_RUN = {
     "tensorboard --logdir multirun/2026-11-30/10-00-00.000000": "a UI server that runs until stopped",
     "mlflow ui --backend-store-uri outputs/DATE/TIME/mlruns": "a UI server that runs until stopped",
     "python benchmarks/accuracy.py --data adsdev_fewshot --weights tf_efficientnet_lite0.safetensors --seeds 0 1 2 "
-    "--methods headfit finetune --phases head,unfreeze_half,unfreeze_3q,unfreeze_all --via pipeline --variant "
-    "carnet --variant before --variant-repo before ../carnet-before --threads 2 --device cpu":
+    "--methods headfit carnet --phases head,unfreeze_half,unfreeze_3q,unfreeze_all --via pipeline "
+    "--variant before --variant-repo before ../carnet-before --threads 2 --device cpu":
         "needs real photos and ImageNet weights; tests/test_accuracy_benchmark.py runs the benchmark on tiny data",
     # carnet-inspect (docs/inspection.md) and the file it writes for data.corrections
     "carnet-inspect outputs/demo": INSPECTED,
