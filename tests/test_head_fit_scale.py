@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carnet.training.head_fit import plan_images, sample_photos
+from carnet.training.head_fit import capped_images, plan_images, sample_photos
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
@@ -21,6 +21,13 @@ def test_the_image_cap_takes_views_first_then_photos() -> None:
     assert plan_images(400, 4, 1500) == (400, 3)  # fewer augmented views
     assert plan_images(12449, 4, 1500) == (1500, 1)  # the competition: a sample, eval view only
     assert plan_images(12449, 4, None) == (12449, 5)
+
+
+def test_the_cap_counts_forward_passes_at_several_scales() -> None:
+    assert capped_images(1500, [1.0]) == 1500 and capped_images(None, [1.0, 1.29]) is None
+    assert capped_images(1500, [1.0, 1.29]) == 563  # 1 + 1.29² = 2.66 passes an image
+    assert plan_images(292, 4, capped_images(1500, [1.0, 1.29])) == (292, 1)  # 365 photos' training split: eval view
+    assert plan_images(40, 4, capped_images(1500, [1.0, 1.29])) == (40, 5)  # few photos: unchanged
 
 
 def test_a_sample_of_photos_keeps_every_class_in_proportion() -> None:
@@ -42,3 +49,14 @@ def test_the_head_fit_reports_progress_and_keeps_to_its_cap(tiny_data: Path, tmp
     messages = [r.getMessage() for r in caplog.records if r.name == "carnet.training.head_fit"]
     assert any(m.startswith("head fit: features of view 1/1 (eval view)") for m in messages)
     assert any(m.startswith("head fit: L2 ") and "of the grid" in m for m in messages)
+
+
+def test_a_multi_scale_head_fit_keeps_to_its_cap_in_forward_passes(tiny_data: Path, tmp_path: Path) -> None:
+    """Scales [1, 2] cost 5 passes an image, so a cap of 50 leaves 10 images: a sample of one photo a class, in the
+    eval view, each at both scales."""
+    summary = train(compose_cfg([*TINY, f"data.root={tiny_data}", "phase=head", "head_fit.views=4",
+                                 "head_fit.max_images=50", "model.scales=[1,2]", "data.verify=false",
+                                 "trainer.num_sanity_val_steps=0", f"paths.output_dir={tmp_path / 'out'}",
+                                 f"run_dir={tmp_path / 'run'}"]))
+    fit = summary.head_fit
+    assert summary.num_train > 10 and (fit["photos"], fit["views"], fit["scales"], fit["images"]) == (10, 1, 2, 20)

@@ -169,6 +169,15 @@ def plan_images(num_photos: int, views: int, max_images: int | None) -> tuple[in
     return max_images, 1
 
 
+def capped_images(max_images: int | None, scales: Sequence[float]) -> int | None:
+    """The images ``max_images`` allows at ``model.scales``: an image at scale s costs s² forward passes at
+    ``image_size`` (its area), so [1, 1.29] counts 2.7 a view. The cap is a budget of passes, so that the head fit
+    stays the same share of its phase with several scales as with one."""
+    if max_images is None:
+        return None
+    return max(1, int(max_images / sum(s * s for s in scales)))
+
+
 def sample_photos(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """``count`` row indices of ``labels``, stratified by class (each class in proportion, at least one), sorted."""
     rng = np.random.default_rng(seed)
@@ -211,7 +220,8 @@ class HeadFit(pl.Callback):
     configured. With a frozen backbone the SGD epochs that follow only refine it (and validation, with the
     phase's best checkpoint, decides whether they did).
 
-    ``max_images`` caps the images whose features are computed (:func:`plan_images`); progress is logged."""
+    ``max_images`` caps the images whose features are computed, counted in forward passes at ``image_size``
+    (:func:`plan_images`, :func:`capped_images`); progress is logged."""
 
     def __init__(self, *, views: int, folds: int, max_images: int | None, seed: int,
                  grid: Sequence[float] = L2_GRID) -> None:
@@ -228,9 +238,9 @@ class HeadFit(pl.Callback):
         progress = progress or Progress()
         datamodule = trainer.datamodule
         labels_all = datamodule.split.label[datamodule.split.split == "train"].to_numpy()
-        photos, per_photo = plan_images(len(labels_all), self.views, self.max_images)
-        subset = sample_photos(labels_all, photos, self.seed) if photos < len(labels_all) else None
         net, backbone = pl_module.net, pl_module.backbone
+        photos, per_photo = plan_images(len(labels_all), self.views, capped_images(self.max_images, net.scales))
+        subset = sample_photos(labels_all, photos, self.seed) if photos < len(labels_all) else None
         was_training = backbone.training
         backbone.eval()
         rows, labels, groups = [], [], []
