@@ -131,7 +131,7 @@ def test_at_kaggle_scale_the_refit_plans_a_quarter_more_steps_and_the_head_fit_a
     the selection run plans and the most its refit can take (its whole plan, when the last epoch was the best);
     the head fit's forward passes (``head_fit.max_images``) against those of its phase's epoch."""
     from carnet.training.budget import plan_budget
-    from carnet.training.head_fit import plan_images
+    from carnet.training.head_fit import capped_images, plan_images
 
     planned = {}
     for phase in ("head", "unfreeze_half", "unfreeze_3q", "unfreeze_all", "finetune_448"):
@@ -143,5 +143,5 @@ def test_at_kaggle_scale_the_refit_plans_a_quarter_more_steps_and_the_head_fit_a
     assert planned["unfreeze_half"] == planned["unfreeze_3q"] == planned["unfreeze_all"] == (1945, 2430)
     assert planned["finetune_448"] == (1167, 1458)
     cfg = compose_cfg(["phase=head"])
-    photos, views = plan_images(12_449, cfg.head_fit.views, cfg.head_fit.max_images)
+    photos, views = plan_images(12_449, cfg.head_fit.views, capped_images(cfg.head_fit.max_images, cfg.model.scales))
     assert photos * views <= 0.1 * (12_449 + 3_112)  # the head phase's one epoch: every photo trained + validated
