@@ -108,11 +108,10 @@ def test_callbacks_in_python_are_the_recipe_of_conf(tmp_path: Path) -> None:
     built = {type(c): c for c in build_callbacks(cfg)}
     unfreeze = in_python(ProgressiveUnfreezing, {"schedule": cfg.unfreeze, "bn": cfg.bn})
     assert defaulted(ProgressiveUnfreezing, {"bn"}) == set() and unfreeze.bn == built[ProgressiveUnfreezing].bn
-    head_fit = in_python(HeadFit, {"views": cfg.head_fit.views, "folds": cfg.head_fit.folds,
-                                   "max_images": cfg.head_fit.max_images, "seed": cfg.seed})
-    assert defaulted(HeadFit, {"views", "folds", "max_images", "seed"}) == set()
-    assert (head_fit.views, head_fit.folds, head_fit.max_images, head_fit.seed) == (
-        built[HeadFit].views, built[HeadFit].folds, built[HeadFit].max_images, built[HeadFit].seed)
+    keys = ("views", "folds", "max_images", "pseudo_label", "seed")
+    head_fit = in_python(HeadFit, {**{k: cfg.head_fit.get(k) for k in keys}, "seed": cfg.seed})
+    assert defaulted(HeadFit, set(keys)) == set()
+    assert [getattr(head_fit, k) for k in keys] == [getattr(built[HeadFit], k) for k in keys]
     conf = {"progress": True, "summary": False, "metrics_every": cfg.trainer.log_every_n_steps}
     assert defaulted(console_callbacks, {"metrics_every"}) == set()
     bar, _ = console_callbacks(**{name: conf[name] for name in required(console_callbacks)}, tty=True)  # + EpochLines

@@ -75,7 +75,8 @@ def test_callbacks_report_through_the_protocol(tmp_path: Path) -> None:
     assert written(tmp_path, [], Reports()).phase == "probe"
     assert read_summary(tmp_path).unfrozen_fraction == 0.25
     schedule = ProgressiveUnfreezing([[0, 0.0], [2, 1.0]], bn="frozen")
-    reporters = [schedule, HeadFit(views=1, folds=2, max_images=None, seed=0),
+    reporters = [schedule, HeadFit(views=1, folds=2, max_images=None, pseudo_label=None,
+                           seed=0),
                  Phase(None, None, tmp_path, "test_efficientnet", {}, 10, monitor="val/loss", mode="min")]
     assert all(isinstance(callback, SummaryReporter) for callback in reporters)
     assert written(tmp_path, [], schedule).unfrozen_fraction == 0.0  # where the schedule stands before epoch 1

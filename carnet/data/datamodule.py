@@ -278,5 +278,11 @@ class CarDataModule(pl.LightningDataModule):
         return read_test(self.root)
 
     def predict_dataloader(self) -> DataLoader:
+        return self.unlabelled_loader()
+
+    def unlabelled_loader(self, photos: Sequence[int] | None = None) -> DataLoader:
+        """The test photos (``test_frame``) in the eval view, in order; ``photos``: only these rows of them."""
         frame = self.test_frame()
+        if photos is not None:
+            frame = frame.iloc[list(photos)]
         return self._loader(self._dataset(frame.path, None, self.eval_transform()), shuffle=False)

@@ -215,18 +215,58 @@ class Progress:
                  self.elapsed())
 
 
+# Pseudo-labelling rounds: each refits the head on the labelled rows plus the unlabelled photos the previous fit is
+# sure of. Two, as measured (docs/fine-tuning.md); the second lets the first refit's surer head admit more photos.
+PSEUDO_ROUNDS = 2
+
+
+def sure_photos(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(photo indices, their most likely class) of the rows of ``probs`` whose top probability exceeds
+    ``threshold``: the unlabelled photos a head is sure enough of to learn from."""
+    confidence, label = probs.max(1)
+    sure = torch.nonzero(confidence > threshold).flatten()
+    return sure, label[sure]
+
+
+def self_train(x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, unlabelled: torch.Tensor, num_classes: int,
+               threshold: float, grid: Sequence[float] = L2_GRID, folds: int = 5,
+               progress: Callable[[float, float, int, int], None] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """:func:`fit_head` on the labelled rows, then :data:`PSEUDO_ROUNDS` times again with the unlabelled photos the
+    last head was sure of (:func:`sure_photos`), labelled by it (self-training, Lee 2013's pseudo-labels on frozen
+    features). ``unlabelled``: [views, photos, features]; a photo's probability is the mean over its views, and
+    all its views join the rows, in one cross-validation fold (a group of their own)."""
+    weight, bias, info = fit_head(x, y, groups, num_classes, grid, folds, progress)
+    views, photos = unlabelled.shape[:2]
+    flat = unlabelled.reshape(views * photos, -1)
+    sure = torch.zeros(0, dtype=torch.long)
+    for _ in range(PSEUDO_ROUNDS):
+        probs = (flat @ weight.t() + bias).softmax(1).view(views, photos, -1).mean(0)
+        sure, labels = sure_photos(probs, threshold)
+        if not len(sure):
+            break
+        rows = unlabelled[:, sure].reshape(views * len(sure), -1)
+        extra = np.tile(np.arange(len(sure)), views) + int(groups.max()) + 1
+        weight, bias, info = fit_head(torch.cat([x, rows]), torch.cat([y, labels.to(y.device).repeat(views)]),
+                                      np.concatenate([groups, extra]), num_classes, grid, folds, progress)
+    return weight, bias, {**info, "pseudo_labelled": len(sure), "unlabelled": photos}
+
+
 class HeadFit(pl.Callback):
     """At the start of a run, fit the head on frozen features (L-BFGS, L2 by cross-validation); then train as
     configured. With a frozen backbone the SGD epochs that follow only refine it (and validation, with the
     phase's best checkpoint, decides whether they did).
 
     ``max_images`` caps the images whose features are computed, counted in forward passes at ``image_size``
-    (:func:`plan_images`, :func:`capped_images`); progress is logged."""
+    (:func:`plan_images`, :func:`capped_images`); progress is logged. With ``pseudo_label`` (a probability), the
+    head also learns from the unlabelled test photos it is that sure of (:func:`self_train`), within what the
+    labelled photos leave of ``max_images`` (each photo two passes: the eval view and mirrored)."""
 
     def __init__(self, *, views: int, folds: int, max_images: int | None, seed: int,
-                 grid: Sequence[float] = L2_GRID) -> None:
+                 pseudo_label: float | None, grid: Sequence[float] = L2_GRID) -> None:
         self.views, self.folds, self.grid = int(views), int(folds), tuple(float(g) for g in grid)
         self.max_images = int(max_images) if max_images else None
+        self.pseudo_label = None if pseudo_label is None else float(pseudo_label)
         self.seed = int(seed)
         self.head_fit: dict[str, Any] | None = None  # what the fit found, for summary.json
 
@@ -260,14 +300,61 @@ class HeadFit(pl.Callback):
         backbone.train(was_training)
         return torch.cat(rows), torch.cat(labels), np.concatenate(groups)
 
+    @torch.no_grad()
+    def unlabelled_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule, progress: Progress,
+                            spent: float) -> torch.Tensor | None:
+        """Pooled features of the unlabelled test photos as [views, photos, features], the views being the eval
+        view and its mirror at every scale: a seeded sample within the forward passes the labelled photos
+        (``spent``) left of ``max_images``. None when the data has no test photos or the budget none left.
+
+        Why labelled photos first: they are what the head fit measured on; where they fill the budget (on 365
+        photos nearly, at the competition's scale a sample of them does) the head needs no pseudo-labels."""
+        datamodule = trainer.datamodule
+        try:
+            frame = datamodule.test_frame()
+        except CarnetError as error:
+            log.info("head fit: no unlabelled photos to pseudo-label (%s)", error)
+            return None
+        net, backbone = pl_module.net, pl_module.backbone
+        photos = len(frame)
+        if self.max_images is not None:
+            photos = min(photos, int((self.max_images - spent) / (2 * sum(s * s for s in net.scales))))
+        if photos < 1:
+            log.info("head fit: no unlabelled photos to pseudo-label: the labelled photos took head_fit.max_images")
+            return None
+        subset = None if photos == len(frame) else np.sort(
+            np.random.default_rng(self.seed).choice(len(frame), photos, replace=False))
+        was_training = backbone.training
+        backbone.eval()
+        views: list[list[torch.Tensor]] = [[] for _ in range(2 * len(net.scales))]
+        done = 0
+        for images, _ in datamodule.unlabelled_loader(subset):
+            images = images.to(pl_module.device)
+            for i, (scale, mirrored) in enumerate((s, m) for s in net.scales for m in (False, True)):
+                with trainer.precision_plugin.forward_context():
+                    views[i].append(net.features(images.flip(-1) if mirrored else images, scale).float())
+            done += len(images)
+            progress.batch(0, 1, done, photos)
+        backbone.train(was_training)
+        log.info("head fit: features of %d unlabelled photos (eval view and mirrored), %.0f s", photos,
+                 progress.elapsed())
+        return torch.stack([torch.cat(v) for v in views])
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path:  # resumed: the checkpoint has the head already
             return
         layer = linear_layer(pl_module.head)
         progress = Progress()
         x, y, groups = self.features(trainer, pl_module, progress)
+        spent = len(y) / len(pl_module.net.scales) * sum(s * s for s in pl_module.net.scales)  # forward passes
+        unlabelled = (None if self.pseudo_label is None
+                      else self.unlabelled_features(trainer, pl_module, progress, spent))
         features_seconds = progress.elapsed()
-        weight, bias, info = fit_head(x, y, groups, layer.out_features, self.grid, self.folds, progress.grid)
+        if unlabelled is None:
+            weight, bias, info = fit_head(x, y, groups, layer.out_features, self.grid, self.folds, progress.grid)
+        else:
+            weight, bias, info = self_train(x, y, groups, unlabelled, layer.out_features, self.pseudo_label,
+                                            self.grid, self.folds, progress.grid)
         weight = trainer.strategy.broadcast(weight)  # DDP: every rank ends with rank 0's head
         bias = trainer.strategy.broadcast(bias)
         with torch.no_grad():
@@ -281,8 +368,10 @@ class HeadFit(pl.Callback):
                          "features_seconds": round(features_seconds, 1),
                          "solver_seconds": round(progress.elapsed() - features_seconds, 1),
                          "seconds": round(progress.elapsed(), 1)}
-        log.info("head fitted on frozen features: %d photos x %d views, l2=%g (cross-validated), train acc %.3f, "
-                 "%.1f s (features %.1f s, solver %.1f s)", photos, self.head_fit["views"], info["l2"],
+        log.info("head fitted on frozen features: %d photos x %d views%s, l2=%g (cross-validated), train acc %.3f, "
+                 "%.1f s (features %.1f s, solver %.1f s)", photos, self.head_fit["views"],
+                 f" + {info['pseudo_labelled']} of {info['unlabelled']} unlabelled photos it was sure of"
+                 if "unlabelled" in info else "", info["l2"],
                  train_acc, progress.elapsed(), features_seconds, progress.elapsed() - features_seconds)
 
     def add_to_summary(self, summary: RunSummary) -> None:
