@@ -72,3 +72,24 @@ def test_accuracy_benchmark_end_to_end(dataset: tuple[Path, Path], tmp_path: Pat
     table = (out / "accuracy.md").read_text()
     for name in ("probe", "finetune", "carnet", *PHASES):
         assert f"| {name} |" in table
+
+
+@pytest.mark.slow
+def test_pseudo_label_cv_scores_each_threshold_on_held_out_training_photos(dataset: tuple[Path, Path],
+                                                                           tmp_path: Path) -> None:
+    """benchmarks/pseudo_label_cv.py: a row a threshold, its CV accuracy over every training photo (40, so a
+    multiple of 1/40), test accuracy over the 10 test photos; two scales exercise the upsampled features."""
+    root, weights = dataset
+    out = tmp_path / "cv.md"
+    command = [sys.executable, str(REPO / "benchmarks" / "pseudo_label_cv.py"), "--data", str(root), "--weights",
+               str(weights), "--model", "test_efficientnet", "--image-size", "64", "--scales", "1", "1.5",
+               "--thresholds", "off", "0.2", "--seeds", "0", "--folds", "2", "--views", "1", "--threads", "1",
+               "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    rows = [line.strip("|").split("|") for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r[0].strip() for r in rows] == ["off", "0.2"]
+    for row in rows:
+        cv, test = float(row[1]), float(row[3])
+        assert round(cv * 40, 6).is_integer() and round(test * 10, 6).is_integer() and 0 <= min(cv, test) <= 1
