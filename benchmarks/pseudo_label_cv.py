@@ -75,15 +75,16 @@ def features(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     evaluated = [predict_views(net, loader(Photos(test_paths, test_y, EvalView(config, args.image_size)), args),
                                device) for net in nets]
     test_x = torch.stack([torch.stack([plain for plain, _ in evaluated]), torch.stack([m for _, m in evaluated])])
-    mirrored = torch.stack([predict_views(net, loader(Photos(train_paths, train_y, EvalView(config, args.image_size)),
-                                                      args), device)[1] for net in nets])
+    # The eval view draws nothing random: computed once (with its mirror), it is view 0 of every seed.
+    train_eval = [predict_views(net, loader(Photos(train_paths, train_y, EvalView(config, args.image_size)), args),
+                                device) for net in nets]
+    plain, mirrored = torch.stack([p for p, _ in train_eval]), torch.stack([m for _, m in train_eval])
     per_seed = []
     for seed in args.seeds:
-        views = [EvalView(config, args.image_size)] + [AugmentedView(config, args.image_size, "light", seed * 1000 + v)
-                                                      for v in range(args.views)]
-        per_seed.append(torch.stack([torch.stack([
-            predict_views(net, loader(Photos(train_paths, train_y, view), args, seed=seed + i), device, flip=False)[0]
-            for net in nets]) for i, view in enumerate(views)]))
+        views = [AugmentedView(config, args.image_size, "light", seed * 1000 + v) for v in range(args.views)]
+        per_seed.append(torch.stack([plain] + [torch.stack([
+            predict_views(net, loader(Photos(train_paths, train_y, view), args, seed=seed + 1 + i), device,
+                          flip=False)[0] for net in nets]) for i, view in enumerate(views)]))
         print(f"features: seed {seed} done", flush=True)
     return {"train": torch.stack(per_seed), "train_mirrored": mirrored, "test": test_x,
             "train_y": torch.tensor(train_y), "test_y": torch.tensor(test_y)}

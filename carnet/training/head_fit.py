@@ -37,6 +37,18 @@ L2_GRID = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-
 
 
 @contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in evaluation mode (BatchNorm's running statistics, no dropout) while features are computed, then
+    back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@contextmanager
 def single_thread(device: torch.device) -> Iterator[None]:
     """One intra-op thread for the solver on the CPU: its matrices are small, and on a loaded machine OpenMP's
     waiting threads made one fit 100x slower (32 s instead of 0.2 s for 150 x 1280 features, 2 cores)."""
@@ -169,13 +181,18 @@ def plan_images(num_photos: int, views: int, max_images: int | None) -> tuple[in
     return max_images, 1
 
 
+def passes_per_image(scales: Sequence[float]) -> float:
+    """Forward passes at ``image_size`` one image costs at ``model.scales``: s² a scale (its area)."""
+    return sum(s * s for s in scales)
+
+
 def capped_images(max_images: int | None, scales: Sequence[float]) -> int | None:
     """The images ``max_images`` allows at ``model.scales``: an image at scale s costs s² forward passes at
     ``image_size`` (its area), so [1, 1.29] counts 2.7 a view. The cap is a budget of passes, so that the head fit
     stays the same share of its phase with several scales as with one."""
     if max_images is None:
         return None
-    return max(1, int(max_images / sum(s * s for s in scales)))
+    return max(1, int(max_images / passes_per_image(scales)))
 
 
 def sample_photos(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -281,23 +298,21 @@ class HeadFit(pl.Callback):
         net, backbone = pl_module.net, pl_module.backbone
         photos, per_photo = plan_images(len(labels_all), self.views, capped_images(self.max_images, net.scales))
         subset = sample_photos(labels_all, photos, self.seed) if photos < len(labels_all) else None
-        was_training = backbone.training
-        backbone.eval()
-        rows, labels, groups = [], [], []
-        for view in range(per_photo):
-            loader = datamodule.feature_loader(augmented=view > 0, seed=view, photos=subset)
-            start = 0
-            for images, targets in loader:
-                images = images.to(pl_module.device)  # uint8: the net normalises (and sets the memory format)
-                for scale in net.scales:  # one row per scale the network predicts at (model.scales)
-                    with trainer.precision_plugin.forward_context():
-                        rows.append(net.features(images, scale).float())
-                    labels.append(targets.to(pl_module.device))
-                    groups.append(np.arange(start, start + len(targets)))
-                start += len(targets)
-                progress.batch(view, per_photo, start, photos)
-            progress.view(view, per_photo, photos)
-        backbone.train(was_training)
+        with eval_mode(backbone):
+            rows, labels, groups = [], [], []
+            for view in range(per_photo):
+                loader = datamodule.feature_loader(augmented=view > 0, seed=view, photos=subset)
+                start = 0
+                for images, targets in loader:
+                    images = images.to(pl_module.device)  # uint8: the net normalises (and sets the memory format)
+                    for scale in net.scales:  # one row per scale the network predicts at (model.scales)
+                        with trainer.precision_plugin.forward_context():
+                            rows.append(net.features(images, scale).float())
+                        labels.append(targets.to(pl_module.device))
+                        groups.append(np.arange(start, start + len(targets)))
+                    start += len(targets)
+                    progress.batch(view, per_photo, start, photos)
+                progress.view(view, per_photo, photos)
         return torch.cat(rows), torch.cat(labels), np.concatenate(groups)
 
     @torch.no_grad()
@@ -318,24 +333,22 @@ class HeadFit(pl.Callback):
         net, backbone = pl_module.net, pl_module.backbone
         photos = len(frame)
         if self.max_images is not None:
-            photos = min(photos, int((self.max_images - spent) / (2 * sum(s * s for s in net.scales))))
+            photos = min(photos, int((self.max_images - spent) / (2 * passes_per_image(net.scales))))
         if photos < 1:
             log.info("head fit: no unlabelled photos to pseudo-label: the labelled photos took head_fit.max_images")
             return None
         subset = None if photos == len(frame) else np.sort(
             np.random.default_rng(self.seed).choice(len(frame), photos, replace=False))
-        was_training = backbone.training
-        backbone.eval()
-        views: list[list[torch.Tensor]] = [[] for _ in range(2 * len(net.scales))]
-        done = 0
-        for images, _ in datamodule.unlabelled_loader(subset):
-            images = images.to(pl_module.device)
-            for i, (scale, mirrored) in enumerate((s, m) for s in net.scales for m in (False, True)):
-                with trainer.precision_plugin.forward_context():
-                    views[i].append(net.features(images.flip(-1) if mirrored else images, scale).float())
-            done += len(images)
-            progress.batch(0, 1, done, photos)
-        backbone.train(was_training)
+        with eval_mode(backbone):
+            views: list[list[torch.Tensor]] = [[] for _ in range(2 * len(net.scales))]
+            done = 0
+            for images, _ in datamodule.unlabelled_loader(subset):
+                images = images.to(pl_module.device)
+                for i, (scale, mirrored) in enumerate((s, m) for s in net.scales for m in (False, True)):
+                    with trainer.precision_plugin.forward_context():
+                        views[i].append(net.features(images.flip(-1) if mirrored else images, scale).float())
+                done += len(images)
+                progress.batch(0, 1, done, photos)
         log.info("head fit: features of %d unlabelled photos (eval view and mirrored), %.0f s", photos,
                  progress.elapsed())
         return torch.stack([torch.cat(v) for v in views])
@@ -346,7 +359,7 @@ class HeadFit(pl.Callback):
         layer = linear_layer(pl_module.head)
         progress = Progress()
         x, y, groups = self.features(trainer, pl_module, progress)
-        spent = len(y) / len(pl_module.net.scales) * sum(s * s for s in pl_module.net.scales)  # forward passes
+        spent = len(y) / len(pl_module.net.scales) * passes_per_image(pl_module.net.scales)  # forward passes
         unlabelled = (None if self.pseudo_label is None
                       else self.unlabelled_features(trainer, pl_module, progress, spent))
         features_seconds = progress.elapsed()
