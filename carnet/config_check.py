@@ -216,7 +216,7 @@ TRAIN: tuple[Check, ...] = (
     ("model.pretrained", FLAG, ""),
     ("model.drop_rate", FRACTION, ""),
     ("model.drop_path_rate", FRACTION, ""),
-    ("model.channels_last", FLAG, ""),
+    ("model.channels_last", OneOf((True, False, "auto")), ""),
     ("model.compile", OneOf((True, False, "regional", "auto")), ""),
     ("model.scales", ListOf(Number(1, 4)), "multiples of image_size the network predicts at"),
     ("head.dropout", FRACTION, ""),

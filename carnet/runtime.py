@@ -1,10 +1,10 @@
 """Every ``auto`` of a config, resolved once, from the device the run uses, into one object.
 
 A training config says ``auto`` (or ``null``) where the right value depends on the machine: ``trainer.precision``,
-``trainer.benchmark``, ``optimizer.fused``, ``model.compile``, ``checkpoint.async_save``, ``data.decode``,
-``data.num_workers``, and the loaders' ``pin_memory``. :func:`resolve_runtime` decides all of them from one fact,
-the device the Trainer trains on (:func:`run_device`), and returns a :class:`Runtime`: ``train()`` passes it to
-every builder and writes it to ``summary.json`` as ``resolved``, so a run says what it ran with. predict's
+``trainer.benchmark``, ``optimizer.fused``, ``model.channels_last``, ``model.compile``, ``checkpoint.async_save``,
+``data.decode``, ``data.num_workers``, and the loaders' ``pin_memory``. :func:`resolve_runtime` decides all of them
+from one fact, the device the Trainer trains on (:func:`run_device`), and returns a :class:`Runtime`: ``train()``
+passes it to every builder and writes it to ``summary.json`` as ``resolved``, so a run says what it ran with. predict's
 ``device``, ``amp`` and ``data.num_workers`` resolve here too (:func:`inference_device`, :func:`inference_amp`,
 :func:`resolve_workers`). docs/architecture.md has the table of every ``auto``.
 
@@ -108,6 +108,7 @@ class Runtime:
     device: str = _key("device")  # cuda, cpu or mps: where the Trainer trains
     precision: str = _key("trainer.precision")
     benchmark: bool = _key("trainer.benchmark")  # cudnn.benchmark
+    channels_last: bool = _key("model.channels_last")  # NHWC weights and activations
     compile: bool | str = _key("model.compile")  # False, True or "regional"
     fused: bool | None = _key("optimizer.fused")  # None: the optimizer has no fused kernel (sgd)
     async_save: bool = _key("checkpoint.async_save")
@@ -128,16 +129,19 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
     """The :class:`Runtime` of a training config on this machine. ``auto`` (``null`` for ``trainer.benchmark``)
     means, on a CUDA run: bf16 (16-mixed without bf16), cudnn.benchmark, the fused AdamW/Adam kernel, regional
     compilation, checkpoints written in the background, decoding on the GPU where the augment allows, and pinned
-    loader memory; elsewhere all of them off and fp32. ``data.num_workers=auto`` is :func:`default_num_workers`."""
+    loader memory; elsewhere all of them off and fp32. ``model.channels_last=auto`` is the other way round: on for
+    CPU runs (oneDNN's NHWC convolutions), off on GPUs until measured there (docs/performance.md, "Measured where").
+    ``data.num_workers=auto`` is :func:`default_num_workers`."""
     device = run_device(cfg.trainer.accelerator)
     cuda = device == "cuda" and torch.cuda.is_available()  # else Lightning refuses the accelerator when it builds
     fused = cfg.optimizer.get("fused")  # absent (sgd): no such option
-    compile_, async_save = cfg.model.compile, cfg.checkpoint.async_save
+    channels_last, compile_, async_save = cfg.model.channels_last, cfg.model.compile, cfg.checkpoint.async_save
     augment = OmegaConf.to_container(cfg.augment.train, resolve=True)
     return Runtime(
         device=device,
         precision=_precision(cfg.trainer.precision, cuda),
         benchmark=cuda if cfg.trainer.benchmark is None else bool(cfg.trainer.benchmark),
+        channels_last=device == "cpu" if _auto(channels_last) else bool(channels_last),
         compile=("regional" if cuda else False) if _auto(compile_) else compile_,
         fused=cuda if _auto(fused) else fused,
         async_save=cuda if _auto(async_save) else bool(async_save),

@@ -76,8 +76,18 @@ def test_gpu_paths_not_yet_measured_on_a_gpu_are_opt_in(fake_gpu: callable) -> N
     fake_gpu()
     runtime = resolved()
     assert (runtime.device, runtime.precision, runtime.benchmark, runtime.fused) == ("cuda", "bf16-mixed", True, True)
-    assert (runtime.compile, runtime.async_save, runtime.decode) == (False, False, "cpu")
+    assert (runtime.compile, runtime.async_save, runtime.decode, runtime.channels_last) == (False, False, "cpu", False)
     assert runtime.pin_memory is True
+
+
+def test_channels_last_is_on_for_cpu_runs_only(fake_gpu: callable) -> None:
+    """model.channels_last=auto: NHWC where it measured faster (the CPU), typed values as typed."""
+    assert resolved("trainer=cpu").channels_last is True
+    assert resolved("trainer=cpu", "model.channels_last=false").channels_last is False
+    fake_gpu()
+    assert resolved("trainer=gpu").channels_last is False
+    assert resolved("trainer=gpu", "model.channels_last=true").channels_last is True
+    assert resolved("trainer=cpu").channels_last is True  # trainer=cpu on a GPU machine
 
 
 def test_loaders_pin_memory_only_for_a_cuda_run(fake_gpu: callable, tiny_data: Path) -> None:
@@ -155,7 +165,8 @@ def test_summary_json_says_what_the_run_ran_with(tiny_data: Path, tmp_path: Path
     assert summary["resolved"] == json.loads(probe.read_text())
     if not torch.cuda.is_available():
         assert summary["resolved"] == {
-            "device": "cpu", "trainer.precision": "32-true", "trainer.benchmark": False, "model.compile": False,
+            "device": "cpu", "trainer.precision": "32-true", "trainer.benchmark": False, "model.channels_last": True,
+            "model.compile": False,
             "optimizer.fused": False, "checkpoint.async_save": False, "data.decode": "cpu",
             "data.num_workers": default_num_workers(), "pin_memory": False}
 

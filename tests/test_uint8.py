@@ -60,7 +60,7 @@ def test_network_on_uint8_equals_the_float_path() -> None:
 
 
 def test_normalisation_follows_memory_format_and_autocast() -> None:
-    plain = classifier(class_names=list("abc"), head=HEAD).eval()
+    plain = classifier(class_names=list("abc"), head=HEAD, channels_last=False).eval()
     fast = classifier(class_names=list("abc"), head=HEAD, channels_last=True).eval()
     fast.net.load_state_dict(plain.net.state_dict())
     batch = pixels(2, 64)

@@ -28,8 +28,8 @@ from carnet.training.seeding import SeedEachEpoch
 
 
 def build_module(cfg: DictConfig, runtime: Runtime) -> CarClassifier:
-    """The LightningModule for ``cfg`` (model, head, optimizer, scheduler), compiled and with the optimizer's
-    kernel as ``runtime`` resolved them."""
+    """The LightningModule for ``cfg`` (model, head, optimizer, scheduler), in the memory format, compiled and
+    with the optimizer's kernel as ``runtime`` resolved them."""
     if runtime.compile and cfg.model.compile_cache:
         use_compile_cache(cfg.model.compile_cache)  # before the first compilation
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
@@ -44,7 +44,7 @@ def build_module(cfg: DictConfig, runtime: Runtime) -> CarClassifier:
         weights=cfg.model.weights,
         drop_rate=cfg.model.drop_rate,
         drop_path_rate=cfg.model.drop_path_rate,
-        channels_last=cfg.model.channels_last,
+        channels_last=runtime.channels_last,
         compile=runtime.compile,
         compile_backend=cfg.model.compile_backend,
         optimizer=optimizer,

@@ -28,6 +28,7 @@ class WhatRan(pl.Callback):
             "device": pl_module.device.type,
             "trainer.precision": trainer.precision,
             "trainer.benchmark": torch.backends.cudnn.benchmark,
+            "model.channels_last": pl_module.net.uses_channels_last(),
             "model.compile": compiled,
             "optimizer.fused": trainer.optimizers[0].defaults.get("fused"),
             "checkpoint.async_save": isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO),
