@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from carnet.data.datamodule import CarDataModule
@@ -29,7 +30,10 @@ DATA_CONFIG = {"interpolation": "bicubic", "crop_pct": 0.95}
 @functools.cache
 def _module_recipe() -> dict[str, Any]:
     cfg = compose_cfg(TINY)
-    return dict(build_module(cfg, resolve_runtime(cfg)).hparams)  # every constructor argument, as built from conf/
+    # Every constructor argument, as built from conf/. The build draws random weights: on the RNG's own fork, so
+    # the first classifier() after a test's seed gets the weights that seed gives, as every later one does.
+    with torch.random.fork_rng():
+        return dict(build_module(cfg, resolve_runtime(cfg)).hparams)
 
 
 def classifier(**changes: Any) -> CarClassifier:
