@@ -166,8 +166,7 @@ def test_summary_json_says_what_the_run_ran_with(tiny_data: Path, tmp_path: Path
     if not torch.cuda.is_available():
         assert summary["resolved"] == {
             "device": "cpu", "trainer.precision": "32-true", "trainer.benchmark": False, "model.channels_last": True,
-            "model.compile": False,
-            "optimizer.fused": False, "checkpoint.async_save": False, "data.decode": "cpu",
+            "model.compile": False, "optimizer.fused": False, "checkpoint.async_save": False, "data.decode": "cpu",
             "data.num_workers": default_num_workers(), "pin_memory": False}
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,18 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | None = N
     if weights:
         load_backbone_weights(backbone, weights)
     return backbone
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in evaluation mode (BatchNorm's running statistics, no dropout) for a pass outside the Trainer's
+    loops (the head fit's features, a phase's start score), then back in the mode it was in, also on an error."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class Normalize(nn.Module):

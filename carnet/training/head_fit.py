@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carnet.errors import CarnetError
+from carnet.models.network import eval_mode
 from carnet.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -34,18 +35,6 @@ log = logging.getLogger(__name__)
 # at 1e-6, flat below 1e-5, where the solver's iteration cap regularises). The walk starts at the strong end and
 # stops once the loss rises, so a larger set whose minimum lies higher never reaches the costly weak end.
 L2_GRID = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` in evaluation mode (BatchNorm's running statistics, no dropout) while features are computed, then
-    back in the mode it was in."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from carnet.artifacts import atomic_path, read_metrics, write_json
 from carnet.config import plain
 from carnet.errors import CheckpointError, PhaseError
 from carnet.models.checkpoint import CHECKPOINT_KEY, read_checkpoint
+from carnet.models.network import eval_mode
 from carnet.plots import epoch_axis
 from carnet.summary import RunSummary, read_summary
 from carnet.training.finetune import fraction_at, parse_schedule
@@ -269,17 +270,15 @@ def better(score: float, reference: float, mode: str, rel_tol: float = 1e-5) -> 
 def evaluate(pl_module: pl.LightningModule, loader: Iterable, trainer: pl.Trainer) -> dict[str, float]:
     """Validation loss and accuracy of the current weights, computed as ``validation_step`` does (a plain loop: the
     Trainer's validation loop cannot run before the first epoch and count for checkpointing)."""
-    was_training = pl_module.training
-    pl_module.eval()
     loss, correct, count = 0.0, 0, 0
-    for images, labels in loader:
-        images, labels = images.to(pl_module.device), labels.to(pl_module.device)
-        with trainer.precision_plugin.forward_context():
-            batch_loss, logits, _ = pl_module._step((images, labels))  # the loss validation_step computes
-        loss += batch_loss.item() * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
-        count += len(labels)
-    pl_module.train(was_training)
+    with eval_mode(pl_module):
+        for images, labels in loader:
+            images, labels = images.to(pl_module.device), labels.to(pl_module.device)
+            with trainer.precision_plugin.forward_context():
+                batch_loss, logits, _ = pl_module._step((images, labels))  # the loss validation_step computes
+            loss += batch_loss.item() * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            count += len(labels)
     return {"val/loss": loss / max(1, count), "val/acc": correct / max(1, count)}
 
 
