@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from rich.console import Console
 
 from carnet.data.layout import scan_train
 from carnet.data.sources import load_source, read_sources
 from carnet.errors import DataError
+from carnet.summary import read_summary
 from carnet.tools.demo import CLASS_NAMES
+from carnet.training.pipeline import run_pipeline
 from tests.helpers.images import car_jpeg
+from tests.helpers.overrides import ONE_BATCH
 from tests.helpers.paths import REPO
 from tests.helpers.recipe import data_module
 
@@ -194,3 +199,17 @@ def test_train_records_sources_in_summary(train_run, sources: dict[str, Path]) -
     split = pd.read_csv(run_dir / "split.csv")
     assert set(split[split.source != "train"].split) == {"train"}
     assert summary["num_train"] == (split.split == "train").sum() and summary["num_val"] == (split.fold == 1).sum()
+
+
+def test_a_pipeline_passes_an_extra_source_list_on_as_typed(tiny_data: Path, sources: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """carnet-pipeline echoes each phase's command before running it: ``data.extra=[/abs/source.yaml]`` is a Hydra
+    list, not Rich markup (read as a closing tag, it stopped the pipeline before its first phase)."""
+    shown = io.StringIO()
+    extra = f"data.extra=[{sources['csv']}]"
+    folder = run_pipeline([f"data.root={tiny_data}", *ONE_BATCH, "head_fit.views=0", f"paths.output_dir={tmp_path}",
+                           "refit=false", extra], ["head"], console=Console(file=shown, width=300),
+                          folder=tmp_path / "p")
+    assert extra in shown.getvalue()
+    run_dir = json.loads((folder / "pipeline.json").read_text())["phases"][0]["run_dir"]
+    assert read_summary(run_dir).extra_sources["web"]["used"] == 3

@@ -240,7 +240,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
             runs.append((phase, None))
             write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped)
             continue
-        console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
+        console.print(" ".join(command[1:]), style="dim", soft_wrap=True, markup=False)
         runs.append((phase, run_dir))
         code = run_phase(command, env, settings.pipeline.fork_phases)
         write_pipeline_report(folder, runs, title=" → ".join(p for p, _ in runs), skipped=skipped)
@@ -285,7 +285,7 @@ def run_refit(folder: Path, phases_dir: Path, runs: list[tuple[str, Path | None]
             continue
         run_dir = folder / f"{next_index(folder)}-refit-{phase}"
         command = refit_command(phase, selection, run_dir, refit_phases, common, per_phase.get(phase, []))
-        console.print(" ".join(command[1:]), style="dim", soft_wrap=True)
+        console.print(" ".join(command[1:]), style="dim", soft_wrap=True, markup=False)
         done.append((phase, run_dir))
         code = run_phase(command, env, fork)
         if code == 0:
