@@ -635,8 +635,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variant-repo", nargs=2, action="append", default=[], metavar=("NAME", "DIR"),
                     help="run variant NAME (or carnet) from another checkout of carnet, e.g. the main branch")
     ap.add_argument("--augment", default="light", help="conf/augment option of headfit's augmented views")
-    ap.add_argument("--headfit-views", type=int, default=4, help="headfit's augmented views of each photo "
-                    "(head_fit.views' default)")
+    ap.add_argument("--headfit-views", type=int, default=OmegaConf.load(config_dir() / "train.yaml").head_fit.views,
+                    help="headfit's augmented views of each photo (default: head_fit.views' default)")
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     args = ap.parse_args(argv)
     args.phases = [p for p in args.phases.split(",") if p]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.helpers.paths import REPO
 
@@ -51,7 +52,7 @@ def test_accuracy_benchmark_end_to_end(dataset: tuple[Path, Path], tmp_path: Pat
 
     results = json.loads((out / "accuracy.json").read_text())
     runs = results["runs"]
-    assert set(runs) == {"probe", "finetune", "carnet"}
+    assert set(runs) == {"probe", "headfit", "finetune", "carnet"}
     for method, rows in runs.items():
         assert [r["seed"] for r in rows] == [0], method
         for key in ("test_acc", "test_acc_tta"):
@@ -59,6 +60,8 @@ def test_accuracy_benchmark_end_to_end(dataset: tuple[Path, Path], tmp_path: Pat
         assert rows[0]["seconds"] > 0
     assert 0.0 <= runs["probe"][0]["val_acc"] <= 1.0
     assert runs["finetune"][0]["val_acc"] is None
+    default_views = OmegaConf.load(REPO / "conf" / "train.yaml").head_fit.views  # stated once, in conf
+    assert runs["headfit"][0]["views"] == 1 + default_views  # the eval view and as many augmented ones as carnet's
 
     carnet = runs["carnet"][0]
     assert [p["phase"] for p in carnet["phases"]] == PHASES
@@ -70,7 +73,7 @@ def test_accuracy_benchmark_end_to_end(dataset: tuple[Path, Path], tmp_path: Pat
     assert all("image_size=64" in c for c in commands[:2])
 
     table = (out / "accuracy.md").read_text()
-    for name in ("probe", "finetune", "carnet", *PHASES):
+    for name in ("probe", "headfit", "finetune", "carnet", *PHASES):
         assert f"| {name} |" in table
 
 
