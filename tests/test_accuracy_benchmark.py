@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,18 +82,31 @@ def test_accuracy_benchmark_end_to_end(dataset: tuple[Path, Path], tmp_path: Pat
 def test_pseudo_label_cv_scores_each_threshold_on_held_out_training_photos(dataset: tuple[Path, Path],
                                                                            tmp_path: Path) -> None:
     """benchmarks/pseudo_label_cv.py: a row a threshold, its CV accuracy over every training photo (40, so a
-    multiple of 1/40), test accuracy over the 10 test photos; two scales exercise the upsampled features."""
+    multiple of 1/40), its accuracy on the --val root's photos that are not training photos (by file name), test
+    accuracy over the 10 test photos; two scales exercise the upsampled features."""
+    from carnet.data.layout import scan_train
+    from carnet.tools.demo import CLASS_NAMES, make_dataset
+
     root, weights = dataset
+    val_root = make_dataset(tmp_path / "val", per_class=6, test=1, seed=1)
+    train = scan_train(root, len(CLASS_NAMES))
+    for path in train.path[:3]:  # training photos among the validation photos: they must be left out
+        shutil.copy(root / path, val_root / path)
+    held_out = [p for p in scan_train(val_root, len(CLASS_NAMES)).path if p not in set(train.path)]
+    assert len(held_out) == 6 * len(CLASS_NAMES)
     out = tmp_path / "cv.md"
     command = [sys.executable, str(REPO / "benchmarks" / "pseudo_label_cv.py"), "--data", str(root), "--weights",
                str(weights), "--model", "test_efficientnet", "--image-size", "64", "--scales", "1", "1.5",
                "--thresholds", "off", "0.2", "--seeds", "0", "--folds", "2", "--views", "1", "--threads", "1",
-               "--out", str(out)]
+               "--val", str(val_root), "--out", str(out)]
     proc = subprocess.run(command, cwd=REPO, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert f"{len(held_out)} validation photos" in out.read_text()
     rows = [line.strip("|").split("|") for line in out.read_text().splitlines() if line.startswith("| ")][1:]
     assert [r[0].strip() for r in rows] == ["off", "0.2"]
     for row in rows:
-        cv, test = float(row[1]), float(row[3])
-        assert round(cv * 40, 6).is_integer() and round(test * 10, 6).is_integer() and 0 <= min(cv, test) <= 1
+        cv, val, test = float(row[1]), float(row[3]), float(row[5])
+        assert round(cv * 40, 6).is_integer() and round(test * 10, 6).is_integer()
+        photos = val * len(held_out)  # a share of the 60 photos, printed to 3 decimals
+        assert abs(photos - round(photos)) <= 0.0005 * len(held_out) and 0 <= min(cv, val, test) <= 1
