@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carnet.training.head_fit import capped_images, plan_images, sample_photos
+from carnet.training.head_fit import capped_images, passes_per_image, plan_images, sample_photos
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
@@ -28,6 +28,20 @@ def test_the_cap_counts_forward_passes_at_several_scales() -> None:
     assert capped_images(1500, [1.0, 1.29]) == 563  # 1 + 1.29² = 2.66 passes an image
     assert plan_images(292, 4, capped_images(1500, [1.0, 1.29])) == (292, 1)  # 365 photos' training split: eval view
     assert plan_images(40, 4, capped_images(1500, [1.0, 1.29])) == (40, 5)  # few photos: unchanged
+
+
+def test_the_few_shot_recipe_keeps_every_view_and_the_test_photos_within_its_cap() -> None:
+    """experiment=few_shot's two scales cost 2.7 passes an image: its cap keeps 50 photos' every view and leaves
+    the pseudo-labels the few-shot development set's 123 test photos (two views a photo), as measured; the
+    default cap would not."""
+    cfg = compose_cfg(["experiment=few_shot", "phase=head"])
+    scales, cap, views = list(cfg.model.scales), cfg.head_fit.max_images, cfg.head_fit.views
+    assert len(scales) == 2 and cfg.head_fit.enabled
+    photos, per_photo = plan_images(50, views, capped_images(cap, scales))
+    assert (photos, per_photo) == (50, views + 1)
+    assert cap - photos * per_photo * passes_per_image(scales) >= 123 * 2 * passes_per_image(scales)
+    default_cap = compose_cfg(["phase=head"]).head_fit.max_images
+    assert plan_images(50, views, capped_images(default_cap, scales))[1] < views + 1
 
 
 def test_a_sample_of_photos_keeps_every_class_in_proportion() -> None:
