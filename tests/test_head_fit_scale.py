@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carnet.training.head_fit import capped_images, passes_per_image, plan_images, sample_photos
+from carnet.training.head_fit import capped_images, passes_per_image, plan_images, sample_photos, unlabelled_photos
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
@@ -39,9 +39,11 @@ def test_the_few_shot_recipe_keeps_every_view_and_the_test_photos_within_its_cap
     assert len(scales) == 2 and cfg.head_fit.enabled
     photos, per_photo = plan_images(50, views, capped_images(cap, scales))
     assert (photos, per_photo) == (50, views + 1)
-    assert cap - photos * per_photo * passes_per_image(scales) >= 123 * 2 * passes_per_image(scales)
+    assert unlabelled_photos(cap, photos * per_photo * passes_per_image(scales), scales) >= 123
     default_cap = compose_cfg(["phase=head"]).head_fit.max_images
-    assert plan_images(50, views, capped_images(default_cap, scales))[1] < views + 1
+    photos, per_photo = plan_images(50, views, capped_images(default_cap, scales))
+    assert per_photo < views + 1
+    assert unlabelled_photos(default_cap, photos * per_photo * passes_per_image(scales), scales) < 123
 
 
 def test_a_sample_of_photos_keeps_every_class_in_proportion() -> None:

@@ -184,6 +184,14 @@ def capped_images(max_images: int | None, scales: Sequence[float]) -> int | None
     return max(1, int(max_images / passes_per_image(scales)))
 
 
+def unlabelled_photos(max_images: int | None, spent: float, scales: Sequence[float]) -> int | None:
+    """How many unlabelled photos the pseudo-labels may take: what the labelled images' forward passes (``spent``)
+    left of ``max_images``, each photo two images (the eval view and mirrored) at every scale. None: no cap."""
+    if max_images is None:
+        return None
+    return int((max_images - spent) / (2 * passes_per_image(scales)))
+
+
 def sample_photos(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """``count`` row indices of ``labels``, stratified by class (each class in proportion, at least one), sorted."""
     rng = np.random.default_rng(seed)
@@ -321,8 +329,9 @@ class HeadFit(pl.Callback):
             return None
         net, backbone = pl_module.net, pl_module.backbone
         photos = len(frame)
-        if self.max_images is not None:
-            photos = min(photos, int((self.max_images - spent) / (2 * passes_per_image(net.scales))))
+        budget = unlabelled_photos(self.max_images, spent, net.scales)
+        if budget is not None:
+            photos = min(photos, budget)
         if photos < 1:
             log.info("head fit: no unlabelled photos to pseudo-label: the labelled photos took head_fit.max_images")
             return None
