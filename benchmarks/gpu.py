@@ -348,6 +348,7 @@ def predict_rates(a: argparse.Namespace, root: Path, batch_size: int, tmp: Path)
 def end_to_end(a: argparse.Namespace) -> None:
     low = torch.bfloat16 if a.precision.startswith("bf16") else torch.float16 if a.precision.startswith("16") else None
     variant = Variant(f"{a.precision}+channels_last", low, True, False)
+    started = time.perf_counter()
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{card}, torch {torch.__version__}; {a.model} at {a.image_size} px, {a.precision}, channels_last, eager; "
           f"batches {a.batch_size}, {a.workers} loader workers, data.decode={a.decode or 'default'}, {a.steps} timed "
@@ -394,6 +395,7 @@ def end_to_end(a: argparse.Namespace) -> None:
     print("\nmodel-only: training steps on uint8 batches already on the device; loader: carnet's DataModule alone, "
           "batches copied to the device; end-to-end: carnet's train() (validation and LR scheduler off); goals: "
           "end-to-end >= 0.95 x model-only, predict >= 0.9 x raw forward, TTA n views <= 1.1 x n x plain time.")
+    print(f"gpu.py --end-to-end: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# carnet's GPU suite: benchmarks/gpu.py --end-to-end for tf_efficientnet_b6 at 448 px, bf16 (fp16 on cards without
-# it), channels_last, batches 32 and 64: model-only vs loader alone vs carnet's train(), and GPU predict (plain and
-# TTA) vs the raw forward pass. Ends with Markdown tables for README "Performance". Budget: under 8 minutes on an
-# H100 (a timeout stops it at 8).
+# carnet's GPU suite, correctness first: (1) the `gpu`-marked tests; (2) benchmarks/gpu_check.py: short real train.py
+# runs on the GPU (data.decode=cpu|gpu x model.compile=false|regional) whose losses must agree with the CPU's;
+# then speed, for tf_efficientnet_b6 at 448 px, bf16 (fp16 on cards without it): (3) benchmarks/gpu.py --end-to-end
+# at batches 32 and 64: model-only vs loader alone vs carnet's train(), and GPU predict (plain and TTA) vs the raw
+# forward pass, with Markdown tables for README "Performance"; (4) model-only training steps at batch 32, fp32 vs
+# bf16 vs bf16+channels_last vs regional compile (an empty compile cache), then (5) regional compile again in a
+# second process that finds that cache (its warm-up; goal <= 60 s). Each stage has its own time limit (seconds:
+# CHECK_TIMEOUT 200 for 1-2, SUITE_TIMEOUT 240 for 3, COMPILE_TIMEOUT 200 for 4-5); a stage that fails or stops is
+# named at the end and makes the exit code 1. Stages 1, 2, 4 and 5 need a GPU. About 8 minutes on an H200.
 #
-#     bash benchmarks/gpu_suite.sh [gpu.py options, which override the defaults]
+#     bash benchmarks/gpu_suite.sh [gpu.py --end-to-end options, which override the defaults]
 #     bash benchmarks/gpu_suite.sh --device cpu --model test_efficientnet --image-size 64 --batch-size 4 \
 #         --steps 2 --warmup 1 --predict-images 8 --views 2        # a smoke test on a CPU (rates mean nothing)
 #
 # The GPU machine needs Python 3.12 with torch, torchvision, timm, pytorch-lightning, torchmetrics, numpy, OpenCV,
-# pandas (and their dependencies); carnet runs from this checkout (no `pip install -e`). What it lacks (hydra-core,
-# omegaconf, antlr4, albumentations and theirs) comes as wheels: run `bash benchmarks/fetch_wheels.sh` on a machine
-# with network access first; it fills benchmarks/wheels/ (~13 MB, gitignored), which must travel with the checkout
-# (copy the folder, or name it in the device tool's carry list: carry=["benchmarks/wheels"]). CARNET_WHEELS=DIR
-# points elsewhere. The wheels are unpacked into a temporary folder put on PYTHONPATH, only when Python cannot
-# import those packages already. PYTHON=python3.12 picks the interpreter; SUITE_TIMEOUT (seconds, 480) the limit.
+# pandas, scipy and pytest (and their dependencies); carnet runs from this checkout (no `pip install -e`). What it
+# lacks (hydra-core, omegaconf, antlr4, albumentations and theirs) comes as wheels: run `bash
+# benchmarks/fetch_wheels.sh` on a machine with network access first; it fills benchmarks/wheels/ (~13 MB,
+# gitignored), which must travel with the checkout (copy the folder, or name it in the device tool's carry list:
+# carry=["benchmarks/wheels"]). CARNET_WHEELS=DIR points elsewhere. The wheels are unpacked into a temporary folder
+# put on PYTHONPATH, only when Python cannot import those packages already. PYTHON=python3.12 picks the interpreter.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
@@ -42,18 +47,29 @@ fi
 "$PY" -c "import sys, torch; print(f'python {sys.version.split()[0]}, torch {torch.__version__}, CUDA ' \
     f'{torch.version.cuda}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else None}')"
 start=$(date +%s)
-timeout "${SUITE_TIMEOUT:-480}" "$PY" "$REPO/benchmarks/gpu.py" --end-to-end --model tf_efficientnet_b6 \
-    --image-size 448 --batch-size 32 64 --steps 20 --warmup 5 --views 4 "$@"
-# torch.compile, GPU only: the model-only step eager vs regional compilation, and the warm-up of a first run (an
-# empty compile cache) and of a second process that finds the first one's cache (goal: <= 60 s).
-if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    COMPILE_CACHE="$(mktemp -d -t carnet_inductor_XXXXXX)"
-    for run in "first run, empty cache" "second run, warm cache"; do
-        echo "gpu_suite.sh: regional compile, $run"
-        TORCHINDUCTOR_CACHE_DIR="$COMPILE_CACHE" timeout "${COMPILE_TIMEOUT:-240}" "$PY" "$REPO/benchmarks/gpu.py" \
-            --model tf_efficientnet_b6 --image-size 448 --batch-size 32 --steps 20 --warmup 3 --no-max-batch \
-            --variants channels_last regional "$@" || echo "gpu_suite.sh: the $run stopped (exit $?)"
-    done
-    rm -rf "$COMPILE_CACHE"
+failed=()
+cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+stage() {  # stage NAME SECONDS COMMAND...: run it under its time limit; a failure is named at the end
+    local name="$1" limit="$2"
+    shift 2
+    echo "gpu_suite.sh: $name ($(( $(date +%s) - start )) s in)"
+    timeout "$limit" "$@" || { echo "gpu_suite.sh: $name stopped (exit $?)"; failed+=("$name"); }
+}
+if [ "$cuda" = 1 ]; then
+    stage "gpu tests" "${CHECK_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider -m gpu \
+        "$REPO/tests/test_device_pipeline.py" "$REPO/tests/test_config.py"
+    stage "gpu_check" "${CHECK_TIMEOUT:-200}" "$PY" "$REPO/benchmarks/gpu_check.py"
 fi
-echo "gpu_suite.sh: $(( $(date +%s) - start )) s"
+stage "end-to-end" "${SUITE_TIMEOUT:-240}" "$PY" "$REPO/benchmarks/gpu.py" --end-to-end --model tf_efficientnet_b6 \
+    --image-size 448 --batch-size 32 64 --steps 20 --warmup 5 --views 4 "$@"
+if [ "$cuda" = 1 ]; then
+    export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d -t carnet_inductor_XXXXXX)"  # empty: the first run compiles
+    for variants in "fp32 amp channels_last regional" "regional"; do
+        stage "model-only: $variants" "${COMPILE_TIMEOUT:-200}" \
+            "$PY" "$REPO/benchmarks/gpu.py" --model tf_efficientnet_b6 --image-size 448 --batch-size 32 --steps 20 \
+            --warmup 3 --no-max-batch --variants $variants
+    done
+    rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+fi
+echo "gpu_suite.sh: $(( $(date +%s) - start )) s${failed[*]:+; failed: ${failed[*]}}"
+[ ${#failed[@]} -eq 0 ]
