@@ -129,8 +129,8 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
     """The :class:`Runtime` of a training config on this machine. ``auto`` (``null`` for ``trainer.benchmark``)
     means, on a CUDA run: bf16 (16-mixed without bf16), cudnn.benchmark, the fused AdamW/Adam kernel, regional
     compilation, checkpoints written in the background, decoding on the GPU where the augment allows, and pinned
-    loader memory; elsewhere all of them off and fp32. ``model.channels_last=auto`` is the other way round: on for
-    CPU runs (oneDNN's NHWC convolutions), off on GPUs until measured there (docs/performance.md, "Measured where").
+    loader memory; elsewhere all of them off and fp32. ``model.channels_last=auto`` is on for CPU and CUDA runs, where
+    NHWC convolutions measured faster (docs/performance.md, "Measured where"), off elsewhere (mps).
     ``data.num_workers=auto`` is :func:`default_num_workers`."""
     device = run_device(cfg.trainer.accelerator)
     cuda = device == "cuda" and torch.cuda.is_available()  # else Lightning refuses the accelerator when it builds
@@ -141,7 +141,7 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
         device=device,
         precision=_precision(cfg.trainer.precision, cuda),
         benchmark=cuda if cfg.trainer.benchmark is None else bool(cfg.trainer.benchmark),
-        channels_last=device == "cpu" if _auto(channels_last) else bool(channels_last),
+        channels_last=device in ("cpu", "cuda") if _auto(channels_last) else bool(channels_last),
         compile=("regional" if cuda else False) if _auto(compile_) else compile_,
         fused=cuda if _auto(fused) else fused,
         async_save=cuda if _auto(async_save) else bool(async_save),

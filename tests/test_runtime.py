@@ -71,22 +71,23 @@ def test_benchmark_compile_fused_and_async_save_resolve_per_device(fake_gpu: cal
 
 def test_gpu_paths_not_yet_measured_on_a_gpu_are_opt_in(fake_gpu: callable) -> None:
     """On a CUDA machine the default config turns on only what was measured there (docs/performance.md, "Measured
-    where"): bf16, cudnn.benchmark and fused AdamW, not GPU decoding, regional compile or background checkpoint
-    writes."""
+    where"): bf16, channels_last, cudnn.benchmark and fused AdamW, not GPU decoding, regional compile or background
+    checkpoint writes."""
     fake_gpu()
     runtime = resolved()
     assert (runtime.device, runtime.precision, runtime.benchmark, runtime.fused) == ("cuda", "bf16-mixed", True, True)
-    assert (runtime.compile, runtime.async_save, runtime.decode, runtime.channels_last) == (False, False, "cpu", False)
+    assert runtime.channels_last is True
+    assert (runtime.compile, runtime.async_save, runtime.decode) == (False, False, "cpu")
     assert runtime.pin_memory is True
 
 
-def test_channels_last_is_on_for_cpu_runs_only(fake_gpu: callable) -> None:
-    """model.channels_last=auto: NHWC where it measured faster (the CPU), typed values as typed."""
+def test_channels_last_is_on_where_it_measured_faster(fake_gpu: callable) -> None:
+    """model.channels_last=auto: NHWC on CPU and CUDA runs (both measured faster), typed values as typed."""
     assert resolved("trainer=cpu").channels_last is True
     assert resolved("trainer=cpu", "model.channels_last=false").channels_last is False
     fake_gpu()
-    assert resolved("trainer=gpu").channels_last is False
-    assert resolved("trainer=gpu", "model.channels_last=true").channels_last is True
+    assert resolved("trainer=gpu").channels_last is True
+    assert resolved("trainer=gpu", "model.channels_last=false").channels_last is False
     assert resolved("trainer=cpu").channels_last is True  # trainer=cpu on a GPU machine
 
 
