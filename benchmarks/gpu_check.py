@@ -3,14 +3,15 @@
     python benchmarks/gpu_check.py [--model test_efficientnet] [--image-size 96] [--epochs 4] [--tolerance 0.03]
 
 Each run is ``python train.py`` in its own process, as a user starts it, on carnet-demo photos (10 classes; AdamW at
-a learning rate of 0.01, so that the losses move within a few dozen steps): first on the CPU in fp32 (the
-reference), then on the GPU (``trainer=gpu``, precision auto: bf16 where the card has it) for each of
-``data.decode=cpu|gpu`` x ``model.compile=false|regional``. The same seed gives the same split, batch order and
-augmentation draws everywhere (data.decode=gpu draws the albumentations pipeline's own parameters), so each epoch's
-``train/loss`` and ``val/loss`` (metrics.csv) must agree with the reference within ``--tolerance`` (relative; low
-precision and a GPU's summation order make them differ a little, a wrong pixel path or compiled graph by far more).
-A run that fails, writes no ``summary.json`` with status ``completed``, or differs, makes the exit code 1.
-``--device cpu`` runs the "GPU" runs on the CPU too (smoke test of this script; compile is skipped).
+a learning rate of 0.01, so that the losses move within a few dozen steps): on the GPU (``trainer=gpu``, precision
+auto: bf16 where the card has it) for each of ``data.decode=cpu|gpu`` x ``model.compile=false|regional``, and on the
+CPU in fp32 as the reference, with the same pixel pipeline: ``data.decode=cpu``, and for ``gpu`` its own code on the
+CPU (``data.decode=device``; only the JPEG decoder differs then, nvJPEG against libjpeg). The same seed gives the
+same split, batch order and augmentation draws everywhere, so each epoch's ``train/loss`` and ``val/loss``
+(metrics.csv) must agree with the reference within ``--tolerance`` (relative; low precision and a GPU's summation
+order make them differ a little, a wrong pixel path or compiled graph by far more). A run that fails, writes no
+``summary.json`` with status ``completed``, or differs, makes the exit code 1. ``--device cpu`` runs the "GPU" runs
+on the CPU too, ``gpu`` as ``device`` (a smoke test of this script; compile is skipped).
 """
 
 from __future__ import annotations
@@ -81,20 +82,27 @@ def main(argv: list[str] | None = None) -> int:
                   "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                   "trainer.num_sanity_val_steps=0", "budget.min_steps=0", "scheduler=none", "optimizer.lr=0.01",
                   "logger=none"]
-        reference, seconds = train_run(tmp / "cpu", [*common, "trainer=cpu"], a.run_limit)
-        print(f"reference: CPU fp32, {seconds:.1f} s\n{reference.to_string()}", flush=True)
+        references = {}  # decode on the GPU run -> the CPU run of the same pixel pipeline (device: the GPU's code)
+        for decode in a.decode:
+            cpu_decode = {"cpu": "cpu", "gpu": "device"}[decode]
+            references[decode], seconds = train_run(tmp / f"cpu_{cpu_decode}",
+                                                    [*common, "trainer=cpu", f"data.decode={cpu_decode}"], a.run_limit)
+            print(f"reference: CPU fp32, data.decode={cpu_decode}, {seconds:.1f} s\n"
+                  f"{references[decode].to_string()}", flush=True)
         accelerator = "trainer=gpu" if a.device == "cuda" else "trainer=cpu"
         compiles = a.compile if a.device == "cuda" else ["false"]
         failed = []
         for decode, compile_ in itertools.product(a.decode, compiles):
             name = f"data.decode={decode} model.compile={compile_}"
+            run_decode = decode if a.device == "cuda" else {"cpu": "cpu", "gpu": "device"}[decode]  # no CUDA: device
             try:
                 losses, seconds = train_run(tmp / f"{decode}_{compile_}", [*common, accelerator,
-                                            f"data.decode={decode}", f"model.compile={compile_}"], a.run_limit)
+                                            f"data.decode={run_decode}", f"model.compile={compile_}"], a.run_limit)
             except RuntimeError as error:
                 print(f"FAILED {name}: {error}", flush=True)
                 failed.append(name)
                 continue
+            reference = references[decode]
             differs = ((losses - reference).abs() / reference.abs()).max()
             ok = bool(len(losses) == len(reference) and (differs <= a.tolerance).all())
             print(f"{'ok' if ok else 'DIFFERS'} {name}: {seconds:.1f} s, largest relative difference "
