@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import logging
 import math
 import os
@@ -296,7 +295,7 @@ def predict_rates(a: argparse.Namespace, root: Path, batch_size: int, tmp: Path)
     """images/s of the raw forward pass (images already decoded, transformed and on the device), of predict
     (checkpoint, loader workers, forward, files) and of predict with each TTA view count in ``--views``."""
     from carnet.inference.predict import predict
-    from carnet.inference.runner import Runner
+    from carnet.inference.runner import Runner, console
     from carnet.inference.selection import Images
     from carnet.models.checkpoint import load_checkpoint
     from carnet.runtime import inference_amp
@@ -318,8 +317,11 @@ def predict_rates(a: argparse.Namespace, root: Path, batch_size: int, tmp: Path)
         if views > 1:
             cfg.tta.views = dict(list(cfg.tta.views.items())[:views])
         start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):  # predict's table of results
+        quiet, console.quiet = console.quiet, True  # predict's progress bar and table of results
+        try:
             predict(cfg)
+        finally:
+            console.quiet = quiet
         return len(photos) / (time.perf_counter() - start)
 
     def raw() -> float:
@@ -351,8 +353,8 @@ def end_to_end(a: argparse.Namespace) -> None:
     started = time.perf_counter()
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{card}, torch {torch.__version__}; {a.model} at {a.image_size} px, {a.precision}, channels_last, eager; "
-          f"batches {a.batch_size}, {a.workers} loader workers, data.decode={a.decode or 'default'}, {a.steps} timed "
-          f"steps after {a.warmup}", flush=True)
+          f"batches {a.batch_size}, {a.workers} loader workers, data.decode={a.decode or 'cpu (default)'}, "
+          f"{a.steps} timed steps after {a.warmup}", flush=True)
     with tempfile.TemporaryDirectory(prefix="carnet_gpu_") as tmp_name:
         tmp = Path(tmp_name)
         root = a.data
@@ -378,7 +380,7 @@ def end_to_end(a: argparse.Namespace) -> None:
             predicts.append((batch_size, pr))
             free()
     print(f"\n### {a.model} at {a.image_size} px, {a.precision}, channels_last, eager, {a.workers} loader workers, "
-          f"data.decode={a.decode or 'auto'}\n")
+          f"data.decode={a.decode or 'cpu (default)'}\n")
     print("| card | batch | model-only img/s | loader img/s | end-to-end img/s | end-to-end / model-only "
           "| loader / model-only |")
     print("|---|---:|---:|---:|---:|---:|---:|")
