@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# carnet's GPU suite, correctness first: (1) the `gpu`-marked tests; (2) benchmarks/gpu_check.py: short real train.py
-# runs on the GPU (data.decode=cpu|gpu x model.compile=false|regional) whose losses must agree with the CPU's;
-# then speed, for tf_efficientnet_b6 at 448 px, bf16 (fp16 on cards without it): (3) benchmarks/gpu.py --end-to-end
-# at batches 32 and 64: model-only vs loader alone vs carnet's train(), and GPU predict (plain and TTA) vs the raw
-# forward pass, with Markdown tables for README "Performance"; (4) model-only training steps at batch 32, fp32 vs
-# bf16 vs bf16+channels_last vs regional compile (an empty compile cache), then (5) regional compile again in a
-# second process that finds that cache (its warm-up; goal <= 60 s). Each stage has its own time limit (seconds:
-# CHECK_TIMEOUT 200 for 1-2, SUITE_TIMEOUT 240 for 3, COMPILE_TIMEOUT 200 for 4-5); a stage that fails or stops is
-# named at the end and makes the exit code 1. Stages 1, 2, 4 and 5 need a GPU. About 8 minutes on an H200.
+# carnet's GPU suite, correctness first, in stages that SUITE_STAGES picks (default: all four, in this order; each
+# under its own time limit in seconds):
+#   tests    the `gpu`-marked tests (TESTS_TIMEOUT, 120);
+#   check    benchmarks/gpu_check.py: short real train.py runs on the GPU, data.decode=cpu|gpu x
+#            model.compile=false|regional, whose losses must agree with the CPU's (CHECK_TIMEOUT, 300);
+#   speed    benchmarks/gpu.py --end-to-end, tf_efficientnet_b6 at 448 px, bf16, batches 32 and 64: model-only vs
+#            loader alone vs carnet's train(), GPU predict (plain, TTA) vs the raw forward pass, with Markdown tables
+#            for README "Performance" (SUITE_TIMEOUT, 240);
+#   compile  model-only steps at batch 32: fp32, bf16, bf16+channels_last and regional compile on an empty compile
+#            cache, then regional compile in a second process that finds that cache: its warm-up, goal <= 60 s
+#            (COMPILE_TIMEOUT, 300 each).
+# A stage that fails or stops at its limit is named at the end and makes the exit code 1. tests, check and compile
+# need a GPU. On an H200 the four take longer than a 15-minute device session: run them in parts there, e.g.
+# SUITE_STAGES="tests check", then "speed", then "compile" (docs/performance.md, "GPU suite").
 #
 #     bash benchmarks/gpu_suite.sh [gpu.py --end-to-end options, which override the defaults]
 #     bash benchmarks/gpu_suite.sh --device cpu --model test_efficientnet --image-size 64 --batch-size 4 \
@@ -55,17 +60,22 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under its time limit; a failu
     echo "gpu_suite.sh: $name ($(( $(date +%s) - start )) s in)"
     timeout "$limit" "$@" || { echo "gpu_suite.sh: $name stopped (exit $?)"; failed+=("$name"); }
 }
-if [ "$cuda" = 1 ]; then
-    stage "gpu tests" "${CHECK_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider -m gpu \
+stages=" ${SUITE_STAGES:-tests check speed compile} "
+if [ "$cuda" = 1 ] && [[ $stages == *" tests "* ]]; then
+    stage "gpu tests" "${TESTS_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -m gpu \
         "$REPO/tests/test_device_pipeline.py" "$REPO/tests/test_config.py"
-    stage "gpu_check" "${CHECK_TIMEOUT:-200}" "$PY" "$REPO/benchmarks/gpu_check.py"
 fi
-stage "end-to-end" "${SUITE_TIMEOUT:-240}" "$PY" "$REPO/benchmarks/gpu.py" --end-to-end --model tf_efficientnet_b6 \
-    --image-size 448 --batch-size 32 64 --steps 20 --warmup 5 --views 4 "$@"
-if [ "$cuda" = 1 ]; then
+if [ "$cuda" = 1 ] && [[ $stages == *" check "* ]]; then
+    stage "gpu_check" "${CHECK_TIMEOUT:-300}" "$PY" "$REPO/benchmarks/gpu_check.py"
+fi
+if [[ $stages == *" speed "* ]]; then
+    stage "end-to-end" "${SUITE_TIMEOUT:-240}" "$PY" "$REPO/benchmarks/gpu.py" --end-to-end \
+        --model tf_efficientnet_b6 --image-size 448 --batch-size 32 64 --steps 20 --warmup 5 --views 4 "$@"
+fi
+if [ "$cuda" = 1 ] && [[ $stages == *" compile "* ]]; then
     export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d -t carnet_inductor_XXXXXX)"  # empty: the first run compiles
     for variants in "fp32 amp channels_last regional" "regional"; do
-        stage "model-only: $variants" "${COMPILE_TIMEOUT:-200}" \
+        stage "model-only: $variants" "${COMPILE_TIMEOUT:-300}" \
             "$PY" "$REPO/benchmarks/gpu.py" --model tf_efficientnet_b6 --image-size 448 --batch-size 32 --steps 20 \
             --warmup 3 --no-max-batch --variants $variants
     done
