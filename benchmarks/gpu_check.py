@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 LOSSES = ["train/loss", "val/loss"]
+SAME_PIXELS_ON_THE_CPU = {"cpu": "cpu", "gpu": "device"}  # data.decode on the GPU -> the same pixel code on the CPU
 
 
 def train_run(run_dir: Path, overrides: list[str], limit: float) -> tuple[pd.DataFrame, float]:
@@ -82,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                   "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                   "trainer.num_sanity_val_steps=0", "budget.min_steps=0", "scheduler=none", "optimizer.lr=0.01",
                   "logger=none"]
-        references = {}  # decode on the GPU run -> the CPU run of the same pixel pipeline (device: the GPU's code)
+        references = {}  # data.decode of a GPU run -> the CPU run of the same pixel pipeline
         for decode in a.decode:
-            cpu_decode = {"cpu": "cpu", "gpu": "device"}[decode]
-            references[decode], seconds = train_run(tmp / f"cpu_{cpu_decode}",
-                                                    [*common, "trainer=cpu", f"data.decode={cpu_decode}"], a.run_limit)
+            cpu_decode = SAME_PIXELS_ON_THE_CPU[decode]
+            try:
+                references[decode], seconds = train_run(tmp / f"cpu_{cpu_decode}", [*common, "trainer=cpu",
+                                                        f"data.decode={cpu_decode}"], a.run_limit)
+            except RuntimeError as error:
+                print(f"gpu_check: FAILED: the CPU reference run: {error}", flush=True)
+                return 1
             print(f"reference: CPU fp32, data.decode={cpu_decode}, {seconds:.1f} s\n"
                   f"{references[decode].to_string()}", flush=True)
         accelerator = "trainer=gpu" if a.device == "cuda" else "trainer=cpu"
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = []
         for decode, compile_ in itertools.product(a.decode, compiles):
             name = f"data.decode={decode} model.compile={compile_}"
-            run_decode = decode if a.device == "cuda" else {"cpu": "cpu", "gpu": "device"}[decode]  # no CUDA: device
+            run_decode = decode if a.device == "cuda" else SAME_PIXELS_ON_THE_CPU[decode]
             try:
                 losses, seconds = train_run(tmp / f"{decode}_{compile_}", [*common, accelerator,
                                             f"data.decode={run_decode}", f"model.compile={compile_}"], a.run_limit)

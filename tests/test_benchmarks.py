@@ -1,5 +1,5 @@
-"""benchmarks/gpu.py --end-to-end and benchmarks/gpu_suite.sh, smoke-tested on the CPU with a tiny model (the rates
-mean nothing here; the GPU numbers come from running the suite on a GPU machine)."""
+"""benchmarks/gpu.py --end-to-end, benchmarks/gpu_suite.sh and benchmarks/gpu_check.py, smoke-tested on the CPU with a
+tiny model (the rates mean nothing here; the GPU numbers come from running the suite on a GPU machine)."""
 
 from __future__ import annotations
 
@@ -68,3 +68,19 @@ def test_gpu_suite_script_smoke(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_tables(proc.stdout, [4, 8])
     assert re.search(r"gpu_suite.sh: \d+ s", proc.stdout)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_smoke() -> None:
+    """benchmarks/gpu_check.py on a CPU: real train.py runs of each pixel pipeline, compared epoch by epoch with the
+    reference run of the same pipeline. The same seed and code on one machine must give the same losses, and a
+    tolerance of 0 says so; a run given no time is stopped and reported with where it was."""
+    script = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--epochs", "2",
+              "--per-class", "4", "--image-size", "64"]
+    proc = subprocess.run([*script, "--tolerance", "0"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("reference: CPU fp32") == 2 and proc.stdout.count("\nok data.decode=") == 2
+    assert "gpu_check: all runs agree with the CPU" in proc.stdout
+    hung = subprocess.run([*script, "--decode", "cpu", "--run-limit", "1"], capture_output=True, text=True, timeout=600)
+    assert hung.returncode == 1 and "gpu_check: FAILED: the CPU reference run" in hung.stdout
+    assert "still running after 1 s; its stacks:" in hung.stdout and "File " in hung.stdout  # a Python stack
