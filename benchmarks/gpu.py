@@ -351,9 +351,10 @@ def end_to_end(a: argparse.Namespace) -> None:
     low = torch.bfloat16 if a.precision.startswith("bf16") else torch.float16 if a.precision.startswith("16") else None
     variant = Variant(f"{a.precision}+channels_last", low, True, False)
     started = time.perf_counter()
+    decode = a.decode or "cpu (default)"  # conf/data/kaggle_cars.yaml's data.decode
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{card}, torch {torch.__version__}; {a.model} at {a.image_size} px, {a.precision}, channels_last, eager; "
-          f"batches {a.batch_size}, {a.workers} loader workers, data.decode={a.decode or 'cpu (default)'}, "
+          f"batches {a.batch_size}, {a.workers} loader workers, data.decode={decode}, "
           f"{a.steps} timed steps after {a.warmup}", flush=True)
     with tempfile.TemporaryDirectory(prefix="carnet_gpu_") as tmp_name:
         tmp = Path(tmp_name)
@@ -380,7 +381,7 @@ def end_to_end(a: argparse.Namespace) -> None:
             predicts.append((batch_size, pr))
             free()
     print(f"\n### {a.model} at {a.image_size} px, {a.precision}, channels_last, eager, {a.workers} loader workers, "
-          f"data.decode={a.decode or 'cpu (default)'}\n")
+          f"data.decode={decode}\n")
     print("| card | batch | model-only img/s | loader img/s | end-to-end img/s | end-to-end / model-only "
           "| loader / model-only |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -32,6 +31,9 @@ import pandas as pd
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from carnet.artifacts import read_metrics  # noqa: E402
+from carnet.summary import read_summary  # noqa: E402
 
 LOSSES = ["train/loss", "val/loss"]
 SAME_PIXELS_ON_THE_CPU = {"cpu": "cpu", "gpu": "device"}  # data.decode on the GPU -> the same pixel code on the CPU
@@ -52,12 +54,12 @@ def train_run(run_dir: Path, overrides: list[str], limit: float) -> tuple[pd.Dat
         _, stderr = proc.communicate()
         stderr = f"still running after {limit:.0f} s; its stacks:\n{stderr.split('Extension modules:')[0]}"
     seconds = time.perf_counter() - start
-    summary = run_dir / "summary.json"
-    status = json.loads(summary.read_text()).get("status") if summary.is_file() else None
+    summary = read_summary(run_dir, missing_ok=True)  # carnet's contract: summary.json and metrics.csv
+    status = summary.status if summary is not None else None
     if proc.returncode != 0 or status != "completed":
         raise RuntimeError(f"train.py {' '.join(overrides)}: exit {proc.returncode}, summary status {status}\n"
                            f"{stderr[-6000:]}")
-    return pd.read_csv(run_dir / "metrics.csv")[["epoch", *LOSSES]].set_index("epoch"), seconds
+    return read_metrics(run_dir)[["epoch", *LOSSES]].set_index("epoch"), seconds
 
 
 def main(argv: list[str] | None = None) -> int:
