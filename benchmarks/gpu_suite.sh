@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# carnet's GPU suite, correctness first, in stages that SUITE_STAGES picks (default: all four, in this order; each
+# carnet's GPU suite, correctness first, in stages that SUITE_STAGES picks (default: all five, in this order; each
 # under its own time limit in seconds):
 #   tests    the `gpu`-marked tests (TESTS_TIMEOUT, 120);
 #   check    benchmarks/gpu_check.py: short real train.py runs on the GPU, data.decode=cpu|gpu x
@@ -9,10 +9,12 @@
 #            for README "Performance" (SUITE_TIMEOUT, 240);
 #   compile  model-only steps at batch 32: fp32, bf16, bf16+channels_last and regional compile on an empty compile
 #            cache, then regional compile in a second process that finds that cache: its warm-up, goal <= 60 s
-#            (COMPILE_TIMEOUT, 300 each).
+#            (COMPILE_TIMEOUT, 300 each);
+#   headfit  benchmarks/head_fit_cost.py: `train.py phase=head` with the defaults (tf_efficientnet_b6, 224 and 448
+#            px) on 15,561 photos, the head fit's seconds and its share of the phase (HEADFIT_TIMEOUT, 300).
 # A stage that fails or stops at its limit is named at the end and makes the exit code 1. tests, check and compile
-# need a GPU. On an H200 the four take longer than a 15-minute device session: run them in parts there, e.g.
-# SUITE_STAGES="tests check", then "speed", then "compile" (docs/performance.md, "GPU suite").
+# need a GPU. On an H200 the five take longer than a 15-minute device session: run them in parts there, e.g.
+# SUITE_STAGES="tests check", then "speed", then "compile headfit" (docs/performance.md, "GPU suite").
 #
 #     bash benchmarks/gpu_suite.sh [gpu.py --end-to-end options, which override the defaults]
 #     bash benchmarks/gpu_suite.sh --device cpu --model test_efficientnet --image-size 64 --batch-size 4 \
@@ -60,7 +62,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under its time limit; a failu
     echo "gpu_suite.sh: $name ($(( $(date +%s) - start )) s in)"
     timeout "$limit" "$@" || { echo "gpu_suite.sh: $name stopped (exit $?)"; failed+=("$name"); }
 }
-stages=" ${SUITE_STAGES:-tests check speed compile} "
+stages=" ${SUITE_STAGES:-tests check speed compile headfit} "
 if [ "$cuda" = 1 ] && [[ $stages == *" tests "* ]]; then
     stage "gpu tests" "${TESTS_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -m gpu \
         "$REPO/tests/test_device_pipeline.py" "$REPO/tests/test_config.py"
@@ -80,6 +82,9 @@ if [ "$cuda" = 1 ] && [[ $stages == *" compile "* ]]; then
             --warmup 3 --no-max-batch --variants $variants
     done
     rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+fi
+if [ "$cuda" = 1 ] && [[ $stages == *" headfit "* ]]; then
+    stage "head fit at scale" "${HEADFIT_TIMEOUT:-300}" "$PY" "$REPO/benchmarks/head_fit_cost.py" --image-size 224 448
 fi
 echo "gpu_suite.sh: $(( $(date +%s) - start )) s${failed[*]:+; failed: ${failed[*]}}"
 [ ${#failed[@]} -eq 0 ]

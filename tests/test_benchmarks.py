@@ -84,3 +84,18 @@ def test_gpu_check_script_smoke() -> None:
     hung = subprocess.run([*script, "--decode", "cpu", "--run-limit", "1"], capture_output=True, text=True, timeout=600)
     assert hung.returncode == 1 and "gpu_check: FAILED: the CPU reference run" in hung.stdout
     assert "still running after 1 s; its stacks:" in hung.stdout and "File " in hung.stdout  # a Python stack
+
+
+@pytest.mark.slow  # ~25 s on 2 shared cores: two train.py runs
+def test_head_fit_cost_script_smoke() -> None:
+    """benchmarks/head_fit_cost.py on a CPU: the phase with and without the head fit, and the table's cost is the
+    difference of the two runs' seconds."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "head_fit_cost.py"), "--device", "cpu",
+                           "--model", "test_efficientnet", "--image-size", "64", "--photos", "40", "--workers", "0"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| 64 |")]
+    assert len(row) == 1, proc.stdout
+    cells = [cell.strip() for cell in row[0].strip("|").split("|")]
+    images, logged, run, without, cost = int(cells[3].replace(",", "")), *map(float, cells[7:11])
+    assert images > 0 and logged > 0 and run > without and cost == pytest.approx(run - without, abs=0.11)

@@ -15,7 +15,7 @@ from carnet.models.checkpoint import load_checkpoint
 from carnet.runtime import resolve_runtime
 from carnet.summary import read_summary
 from carnet.training.builders import build_module
-from carnet.training.head_fit import choose_l2, fit_head, fit_logistic
+from carnet.training.head_fit import choose_l2, fit_head, fit_logistic, fit_logistic_folds
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import ONE_BATCH, TINY
@@ -72,6 +72,23 @@ def test_cross_validation_regularises_noise_more_than_signal() -> None:
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
     noise, _ = choose_l2((x - x.mean(0)) / x.std(0), shuffled, groups, 3)
     assert noise > signal
+
+
+def test_the_folds_solved_together_reach_each_folds_own_optimum() -> None:
+    """The GPU's way (one L-BFGS run for every fold) and the CPU's (a run a fold) give each fold the same head,
+    so cross-validation scores every L2 alike and chooses the same one."""
+    x, y = blobs(12, 4, 48, spread=1.2, seed=3)
+    z = (x - x.mean(0)) / x.std(0)
+    fold = torch.arange(len(y)) % 3
+    weights, biases = fit_logistic_folds(z, y, fold, 3, 4, l2=0.1)
+    for k in range(3):
+        weight, bias = fit_logistic(z[fold != k], y[fold != k], 4, l2=0.1)
+        assert torch.allclose(weights[k], weight, atol=1e-4) and torch.allclose(biases[k], bias, atol=1e-4)
+    groups = np.arange(len(y))
+    together, together_losses = choose_l2(z, y, groups, 4, together=True)
+    apart, apart_losses = choose_l2(z, y, groups, 4, together=False)
+    assert together == apart and together_losses.keys() == apart_losses.keys() and len(apart_losses) >= 3
+    assert all(abs(together_losses[l2] - apart_losses[l2]) < 1e-4 for l2 in apart_losses)
 
 
 def test_head_phase_fits_the_head_and_keeps_its_start_when_training_cannot_beat_it(tiny_data: Path,

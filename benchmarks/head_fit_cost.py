@@ -1,0 +1,98 @@
+"""What the head fit costs at the competition's scale: ``python train.py phase=head`` with the defaults on 15,561
+photos (12,449 train + 3,112 validate), and the head fit's share of that phase.
+
+    python benchmarks/head_fit_cost.py [--photos 15561] [--image-size 224 448] [--model tf_efficientnet_b6]
+                                       [--device cuda|cpu] [--workers N] [--data DIR]
+
+For each image size, two real ``train.py phase=head`` runs, read back through their ``summary.json``: the defaults
+(the head fitted on frozen features, at most ``head_fit.max_images`` of them, then the phase's epoch of SGD and its
+validation) and the same with ``head_fit.enabled=false``. The table has the head fit's images, its feature and
+solver seconds as it logs them, each run's seconds, and the head fit's cost: what it added to the run, and that as a
+share of the run (issue 21's goal: at most 10 %). Its own seconds include the warm-up of the first forward passes
+and of the loader's workers, which the run without it pays in its first steps instead; the difference does not.
+``model.pretrained=false``: the weights do not change the cost of a forward pass, only how many L-BFGS iterations
+the solver takes (at most 300 a fit). The data: ``--data DIR`` (Kaggle layout), else ``--photos`` of carnet-demo's
+640x480 photos, each drawn (copies of a few drawings, as benchmarks/gpu.py uses, would put copies of a training photo
+in the cross-validation's held-out folds: its loss then falls down to the weakest L2, where L-BFGS needs the most
+iterations).
+``--device cpu`` with a tiny model is this script's smoke test (tests/test_benchmarks.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from carnet.summary import read_summary  # noqa: E402
+from carnet.tools.demo import make_dataset  # noqa: E402
+
+
+def head_phase(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """One ``python train.py phase=head`` run and what its summary.json says the head fit and the phase took."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "phase=head", *overrides, f"run_dir={run_dir}"],
+                          cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    summary = read_summary(run_dir, missing_ok=True)
+    if proc.returncode != 0 or summary is None or summary.status != "completed":
+        status = summary.status if summary is not None else None
+        raise RuntimeError(f"train.py phase=head {' '.join(overrides)}: exit {proc.returncode}, summary status "
+                           f"{status}\n{proc.stderr[-4000:]}")
+    fit = summary.head_fit or {}
+    return {"train": summary.num_train, "val": summary.num_val, "steps": summary.taken_steps,
+            "images": fit.get("images"), "l2": fit.get("l2"), "features": fit.get("features_seconds"),
+            "solver": fit.get("solver_seconds"), "head_fit": fit.get("seconds"), "run": summary.seconds,
+            "wall": round(wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=int, default=15561, help="labelled photos (a fifth validate)")
+    ap.add_argument("--model", default="tf_efficientnet_b6")
+    ap.add_argument("--image-size", type=int, nargs="+", default=[224])
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--data", type=Path, help="a Kaggle-layout folder (default: demo photos copied up to --photos)")
+    a = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="carnet_head_fit_cost_") as tmp_name:
+        tmp = Path(tmp_name)
+        root = a.data or make_dataset(tmp / "data", per_class=math.ceil(a.photos / 10), test=8, seed=0)
+        model = f"model={a.model}" if (REPO / "conf" / "model" / f"{a.model}.yaml").is_file() else \
+            f"model.name={a.model}"
+        common = [model, "model.pretrained=false", f"data.root={root}", f"data.num_workers={a.workers}",
+                  "data.verify=false", "trainer=gpu" if a.device == "cuda" else "trainer=cpu",
+                  "trainer.enable_progress_bar=false", "logger=none"]
+        rows = []
+        for size in a.image_size:
+            with_fit = head_phase(tmp / f"head_{size}", [*common, f"image_size={size}"])
+            print(f"{a.model} {size} px: {with_fit}", flush=True)
+            without = head_phase(tmp / f"sgd_{size}", [*common, f"image_size={size}", "head_fit.enabled=false"])
+            print(f"{a.model} {size} px, head_fit.enabled=false: {without}", flush=True)
+            rows.append((size, with_fit, without))
+    print(f"\n{a.model}, `python train.py phase=head` with the defaults, {a.device}, {a.workers} loader workers:\n")
+    print("| image size | photos (train + val) | phase steps | head-fit images | L2 | features s | solver s "
+          "| head fit s (logged) | run s | run s without it | head fit's cost | cost / run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, r, plain in rows:
+        cost = r["run"] - plain["run"]
+        print(f"| {size} | {r['train']:,} + {r['val']:,} | {r['steps']} | {r['images']:,} | {r['l2']:g} "
+              f"| {r['features']} "
+              f"| {r['solver']} | {r['head_fit']} | {r['run']:.1f} | {plain['run']:.1f} | {cost:.1f} "
+              f"| {cost / r['run']:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
