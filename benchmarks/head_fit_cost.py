@@ -7,14 +7,15 @@ photos (12,449 train + 3,112 validate), and the head fit's share of that phase.
 For each image size, two real ``train.py phase=head`` runs, read back through their ``summary.json``: the defaults
 (the head fitted on frozen features, at most ``head_fit.max_images`` of them, then the phase's epoch of SGD and its
 validation) and the same with ``head_fit.enabled=false``. The table has the head fit's images, its feature and
-solver seconds as it logs them, each run's seconds, and the head fit's cost: what it added to the run, and that as a
-share of the run (issue 21's goal: at most 10 %). Its own seconds include the warm-up of the first forward passes
-and of the loader's workers, which the run without it pays in its first steps instead; the difference does not.
-``model.pretrained=false``: the weights do not change the cost of a forward pass, only how many L-BFGS iterations
-the solver takes (at most 300 a fit). The data: ``--data DIR`` (Kaggle layout), else ``--photos`` of carnet-demo's
-640x480 photos, each drawn (copies of a few drawings, as benchmarks/gpu.py uses, would put copies of a training photo
-in the cross-validation's held-out folds: its loss then falls down to the weakest L2, where L-BFGS needs the most
-iterations).
+solver seconds as it logs them (of the features: waiting for the loader, the forward passes, and the first pass,
+with cuDNN's algorithm search on a GPU), each run's seconds, and the head fit's cost: what it added to the run, and
+that as a share of the run (issue 21's goal: at most 10 %). Its own seconds include the warm-up of the first
+forward passes and of the loader's workers, which the run without it pays in its first steps instead; the
+difference does not. ``model.pretrained=false``: the weights do not change the cost of a forward pass, only how
+many L-BFGS iterations the solver takes (at most 300 a fit). The data: ``--data DIR`` (Kaggle layout), else
+``--photos`` of carnet-demo's 640x480 photos, each drawn (copies of a few drawings, as benchmarks/gpu.py uses,
+would put copies of a training photo in the cross-validation's held-out folds: its loss then falls down to the
+weakest L2, where L-BFGS needs the most iterations).
 ``--device cpu`` with a tiny model is this script's smoke test (tests/test_benchmarks.py).
 """
 
@@ -52,6 +53,8 @@ def head_phase(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     fit = summary.head_fit or {}
     return {"train": summary.num_train, "val": summary.num_val, "steps": summary.taken_steps,
             "images": fit.get("images"), "l2": fit.get("l2"), "features": fit.get("features_seconds"),
+            "loader": fit.get("loader_seconds"), "forward": fit.get("forward_seconds"),
+            "first_forward": fit.get("first_forward_seconds"),
             "solver": fit.get("solver_seconds"), "head_fit": fit.get("seconds"), "run": summary.seconds,
             "wall": round(wall, 1)}
 
@@ -82,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{a.model} {size} px, head_fit.enabled=false: {without}", flush=True)
             rows.append((size, with_fit, without))
     print(f"\n{a.model}, `python train.py phase=head` with the defaults, {a.device}, {a.workers} loader workers:\n")
-    print("| image size | photos (train + val) | phase steps | head-fit images | L2 | features s | solver s "
+    print("| image size | photos (train + val) | phase steps | head-fit images | L2 "
+          "| features s (loader wait, forward passes, the first pass) | solver s "
           "| head fit s (logged) | run s | run s without it | head fit's cost | cost / run |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size, r, plain in rows:
         cost = r["run"] - plain["run"]
         print(f"| {size} | {r['train']:,} + {r['val']:,} | {r['steps']} | {r['images']:,} | {r['l2']:g} "
-              f"| {r['features']} "
+              f"| {r['features']} ({r['loader']}, {r['forward']}, {r['first_forward']}) "
               f"| {r['solver']} | {r['head_fit']} | {r['run']:.1f} | {plain['run']:.1f} | {cost:.1f} "
               f"| {cost / r['run']:.1%} |")
     return 0

@@ -62,6 +62,9 @@ def test_the_head_fit_reports_progress_and_keeps_to_its_cap(tiny_data: Path, tmp
     fit = summary.head_fit
     assert fit["photos"] == summary.num_train and fit["views"] == 1 and fit["images"] == summary.num_train <= 50
     assert fit["features_seconds"] + fit["solver_seconds"] == pytest.approx(fit["seconds"], abs=0.2)
+    # the features' time split: waiting for the loader, the forward passes (the first one apart), nothing else much
+    assert 0 < fit["first_forward_seconds"] <= fit["forward_seconds"] + 0.05
+    assert 0 < fit["loader_seconds"] + fit["forward_seconds"] <= fit["features_seconds"] + 0.2
     messages = [r.getMessage() for r in caplog.records if r.name == "carnet.training.head_fit"]
     assert any(m.startswith("head fit: features of view 1/1 (eval view)") for m in messages)
     assert any(m.startswith("head fit: L2 ") and "of the grid" in m for m in messages)

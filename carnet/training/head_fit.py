@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -29,6 +29,7 @@ from carnet.models.network import eval_mode
 from carnet.summary import RunSummary
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Down to 1e-6: with 1e-4 at the bottom, cross-validation chose the bottom in every head fit on the car-ad photos
 # (50 and 365), and its log-loss kept falling below (lite0 features of 50 photos x 5 views: 0.254 at 1e-4, 0.242
@@ -249,13 +250,43 @@ def sample_photos(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 class Progress:
     """Log lines while the head fit works (it used to be silent for up to a quarter of an hour): one a view, and
-    within a view at most one every ``every`` seconds."""
+    within a view at most one every ``every`` seconds. It also splits the features' time into waiting for the
+    loader (its workers' start included) and the forward passes (the first apart: on a GPU it includes cuDNN's
+    algorithm search), since on an H200 1,499 images took 24 s where the network alone needs under 2."""
 
     def __init__(self, every: float = 30.0) -> None:
         self.every, self.started, self.last = every, time.time(), time.time()
+        self.loader_seconds = self.forward_seconds = 0.0
+        self.first_forward_seconds: float | None = None
 
     def elapsed(self) -> float:
         return time.time() - self.started
+
+    def batches(self, loader: Iterable[T]) -> Iterator[T]:
+        """``loader``'s batches, the time spent waiting for each (and for the workers to start) counted."""
+        start = time.perf_counter()
+        for batch in loader:
+            self.loader_seconds += time.perf_counter() - start
+            yield batch
+            start = time.perf_counter()
+
+    @contextmanager
+    def forward(self, device: torch.device) -> Iterator[None]:
+        """Count the time of the forward passes in this block, waiting for the GPU to finish them."""
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        self.forward_seconds += seconds
+        if self.first_forward_seconds is None:
+            self.first_forward_seconds = seconds
+
+    def timing(self) -> dict[str, float | None]:
+        """summary.json's split of the features' seconds."""
+        first = self.first_forward_seconds
+        return {"loader_seconds": round(self.loader_seconds, 2), "forward_seconds": round(self.forward_seconds, 2),
+                "first_forward_seconds": None if first is None else round(first, 2)}
 
     def batch(self, view: int, views: int, done: int, total: int) -> None:
         if time.time() - self.last >= self.every:
@@ -344,13 +375,14 @@ class HeadFit(pl.Callback):
             for view in range(per_photo):
                 loader = datamodule.feature_loader(augmented=view > 0, seed=view, photos=subset)
                 start = 0
-                for images, targets in loader:
-                    images = images.to(pl_module.device)  # uint8: the net normalises (and sets the memory format)
-                    for scale in net.scales:  # one row per scale the network predicts at (model.scales)
-                        with trainer.precision_plugin.forward_context():
-                            rows.append(net.features(images, scale).float())
-                        labels.append(targets.to(pl_module.device))
-                        groups.append(np.arange(start, start + len(targets)))
+                for images, targets in progress.batches(loader):
+                    with progress.forward(pl_module.device):
+                        images = images.to(pl_module.device)  # uint8: the net normalises (and sets the memory format)
+                        for scale in net.scales:  # one row per scale the network predicts at (model.scales)
+                            with trainer.precision_plugin.forward_context():
+                                rows.append(net.features(images, scale).float())
+                            labels.append(targets.to(pl_module.device))
+                            groups.append(np.arange(start, start + len(targets)))
                     start += len(targets)
                     progress.batch(view, per_photo, start, photos)
                 progress.view(view, per_photo, photos)
@@ -384,11 +416,12 @@ class HeadFit(pl.Callback):
         with eval_mode(backbone):
             views: list[list[torch.Tensor]] = [[] for _ in range(2 * len(net.scales))]
             done = 0
-            for images, _ in datamodule.unlabelled_loader(subset):
-                images = images.to(pl_module.device)
-                for i, (scale, mirrored) in enumerate((s, m) for s in net.scales for m in (False, True)):
-                    with trainer.precision_plugin.forward_context():
-                        views[i].append(net.features(images.flip(-1) if mirrored else images, scale).float())
+            for images, _ in progress.batches(datamodule.unlabelled_loader(subset)):
+                with progress.forward(pl_module.device):
+                    images = images.to(pl_module.device)
+                    for i, (scale, mirrored) in enumerate((s, m) for s in net.scales for m in (False, True)):
+                        with trainer.precision_plugin.forward_context():
+                            views[i].append(net.features(images.flip(-1) if mirrored else images, scale).float())
                 done += len(images)
                 progress.batch(0, 1, done, photos)
         log.info("head fit: features of %d unlabelled photos (eval view and mirrored), %.0f s", photos,
@@ -420,16 +453,17 @@ class HeadFit(pl.Callback):
         scales = len(pl_module.net.scales)
         self.head_fit = {"photos": photos, "views": len(y) // max(1, photos * scales), "scales": scales,
                          "images": len(y), **info, "train_acc": round(train_acc, 4),
-                         "features_seconds": round(features_seconds, 1),
+                         "features_seconds": round(features_seconds, 1), **progress.timing(),
                          "solver_seconds": round(progress.elapsed() - features_seconds, 1),
                          "seconds": round(progress.elapsed(), 1)}
         log.info("head fitted on frozen features: %d photos x %d views%s, l2=%g (cross-validated), train acc %.3f, "
-                 "%.1f s (features %.1f s, solver %.1f s)", photos, self.head_fit["views"],
-                 f" + {info['pseudo_labelled']} of {info['unlabelled']} unlabelled photos it was sure of"
-                 if "unlabelled" in info else "", info["l2"],
-                 train_acc, progress.elapsed(), features_seconds, progress.elapsed() - features_seconds)
+                 "%.1f s (features %.1f s: loader %.1f s, forward %.1f s; solver %.1f s)", photos,
+                 self.head_fit["views"], f" + {info['pseudo_labelled']} of {info['unlabelled']} unlabelled photos it "
+                 "was sure of" if "unlabelled" in info else "", info["l2"], train_acc, progress.elapsed(),
+                 features_seconds, progress.loader_seconds, progress.forward_seconds,
+                 progress.elapsed() - features_seconds)
 
     def add_to_summary(self, summary: RunSummary) -> None:
         """summary.json's ``head_fit``: photos, views, images, the chosen L2, train accuracy, seconds (features and
-        solver apart) (SummaryReporter)."""
+        solver apart, the features' loader wait and forward passes apart) (SummaryReporter)."""
         summary.head_fit = self.head_fit
