@@ -34,6 +34,7 @@ def by_hand(ckpt: Path, root: Path, paths: list[str]) -> tuple[torch.Tensor, tor
     return plain, (plain + reference_probs(ckpt, root, paths, hflip=True)) / 2
 
 
+@pytest.mark.slow  # ~21 s on 2 cores: two training runs and predict with TTA; keeps `make test` under 10 minutes
 def test_oof_accuracy_equals_independent_predictions(train_run: Callable, tiny_data: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     runs = [train_run("data.num_folds=2", f"data.fold={k}", run_dir=tmp_path / f"fold{k}")[0] for k in (0, 1)]

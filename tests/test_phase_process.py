@@ -45,6 +45,7 @@ def test_a_forked_phase_ends_as_a_fresh_interpreter_would(tiny_data: Path, tmp_p
         other.join()
 
 
+@pytest.mark.slow  # ~18 s on 2 cores: a two-phase pipeline; keeps `make test` under 10 minutes
 def test_the_pipelines_own_process_asks_cuda_nothing(tiny_data: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A forked child cannot use CUDA that its parent initialised, and asking for the device count initialises the
