@@ -33,16 +33,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from carnet.artifacts import read_metrics  # noqa: E402
-from carnet.summary import read_summary  # noqa: E402
+from carnet.summary import RunSummary, read_summary  # noqa: E402
 
 LOSSES = ["train/loss", "val/loss"]
 SAME_PIXELS_ON_THE_CPU = {"cpu": "cpu", "gpu": "device"}  # data.decode on the GPU -> the same pixel code on the CPU
 
 
-def train_run(run_dir: Path, overrides: list[str], limit: float) -> tuple[pd.DataFrame, float]:
-    """One ``python train.py`` run: its metrics.csv losses (one row per epoch) and its wall time. A run still going
-    after ``limit`` seconds gets SIGABRT, on which Python's faulthandler prints every thread's stack: the error then
-    says where it hung."""
+def run_train(run_dir: Path, overrides: list[str], limit: float | None = None) -> tuple[RunSummary, float]:
+    """One ``python train.py`` run, as a user starts it: its summary.json and its wall time. A run that fails or
+    does not complete raises with its stderr's end; one still going after ``limit`` seconds gets SIGABRT, on which
+    Python's faulthandler prints every thread's stack: the error then says where it hung."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides, f"run_dir={run_dir}"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -56,9 +56,15 @@ def train_run(run_dir: Path, overrides: list[str], limit: float) -> tuple[pd.Dat
     seconds = time.perf_counter() - start
     summary = read_summary(run_dir, missing_ok=True)  # carnet's contract: summary.json and metrics.csv
     status = summary.status if summary is not None else None
-    if proc.returncode != 0 or status != "completed":
+    if proc.returncode != 0 or summary is None or status != "completed":
         raise RuntimeError(f"train.py {' '.join(overrides)}: exit {proc.returncode}, summary status {status}\n"
                            f"{stderr[-6000:]}")
+    return summary, seconds
+
+
+def train_losses(run_dir: Path, overrides: list[str], limit: float) -> tuple[pd.DataFrame, float]:
+    """:func:`run_train`'s run: its metrics.csv losses (one row per epoch) and its wall time."""
+    _, seconds = run_train(run_dir, overrides, limit)
     return read_metrics(run_dir)[["epoch", *LOSSES]].set_index("epoch"), seconds
 
 
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         for decode in a.decode:
             cpu_decode = SAME_PIXELS_ON_THE_CPU[decode]
             try:
-                references[decode], seconds = train_run(tmp / f"cpu_{cpu_decode}", [*common, "trainer=cpu",
+                references[decode], seconds = train_losses(tmp / f"cpu_{cpu_decode}", [*common, "trainer=cpu",
                                                         f"data.decode={cpu_decode}"], a.run_limit)
             except RuntimeError as error:
                 print(f"gpu_check: FAILED: the CPU reference run: {error}", flush=True)
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"data.decode={decode} model.compile={compile_}"
             run_decode = decode if a.device == "cuda" else SAME_PIXELS_ON_THE_CPU[decode]
             try:
-                losses, seconds = train_run(tmp / f"{decode}_{compile_}", [*common, accelerator,
+                losses, seconds = train_losses(tmp / f"{decode}_{compile_}", [*common, accelerator,
                                             f"data.decode={run_decode}", f"model.compile={compile_}"], a.run_limit)
             except RuntimeError as error:
                 print(f"FAILED {name}: {error}", flush=True)

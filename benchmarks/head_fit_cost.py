@@ -24,32 +24,24 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from carnet.summary import read_summary  # noqa: E402
+from gpu_check import run_train  # noqa: E402
+
 from carnet.tools.demo import make_dataset  # noqa: E402
 
 
 def head_phase(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """One ``python train.py phase=head`` run and what its summary.json says the head fit and the phase took."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "phase=head", *overrides, f"run_dir={run_dir}"],
-                          cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    summary = read_summary(run_dir, missing_ok=True)
-    if proc.returncode != 0 or summary is None or summary.status != "completed":
-        status = summary.status if summary is not None else None
-        raise RuntimeError(f"train.py phase=head {' '.join(overrides)}: exit {proc.returncode}, summary status "
-                           f"{status}\n{proc.stderr[-4000:]}")
+    summary, wall = run_train(run_dir, ["phase=head", *overrides])
     fit = summary.head_fit or {}
     return {"train": summary.num_train, "val": summary.num_val, "steps": summary.taken_steps,
             "images": fit.get("images"), "l2": fit.get("l2"), "features": fit.get("features_seconds"),
@@ -66,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, nargs="+", default=[224])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    ap.add_argument("--data", type=Path, help="a Kaggle-layout folder (default: demo photos copied up to --photos)")
+    ap.add_argument("--data", type=Path, help="a Kaggle-layout folder (default: --photos demo photos, each drawn)")
     a = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="carnet_head_fit_cost_") as tmp_name:
