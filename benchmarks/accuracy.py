@@ -252,6 +252,13 @@ def accuracy(probs: torch.Tensor, labels: np.ndarray) -> float:
     return float((probs.argmax(1).numpy() == labels).mean())
 
 
+def missed(predicted: Sequence[int], ctx: dict[str, Any]) -> dict[str, int]:
+    """``{test Id: predicted class}`` of the test photos a method got wrong (plain predictions), for the report's
+    list of photos missed: whether the methods miss the same few photos says how far any of them can still go."""
+    ids, labels = ctx["test"].Id.tolist(), ctx["test_labels"]
+    return {i: int(p) for i, p, t in zip(ids, predicted, labels, strict=True) if int(p) != int(t)}
+
+
 # --- methods ------------------------------------------------------------------------------------------------------
 
 def cv_accuracy(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, seed: int,
@@ -290,6 +297,7 @@ def run_probe(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict[
     plain = probs(xt)
     labels = np.asarray(ctx["test_labels"])
     return {"test_acc": accuracy(plain, labels), "test_acc_tta": accuracy((plain + probs(xt_flip)) / 2, labels),
+            "missed": missed(plain.argmax(1).tolist(), ctx),
             "val_acc": cv_acc, "l2": l2, "cv_loss": losses.get(l2), "train_photos": len(y)}
 
 
@@ -319,6 +327,7 @@ def run_headfit(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dic
     plain, flipped = (xt @ weight.t() + bias).softmax(1), (xt_flip @ weight.t() + bias).softmax(1)
     labels_t = np.asarray(ctx["test_labels"])
     return {"test_acc": accuracy(plain, labels_t), "test_acc_tta": accuracy((plain + flipped) / 2, labels_t),
+            "missed": missed(plain.argmax(1).tolist(), ctx),
             "val_acc": None, "train_photos": len(ctx["train_labels"]), "views": len(views),
             "solver_seconds": round(solver_seconds, 1), **info}
 
@@ -349,6 +358,7 @@ def run_finetune(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> di
     logits, logits_flip = predict_views(net, loader(Photos(ctx["test_paths"], ctx["test_labels"], view), args), device)
     plain, labels = logits.softmax(1), np.asarray(ctx["test_labels"])
     return {"test_acc": accuracy(plain, labels), "test_acc_tta": accuracy((plain + logits_flip.softmax(1)) / 2, labels),
+            "missed": missed(plain.argmax(1).tolist(), ctx),
             "val_acc": None, "steps": args.ft_epochs * len(train), "final_train_loss": loss.item()}
 
 
@@ -406,13 +416,18 @@ def run_command(command: list[str], log: Path, env: dict[str, str], repo: Path =
     return shown, time.perf_counter() - started
 
 
-def submission_accuracy(path: Path, ctx: dict[str, Any]) -> float:
-    """Share of test photos whose submitted Category is their label in test_labels.csv."""
+def submission_predictions(path: Path, ctx: dict[str, Any]) -> list[int]:
+    """The submitted Category of each test photo, in test_labels.csv's order."""
     submission = pd.read_csv(path, dtype={"Id": str})
     merged = ctx["test"].merge(submission, on="Id", how="left", suffixes=("", "_predicted"))
     if merged.Category_predicted.isna().any():
         raise SystemExit(f"{path} misses {int(merged.Category_predicted.isna().sum())} test photo(s)")
-    return float((merged.Category == merged.Category_predicted.astype(int)).mean())
+    return merged.Category_predicted.astype(int).tolist()
+
+
+def submission_accuracy(path: Path, ctx: dict[str, Any]) -> float:
+    """Share of test photos whose submitted Category is their label in test_labels.csv."""
+    return float(np.mean(np.asarray(submission_predictions(path, ctx)) == np.asarray(ctx["test_labels"])))
 
 
 def phase_rows(run_dirs: dict[str, Path], phases: Sequence[str]) -> list[dict[str, Any]]:
@@ -481,6 +496,8 @@ def run_carnet(seed: int, ctx: dict[str, Any], args: argparse.Namespace, name: s
                                                            repo)
         commands.append(shown)
         result[key] = submission_accuracy(submission, ctx)
+        if tta == "false":
+            result["missed"] = missed(submission_predictions(submission, ctx), ctx)
     return {**result, "commands": commands, "command_seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
@@ -576,6 +593,25 @@ def refit_table(results: list[dict[str, Any]]) -> str:
     return markdown(["refit phase", "runs", "taken steps", "s"], rows)
 
 
+def missed_table(runs: dict[str, list[dict[str, Any]]], label: dict[str, int], class_names: Sequence[str]) -> str:
+    """The test photos any method missed (plain predictions), most missed first: each photo's class and, per
+    method, what each seed predicted (``·``: right). A photo every method misses bounds what any can reach."""
+    ran = {m: results for m, results in runs.items() if results and all("missed" in r for r in results)}
+    ids = {i for results in ran.values() for r in results for i in r["missed"]}
+    if not ids:
+        return ""
+    count = {i: sum(i in r["missed"] for results in ran.values() for r in results) for i in ids}
+    runs_in_all = sum(len(results) for results in ran.values())
+
+    def predictions(results: list[dict[str, Any]], i: str) -> str:
+        return " ".join(str(r["missed"][i]) if i in r["missed"] else "·" for r in results)
+
+    rows = [[i, f"{label[i]} {class_names[label[i]]}", f"{count[i]}/{runs_in_all}",
+             *(predictions(results, i) for results in ran.values())]
+            for i in sorted(ids, key=lambda i: (-count[i], i))]
+    return markdown(["test photo", "class", "missed by", *ran], rows)
+
+
 def report(runs: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> str:
     text = [f"# Accuracy on {meta['data']}", "",
             f"{meta['model']} from {meta['weights']}, {meta['image_size']} px, seeds {meta['seeds']}, "
@@ -589,6 +625,9 @@ def report(runs: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> str:
                      "the run's own time from summary.json, without start-up.", "", phase_table(results)]
         if any(r.get("refit") for r in results):
             text += ["", refit_table(results)]
+    if table := missed_table(runs, meta.get("test_labels", {}), meta["class_names"]):
+        text += ["", "Test photos missed (plain predictions): the class each seed predicted, in seed order "
+                 "(· right).", "", table]
     return "\n".join(text) + "\n"
 
 
@@ -695,6 +734,7 @@ def main(argv: list[str] | None = None) -> None:
             "carnet_args": args.carnet_args, "device": str(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "timm": timm.__version__, "train_photos": len(train),
             "test_photos": len(test), "class_names": class_names,
+            "test_labels": dict(zip(test.Id, map(int, test.Category), strict=True)),
             "finetune": {"epochs": args.ft_epochs, "lr": args.ft_lr, "weight_decay": args.ft_weight_decay,
                          "batch_size": args.batch_size},
             "variants": args.variants, "variant_repos": {k: str(v) for k, v in args.variant_repos.items()},

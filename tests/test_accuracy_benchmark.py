@@ -59,6 +59,10 @@ def test_accuracy_benchmark_end_to_end(dataset: tuple[Path, Path], tmp_path: Pat
         for key in ("test_acc", "test_acc_tta"):
             assert 0.0 <= rows[0][key] <= 1.0, (method, key)
         assert rows[0]["seconds"] > 0
+        # the photos it missed are its plain accuracy's complement, each with a wrong class
+        missed, labels = rows[0]["missed"], results["meta"]["test_labels"]
+        assert len(missed) == round((1 - rows[0]["test_acc"]) * len(labels)), method
+        assert all(labels[i] != predicted for i, predicted in missed.items()), method
     assert 0.0 <= runs["probe"][0]["val_acc"] <= 1.0
     assert runs["finetune"][0]["val_acc"] is None
     default_views = OmegaConf.load(REPO / "conf" / "train.yaml").head_fit.views  # stated once, in conf
@@ -76,6 +80,8 @@ def test_accuracy_benchmark_end_to_end(dataset: tuple[Path, Path], tmp_path: Pat
     table = (out / "accuracy.md").read_text()
     for name in ("probe", "headfit", "finetune", "carnet", *PHASES):
         assert f"| {name} |" in table
+    missed_anywhere = set().union(*(rows[0]["missed"] for rows in runs.values()))
+    assert all(f"| {i} |" in table for i in missed_anywhere)
 
 
 @pytest.mark.slow
