@@ -8,8 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from carnet.training.head_fit import capped_images, passes_per_image, plan_images, sample_photos, unlabelled_photos
+from carnet.training.head_fit import (
+    batch_to_pad_to,
+    capped_images,
+    padded,
+    passes_per_image,
+    plan_images,
+    sample_photos,
+    unlabelled_photos,
+)
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
@@ -44,6 +53,25 @@ def test_the_few_shot_recipe_keeps_every_view_and_the_test_photos_within_its_cap
     photos, per_photo = plan_images(50, views, capped_images(default_cap, scales))
     assert per_photo < views + 1
     assert unlabelled_photos(default_cap, photos * per_photo * passes_per_image(scales), scales) < 123
+
+
+def test_a_short_batch_padded_to_the_loaders_size_gives_its_own_features() -> None:
+    """On a GPU with cudnn.benchmark the head fit pads a loader's last, short batch to the batch size (one input
+    shape, one algorithm search); the padding rows must not change the real rows' features."""
+    from torch import nn
+
+    from carnet.models.network import CarNet, create_backbone
+
+    torch.manual_seed(0)
+    net = CarNet(create_backbone("test_efficientnet"), nn.Identity()).eval()
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        alone = net.features(images)
+        within = padded(net.features, images, 8)
+        assert within.shape == alone.shape
+        torch.testing.assert_close(within, alone, rtol=1e-4, atol=1e-5)
+        assert torch.equal(padded(net.features, images, None), alone)  # no padding asked: the batch as it is
+    assert batch_to_pad_to(32, torch.device("cpu")) is None  # the CPU searches for no algorithms: no padding
 
 
 def test_a_sample_of_photos_keeps_every_class_in_proportion() -> None:

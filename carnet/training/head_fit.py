@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -252,6 +253,25 @@ def sample_photos(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
+def batch_to_pad_to(batch_size: int, device: torch.device) -> int | None:
+    """The batch size the head fit pads its short batches to: the loaders' own where cuDNN searches for the fastest
+    convolution algorithms (cudnn.benchmark, on for GPU runs), else None (no padding: it would only add work)."""
+    return int(batch_size) if device.type == "cuda" and torch.backends.cudnn.benchmark else None
+
+
+def padded(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``forward(images)``, computed on the batch padded to ``size`` images (copies of its last) and cut back.
+
+    Why: with cudnn.benchmark every new input shape starts a search over each convolution's algorithms (for an
+    EfficientNet, hundreds of layer shapes), and a loader's last batch is short: padded, the head fit's forward
+    passes keep the one shape the phase's training steps use (their algorithms found once), at the price of fewer
+    than a batch of extra images. The backbone is in eval mode, so the padding rows do not touch the others."""
+    count = len(images)
+    if size is None or count >= size:
+        return forward(images)
+    return forward(torch.cat([images, images[-1:].expand(size - count, *images.shape[1:])]))[:count]
+
+
 class Progress:
     """Log lines while the head fit works (it used to be silent for up to a quarter of an hour): one a view, and
     within a view at most one every ``every`` seconds. It also splits the features' time into waiting for the
@@ -374,6 +394,7 @@ class HeadFit(pl.Callback):
         net, backbone = pl_module.net, pl_module.backbone
         photos, per_photo = plan_images(len(labels_all), self.views, capped_images(self.max_images, net.scales))
         subset = sample_photos(labels_all, photos, self.seed) if photos < len(labels_all) else None
+        pad_to = batch_to_pad_to(datamodule.batch_size, pl_module.device)
         with eval_mode(backbone):
             rows, labels, groups = [], [], []
             for view in range(per_photo):
@@ -384,7 +405,7 @@ class HeadFit(pl.Callback):
                         images = images.to(pl_module.device)  # uint8: the net normalises (and sets the memory format)
                         for scale in net.scales:  # one row per scale the network predicts at (model.scales)
                             with trainer.precision_plugin.forward_context():
-                                rows.append(net.features(images, scale).float())
+                                rows.append(padded(partial(net.features, scale=scale), images, pad_to).float())
                             labels.append(targets.to(pl_module.device))
                             groups.append(np.arange(start, start + len(targets)))
                     start += len(targets)
@@ -417,6 +438,7 @@ class HeadFit(pl.Callback):
             return None
         subset = None if photos == len(frame) else np.sort(
             np.random.default_rng(self.seed).choice(len(frame), photos, replace=False))
+        pad_to = batch_to_pad_to(datamodule.batch_size, pl_module.device)
         with eval_mode(backbone):
             views: list[list[torch.Tensor]] = [[] for _ in range(2 * len(net.scales))]
             done = 0
@@ -425,7 +447,8 @@ class HeadFit(pl.Callback):
                     images = images.to(pl_module.device)
                     for i, (scale, mirrored) in enumerate((s, m) for s in net.scales for m in (False, True)):
                         with trainer.precision_plugin.forward_context():
-                            views[i].append(net.features(images.flip(-1) if mirrored else images, scale).float())
+                            views[i].append(padded(partial(net.features, scale=scale),
+                                                   images.flip(-1) if mirrored else images, pad_to).float())
                 done += len(images)
                 progress.batch(0, 1, done, photos)
         log.info("head fit: features of %d unlabelled photos (eval view and mirrored), %.0f s", photos,
