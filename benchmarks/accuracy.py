@@ -47,8 +47,9 @@ model. Test labels are only read to report; nothing is chosen with them.
 ``python benchmarks/accuracy.py --merge A/accuracy.json B/accuracy.json OUT`` joins runs (e.g. seeds run in
 parallel) into one report in OUT.
 
-Writes ``--out``/accuracy.md (the tables printed at the end) and ``--out``/accuracy.json (per-seed results, wall
-times, every command line); carnet's runs go to ``--out``/<seed>/ (phase runs, ``phases/`` hand-offs, logs,
+Writes ``--out``/accuracy.md (the tables printed at the end, the last one the test photos any method missed, with
+each seed's prediction) and ``--out``/accuracy.json (per-seed results with the photos missed, wall times, every
+command line); carnet's runs go to ``--out``/<seed>/ (phase runs, ``phases/`` hand-offs, logs,
 submissions).
 
 Cost, on a quiet 2-core CPU with tf_efficientnet_lite0 at 224 px (docs/fine-tuning.md, "What the recipe
