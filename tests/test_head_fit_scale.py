@@ -107,3 +107,24 @@ def test_a_multi_scale_head_fit_keeps_to_its_cap_in_forward_passes(tiny_data: Pa
                                  f"run_dir={tmp_path / 'run'}"]))
     fit = summary.head_fit
     assert summary.num_train > 10 and (fit["photos"], fit["views"], fit["scales"], fit["images"]) == (10, 1, 2, 20)
+
+
+def test_a_head_fit_on_padded_batches_fits_the_same_head(tiny_data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The padding a GPU run uses (cudnn.benchmark), forced on the CPU: batches of 5 leave every loader a short last
+    batch (the labelled photos' views, the unlabelled photos for the pseudo-labels), and the head fit must find
+    the same features, photos and head as without it."""
+    import carnet.training.head_fit as head_fit
+
+    def fit(name: str) -> dict:
+        return train(compose_cfg([*TINY, f"data.root={tiny_data}", "phase=head", "head_fit.views=2",
+                                  "data.batch_size=5", "data.verify=false", "trainer.num_sanity_val_steps=0",
+                                  f"paths.output_dir={tmp_path / name}", f"run_dir={tmp_path / name / 'run'}"])
+                     ).head_fit
+
+    plain = fit("plain")
+    monkeypatch.setattr(head_fit, "batch_to_pad_to", lambda batch_size, device: int(batch_size))
+    with_padding = fit("padded")
+    keys = ("photos", "views", "images", "l2", "cv_loss", "train_acc", "unlabelled", "pseudo_labelled")
+    assert plain["photos"] % 5 and plain["unlabelled"] % 5  # short last batches, padded in the second run
+    assert {k: with_padding[k] for k in keys} == {k: plain[k] for k in keys}
