@@ -21,6 +21,7 @@ from tests.helpers.overrides import ONE_BATCH, TINY
 from tests.helpers.runs import child_env
 
 
+@pytest.mark.slow  # ~30 s on 2 cores; the fast suite's pipelines fork their phases too. Keeps `make test` under 10 min
 def test_a_forked_phase_ends_as_a_fresh_interpreter_would(tiny_data: Path, tmp_path: Path,
                                                           capfd: pytest.CaptureFixture[str]) -> None:
     """Same exit status and the same one-line error, forked or fresh; with a second thread alive it runs fresh."""

@@ -65,6 +65,7 @@ def test_one_epoch_run_leaves_every_artifact(train_run):
     assert (run_dir / "curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # ~17 s on 2 cores (two runs); test_resume's runs repeat one too. Keeps `make test` under 10 min
 def test_same_seed_same_result(train_run, tmp_path):
     """Augmentation in loader workers included: the same seed on the CPU repeats a run exactly."""
     args = ("trainer.max_epochs=2", "data.num_workers=2", "seed=5")
