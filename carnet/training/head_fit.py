@@ -272,6 +272,13 @@ def padded(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
     return forward(torch.cat([images, images[-1:].expand(size - count, *images.shape[1:])]))[:count]
 
 
+def pooled(trainer: pl.Trainer, net: nn.Module, images: torch.Tensor, scale: float, pad_to: int | None) -> torch.Tensor:
+    """The head fit's features of a batch: ``net.features`` at ``scale`` in the run's precision, on the batch padded
+    to ``pad_to`` (:func:`padded`), as float32."""
+    with trainer.precision_plugin.forward_context():
+        return padded(partial(net.features, scale=scale), images, pad_to).float()
+
+
 class Progress:
     """Log lines while the head fit works (it used to be silent for up to a quarter of an hour): one a view, and
     within a view at most one every ``every`` seconds. It also splits the features' time into waiting for the
@@ -296,7 +303,8 @@ class Progress:
 
     @contextmanager
     def forward(self, device: torch.device) -> Iterator[None]:
-        """Count the time of the forward passes in this block, waiting for the GPU to finish them."""
+        """Count the time of this block (a batch's move to the device and its forward passes), waiting for the GPU
+        to finish them."""
         start = time.perf_counter()
         yield
         if device.type == "cuda":
@@ -404,8 +412,7 @@ class HeadFit(pl.Callback):
                     with progress.forward(pl_module.device):
                         images = images.to(pl_module.device)  # uint8: the net normalises (and sets the memory format)
                         for scale in net.scales:  # one row per scale the network predicts at (model.scales)
-                            with trainer.precision_plugin.forward_context():
-                                rows.append(padded(partial(net.features, scale=scale), images, pad_to).float())
+                            rows.append(pooled(trainer, net, images, scale, pad_to))
                             labels.append(targets.to(pl_module.device))
                             groups.append(np.arange(start, start + len(targets)))
                     start += len(targets)
@@ -446,9 +453,7 @@ class HeadFit(pl.Callback):
                 with progress.forward(pl_module.device):
                     images = images.to(pl_module.device)
                     for i, (scale, mirrored) in enumerate((s, m) for s in net.scales for m in (False, True)):
-                        with trainer.precision_plugin.forward_context():
-                            views[i].append(padded(partial(net.features, scale=scale),
-                                                   images.flip(-1) if mirrored else images, pad_to).float())
+                        views[i].append(pooled(trainer, net, images.flip(-1) if mirrored else images, scale, pad_to))
                 done += len(images)
                 progress.batch(0, 1, done, photos)
         log.info("head fit: features of %d unlabelled photos (eval view and mirrored), %.0f s", photos,
