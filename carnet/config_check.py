@@ -269,6 +269,7 @@ TRAIN: tuple[Check, ...] = (
     ("head_fit.views", Number(0, whole=True), "augmented views per photo"),
     ("head_fit.folds", Number(2, whole=True), "cross-validation folds"),
     ("head_fit.max_images", optional(COUNT), "images whose features the head is fitted on"),
+    ("head_fit.pad_batches", FLAG, ""),
     ("head_fit.pseudo_label", optional(Number(0, 1, hi_open=True)), "the probability above which the head learns "
      "from an unlabelled photo"),
     ("ema.decay", optional(Number(0, 1, lo_open=True, hi_open=True)), ""),

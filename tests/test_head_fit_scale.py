@@ -72,6 +72,11 @@ def test_a_short_batch_padded_to_the_loaders_size_gives_its_own_features() -> No
         torch.testing.assert_close(within, alone, rtol=1e-4, atol=1e-5)
         assert torch.equal(padded(net.features, images, None), alone)  # no padding asked: the batch as it is
     assert batch_to_pad_to(32, torch.device("cpu")) is None  # the CPU searches for no algorithms: no padding
+    # opt-in (head_fit.pad_batches, off by default until measured on a GPU): a head fit that was not asked pads nothing
+    from carnet.training.head_fit import HeadFit
+
+    assert compose_cfg(["phase=head"]).head_fit.pad_batches is False
+    assert HeadFit(views=0, folds=2, max_images=None, seed=0, pseudo_label=None).pad_to(32, torch.device("cpu")) is None
 
 
 def test_a_sample_of_photos_keeps_every_class_in_proportion() -> None:
@@ -116,15 +121,15 @@ def test_a_head_fit_on_padded_batches_fits_the_same_head(tiny_data: Path, tmp_pa
     the same features, photos and head as without it."""
     import carnet.training.head_fit as head_fit
 
-    def fit(name: str) -> dict:
+    def fit(name: str, *overrides: str) -> dict:
         return train(compose_cfg([*TINY, f"data.root={tiny_data}", "phase=head", "head_fit.views=2",
                                   "data.batch_size=5", "data.verify=false", "trainer.num_sanity_val_steps=0",
-                                  f"paths.output_dir={tmp_path / name}", f"run_dir={tmp_path / name / 'run'}"])
-                     ).head_fit
+                                  f"paths.output_dir={tmp_path / name}", f"run_dir={tmp_path / name / 'run'}",
+                                  *overrides])).head_fit
 
     plain = fit("plain")
     monkeypatch.setattr(head_fit, "batch_to_pad_to", lambda batch_size, device: int(batch_size))
-    with_padding = fit("padded")
+    with_padding = fit("padded", "head_fit.pad_batches=true")
     keys = ("photos", "views", "images", "l2", "cv_loss", "train_acc", "unlabelled", "pseudo_labelled")
     assert plain["photos"] % 5 and plain["unlabelled"] % 5  # short last batches, padded in the second run
     assert {k: with_padding[k] for k in keys} == {k: plain[k] for k in keys}

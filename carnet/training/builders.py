@@ -74,7 +74,7 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     if cfg.head_fit.enabled:
         callbacks.append(HeadFit(views=cfg.head_fit.views, folds=cfg.head_fit.folds,
                                  max_images=cfg.head_fit.max_images, pseudo_label=cfg.head_fit.pseudo_label,
-                                 seed=cfg.seed))
+                                 pad_batches=cfg.head_fit.pad_batches, seed=cfg.seed))
     if cfg.ema.decay is not None:
         callbacks.append(WeightEMA(decay=float(cfg.ema.decay)))
     if cfg.get("unfreeze") is not None:

@@ -254,8 +254,9 @@ def sample_photos(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 
 def batch_to_pad_to(batch_size: int, device: torch.device) -> int | None:
-    """The batch size the head fit pads its short batches to: the loaders' own where cuDNN searches for the fastest
-    convolution algorithms (cudnn.benchmark, on for GPU runs), else None (no padding: it would only add work)."""
+    """The batch size ``head_fit.pad_batches`` pads short batches to: the loaders' own where cuDNN searches for the
+    fastest convolution algorithms (cudnn.benchmark, on for GPU runs), else None (no padding: it would only add
+    work)."""
     return int(batch_size) if device.type == "cuda" and torch.backends.cudnn.benchmark else None
 
 
@@ -384,12 +385,17 @@ class HeadFit(pl.Callback):
     labelled photos leave of ``max_images`` (each photo two passes: the eval view and mirrored)."""
 
     def __init__(self, *, views: int, folds: int, max_images: int | None, seed: int,
-                 pseudo_label: float | None, grid: Sequence[float] = L2_GRID) -> None:
+                 pseudo_label: float | None, pad_batches: bool = False, grid: Sequence[float] = L2_GRID) -> None:
         self.views, self.folds, self.grid = int(views), int(folds), tuple(float(g) for g in grid)
         self.max_images = int(max_images) if max_images else None
         self.pseudo_label = None if pseudo_label is None else float(pseudo_label)
         self.seed = int(seed)
+        self.pad_batches = bool(pad_batches)
         self.head_fit: dict[str, Any] | None = None  # what the fit found, for summary.json
+
+    def pad_to(self, batch_size: int, device: torch.device) -> int | None:
+        """The size short batches are padded to (:func:`padded`): None unless ``pad_batches`` asks for it."""
+        return batch_to_pad_to(batch_size, device) if self.pad_batches else None
 
     @torch.no_grad()
     def features(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -402,7 +408,7 @@ class HeadFit(pl.Callback):
         net, backbone = pl_module.net, pl_module.backbone
         photos, per_photo = plan_images(len(labels_all), self.views, capped_images(self.max_images, net.scales))
         subset = sample_photos(labels_all, photos, self.seed) if photos < len(labels_all) else None
-        pad_to = batch_to_pad_to(datamodule.batch_size, pl_module.device)
+        pad_to = self.pad_to(datamodule.batch_size, pl_module.device)
         with eval_mode(backbone):
             rows, labels, groups = [], [], []
             for view in range(per_photo):
@@ -445,7 +451,7 @@ class HeadFit(pl.Callback):
             return None
         subset = None if photos == len(frame) else np.sort(
             np.random.default_rng(self.seed).choice(len(frame), photos, replace=False))
-        pad_to = batch_to_pad_to(datamodule.batch_size, pl_module.device)
+        pad_to = self.pad_to(datamodule.batch_size, pl_module.device)
         with eval_mode(backbone):
             views: list[list[torch.Tensor]] = [[] for _ in range(2 * len(net.scales))]
             done = 0
