@@ -86,16 +86,23 @@ def test_gpu_check_script_smoke() -> None:
     assert "still running after 1 s; its stacks:" in hung.stdout and "File " in hung.stdout  # a Python stack
 
 
-@pytest.mark.slow  # ~25 s on 2 shared cores: two train.py runs
+@pytest.mark.slow  # ~35 s on 2 shared cores: three train.py runs
 def test_head_fit_cost_script_smoke() -> None:
     """benchmarks/head_fit_cost.py on a CPU: the phase with and without the head fit, and the table's cost is the
-    difference of the two runs' seconds."""
+    difference of the two runs' seconds; a --variant's overrides reach its own run (fewer images), in a row of its
+    own against the same run without the head fit."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "head_fit_cost.py"), "--device", "cpu",
-                           "--model", "test_efficientnet", "--image-size", "64", "--photos", "40", "--workers", "0"],
+                           "--model", "test_efficientnet", "--image-size", "64", "--photos", "40", "--workers", "0",
+                           "--variant", "head_fit.max_images=10 head_fit.pseudo_label=null"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    row = [line for line in proc.stdout.splitlines() if line.startswith("| 64 |")]
-    assert len(row) == 1, proc.stdout
-    cells = [cell.strip() for cell in row[0].strip("|").split("|")]
-    images, logged, run, without, cost = int(cells[3].replace(",", "")), *map(float, cells[7:11])
-    assert images > 0 and logged > 0 and run > without and cost == pytest.approx(run - without, abs=0.11)
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| 64 |")]
+    assert [cells[1] for cells in rows] == ["defaults", "head_fit.max_images=10 head_fit.pseudo_label=null"]
+    images = [int(cells[4].replace(",", "")) for cells in rows]
+    assert images[0] > 10 and 0 < images[1] <= 10, images
+    for cells in rows:
+        logged, run, without, cost = map(float, cells[8:12])
+        assert logged > 0 and cost == pytest.approx(run - without, abs=0.11)
+    assert float(rows[0][9]) > float(rows[0][10])  # the defaults' head fit of 480 images costs time
+    assert rows[0][10] == rows[1][10]  # one run without the head fit for both
