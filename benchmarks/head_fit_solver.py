@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             l2, losses = choose_l2(sample, labels, groups, int(y.max()) + 1, together=together)
             found[together] = (l2, len(losses), time.perf_counter() - begin)
         agree &= found[False][0] == found[True][0]
-        (l2_apart, points, apart), (l2_together, _, together_s) = found[False], found[True]
-        rows.append([str(len(chosen)), f"{len(sample):,} x {dim}", str(points), f"{l2_apart:g}", f"{l2_together:g}",
-                     f"{apart:.1f}", f"{together_s:.1f}", f"{together_s / apart:.2f}"])
+        (l2_apart, points, apart), (l2_together, points_together, together_s) = found[False], found[True]
+        rows.append([str(len(chosen)), f"{len(sample):,} x {dim}", f"{points}, {points_together}", f"{l2_apart:g}",
+                     f"{l2_together:g}", f"{apart:.1f}", f"{together_s:.1f}", f"{together_s / max(apart, 1e-9):.2f}"])
         print(rows[-1], flush=True)
     print(f"\n{args.model} features of {args.data.name}, {args.threads} solver thread(s):\n")
-    print(markdown(["photos", "rows x features", "grid points", "L2, a fold at a time", "L2, folds together",
+    print(markdown(["photos", "rows x features", "grid points walked", "L2, a fold at a time", "L2, folds together",
                     "s, a fold at a time", "s, folds together", "together / apart"], rows))
     if not agree:
         print("the two searches chose different L2 strengths")

@@ -116,3 +116,27 @@ def test_pseudo_label_cv_scores_each_threshold_on_held_out_training_photos(datas
         assert round(cv * 40, 6).is_integer() and round(test * 10, 6).is_integer()
         photos = val * len(held_out)  # a share of the 60 photos, printed to 3 decimals
         assert abs(photos - round(photos)) <= 0.0005 * len(held_out) and 0 <= min(cv, val, test) <= 1
+
+
+@pytest.mark.slow  # ~20 s: features of 40 photos x 3 views, six L2 searches
+def test_head_fit_solver_benchmark_searches_each_sample_both_ways(dataset: tuple[Path, Path]) -> None:
+    """benchmarks/head_fit_solver.py: a row a sample (20 stratified photos, then all 40) with its rows (photos x 3
+    views), both searches' L2 from the grid and their seconds; the exit code says whether the two agreed."""
+    from carnet.training.head_fit import L2_GRID
+
+    root, weights = dataset
+    command = [sys.executable, str(REPO / "benchmarks" / "head_fit_solver.py"), "--data", str(root), "--weights",
+               str(weights), "--model", "test_efficientnet", "--image-size", "64", "--views", "2", "--photos", "20",
+               "0", "--workers", "0", "--batch-size", "8"]
+    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| photos")]
+    assert proc.returncode in (0, 1) and len(rows) == 2, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert [row[0] for row in rows] == ["20", "40"]
+    assert [int(row[1].split(" x ")[0]) for row in rows] == [60, 120]
+    for row in rows:
+        apart, together, *seconds = float(row[3]), float(row[4]), *map(float, row[5:8])
+        assert apart in L2_GRID and together in L2_GRID and min(seconds) >= 0  # seconds to 0.1: 0.0 is possible
+    agree = all(row[3] == row[4] for row in rows)
+    assert (proc.returncode == 0) == agree and ("chose different L2" in proc.stdout) == (not agree)
