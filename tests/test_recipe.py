@@ -75,8 +75,8 @@ def test_cross_validation_regularises_noise_more_than_signal() -> None:
 
 
 def test_the_folds_solved_together_reach_each_folds_own_optimum() -> None:
-    """The default way (one L-BFGS run for every fold) and a run a fold give each fold the same head, where the loss
-    is not flat in L2, so cross-validation scores every L2 alike and chooses the same one."""
+    """The GPU's way (one L-BFGS run for every fold) and the CPU's (a run a fold) give each fold the same head,
+    so cross-validation scores every L2 alike and chooses the same one."""
     x, y = blobs(12, 4, 48, spread=1.2, seed=3)
     z = (x - x.mean(0)) / x.std(0)
     fold = torch.arange(len(y)) % 3

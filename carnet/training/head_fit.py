@@ -110,9 +110,7 @@ def fit_logistic_folds(x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, fol
     Why: on a GPU an L-BFGS iteration on a head-sized problem is a few tiny kernels and a host sync, so the solver's
     time is its iteration count; one run for the folds instead of one each divides it by about the number of folds
     (tf_efficientnet_b6's 2,304 features of 1,499 photos on an H200: 58.4 s of solver a fold at a time, 14.4 s
-    together). On a CPU too, where one product with every fold's weights beats five thin ones: 0.34-0.62 x the time
-    on one thread (benchmarks/head_fit_solver.py, lite0 features of 51-365 car-ad photos x 6 views). Where the
-    iteration cap stops the folds, they stop together, not each at its own cap."""
+    together). Where the iteration cap stops the folds, they stop together, not each at its own cap."""
     x, y = x.double(), y.long()
     rows = torch.stack([fold != k for k in range(folds)]).double()  # [folds, rows]: 1 where the row trains fold k
     weight, bias = _start_at(init, (folds, x.shape[1], num_classes), x.device)
@@ -141,20 +139,24 @@ def photo_folds(groups: np.ndarray, labels: np.ndarray, folds: int, seed: int) -
 def choose_l2(x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, num_classes: int,
               grid: Sequence[float] = L2_GRID, folds: int = 5, seed: int = 0,
               progress: Callable[[float, float, int, int], None] | None = None,
-              together: bool = True) -> tuple[float, dict[float, float]]:
+              together: bool | None = None) -> tuple[float, dict[float, float]]:
     """The L2 strength of ``grid`` with the lowest k-fold log-loss (ties: the stronger one), and each one's loss.
 
     The grid is walked from the strongest L2 down, each fold's fit warm-started from its fit at the previous
     strength, and the walk stops once the loss has risen at two grid points in a row past its minimum: the weakly
     regularised end is where L-BFGS needs the most iterations, and the cross-validated loss is U-shaped in L2.
     ``progress(l2, loss, done, total)`` is called after each grid point. ``together``: the folds in one solver run
-    (:func:`fit_logistic_folds`), faster on a GPU and on a CPU alike, and the same choice on both; False: a run a
-    fold (each stops as soon as it converges; where the loss is flat in L2 the two may choose neighbouring points)."""
+    (:func:`fit_logistic_folds`); by default on a GPU, where that is faster, and one fold at a time on the CPU, where
+    each fold's solver stops as soon as it converges (the run together stops with the slowest fold, and where the
+    loss is flat in L2 the two may choose neighbouring points). On a CPU the search alone took 0.34-0.62 x the time
+    together (benchmarks/head_fit_solver.py), but in the few-shot recipe it saved a few percent of the run and
+    scored a test photo less on one seed of three (docs/fine-tuning.md), so the CPU keeps a run a fold."""
     labels = y.cpu().numpy()
     folds = int(min(folds, np.bincount(labels[np.unique(groups, return_index=True)[1]]).min()))
     if folds < 2:  # a class with a single photo: nothing to cross-validate on
         return float(np.median(grid)), {}
     fold = torch.as_tensor(photo_folds(groups, labels, folds, seed), device=x.device)
+    together = x.device.type != "cpu" if together is None else together
     losses: dict[float, float] = {}
     starts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * folds
     joint: tuple[torch.Tensor, torch.Tensor] | None = None
