@@ -14,11 +14,11 @@ that as a share of the run (issue 21's goal: at most 10 %). The head fit's own s
 first forward passes and of the loader's workers, which the run without it pays in its first steps instead; the
 difference does not. Each ``--variant`` adds a run with the head fit and those overrides (e.g. ``--variant
 head_fit.pad_batches=true``), in a row of its own against the same run without the head fit.
-``model.pretrained=false``: the weights do not change the cost of a forward pass, only how
-many L-BFGS iterations the solver takes (at most 300 a fit). The data: ``--data DIR`` (Kaggle layout), else
-``--photos`` of carnet-demo's 640x480 photos, each drawn (copies of a few drawings, as benchmarks/gpu.py uses,
-would put copies of a training photo in the cross-validation's held-out folds: its loss then falls down to the
-weakest L2, where L-BFGS needs the most iterations).
+``model.pretrained=false``: the weights do not change the cost of a forward pass, only how many L-BFGS iterations
+the solver takes (at most 300 a fit). The data: ``--data DIR`` (Kaggle layout), else ``--photos`` of carnet-demo's
+640x480 photos, each drawn (copies of a few drawings, as benchmarks/gpu.py uses, would put copies of a training
+photo in the cross-validation's held-out folds: its loss then falls down to the weakest L2, where L-BFGS needs the
+most iterations).
 ``--device cpu`` with a tiny model is this script's smoke test (tests/test_benchmarks.py).
 """
 
