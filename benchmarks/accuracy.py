@@ -96,7 +96,14 @@ from carnet.data.decode import decode_image  # noqa: E402
 from carnet.data.layout import read_test, scan_train  # noqa: E402
 from carnet.data.transforms import build_eval_transform, build_train_transform  # noqa: E402
 from carnet.summary import read_summary  # noqa: E402
-from carnet.training.head_fit import choose_l2, fit_head, fit_logistic, photo_folds, single_thread  # noqa: E402
+from carnet.training.head_fit import (  # noqa: E402
+    choose_l2,
+    fit_head,
+    fit_logistic,
+    photo_folds,
+    single_thread,
+    standardised,
+)
 from carnet.training.pipeline import phase_order, split_overrides  # noqa: E402
 
 METHODS = ("probe", "headfit", "finetune", "carnet")
@@ -285,8 +292,7 @@ def run_probe(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict[
     x, _ = predict_views(net, loader(Photos(ctx["train_paths"], ctx["train_labels"], view), args), device)
     xt, xt_flip = predict_views(net, loader(Photos(ctx["test_paths"], ctx["test_labels"], view), args), device)
     y = torch.as_tensor(ctx["train_labels"])
-    mean, std = x.mean(0), x.std(0) + 1e-6  # standardised as HeadFit does
-    z = (x - mean) / std
+    z, mean, std = standardised(x)  # as HeadFit does
     with single_thread(torch.device("cpu")):
         l2, losses = choose_l2(z, y, np.arange(len(y)), num_classes, seed=seed)
         weight, bias = fit_logistic(z, y, num_classes, l2)

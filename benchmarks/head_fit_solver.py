@@ -40,7 +40,7 @@ from accuracy import (  # noqa: E402
 )
 
 from carnet.data.layout import scan_train  # noqa: E402
-from carnet.training.head_fit import choose_l2, sample_photos  # noqa: E402
+from carnet.training.head_fit import choose_l2, sample_photos, standardised  # noqa: E402
 
 
 def features(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, agree = [], True
     for count in args.photos:
         chosen = np.arange(photos) if count in (0, photos) else sample_photos(y.numpy(), min(count, photos), 0)
-        sample = x[:, chosen].reshape(-1, dim)
-        sample = (sample - sample.mean(0)) / (sample.std(0) + 1e-6)  # as fit_head standardises
+        sample, _, _ = standardised(x[:, chosen].reshape(-1, dim))  # as fit_head does
         labels, groups = y[chosen].repeat(views), np.tile(np.arange(len(chosen)), views)
         found = {}
         for together in (False, True):

@@ -29,7 +29,7 @@ from carnet.inference.runner import Runner
 from carnet.inference.selection import Images
 from carnet.models.hub import check_pretrained_available
 from carnet.models.network import CarNet, create_backbone
-from carnet.training.head_fit import L2_GRID, choose_l2, fit_logistic, photo_folds, single_thread
+from carnet.training.head_fit import L2_GRID, choose_l2, fit_logistic, photo_folds, single_thread, standardised
 
 # Every other strength of head_fit's grid (a decade apart): half the fits, and a ranking of photos needs no finer L2.
 PROBE_GRID = L2_GRID[::2]
@@ -125,7 +125,7 @@ def probe_oof(features: torch.Tensor, labels: np.ndarray, num_classes: int, fold
     if folds < 2 or len(present) < 2:
         raise DataError(f"the probe needs at least 2 classes with 2 photos each to cross-validate; class counts "
                         f"{counts.tolist()}")
-    z = (features - features.mean(0)) / (features.std(0) + 1e-6)
+    z, _, _ = standardised(features)
     groups = np.arange(len(y))
     fold_of = torch.as_tensor(photo_folds(groups, y.numpy(), folds, seed))
     probs = torch.zeros(len(y), num_classes, dtype=torch.double)

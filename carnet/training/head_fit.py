@@ -182,14 +182,21 @@ def choose_l2(x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, num_classes:
     return best, losses
 
 
+def standardised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, mean, std): features scaled to zero mean and unit spread per column, as the solver takes them (an L2
+    strength then means the same whatever the backbone's feature scale); the small epsilon keeps a constant column
+    finite."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    return (x - mean) / std, mean, std
+
+
 def fit_head(x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, num_classes: int,
              grid: Sequence[float] = L2_GRID, folds: int = 5,
              progress: Callable[[float, float, int, int], None] | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """The linear head (weight [classes, features], bias) for raw features ``x``: features are standardised for
     the solver, L2 is cross-validated, and the standardisation is folded back into the layer."""
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    z = (x - mean) / std
+    z, mean, std = standardised(x)
     with single_thread(z.device):
         l2, losses = choose_l2(z, y, groups, num_classes, grid, folds, seed=0, progress=progress)
         weight, bias = fit_logistic(z, y, num_classes, l2)
