@@ -256,6 +256,14 @@ def predict_views(net: nn.Module, data: DataLoader, device: torch.device,
     return torch.cat(plain), torch.cat(flipped) if flip else None
 
 
+def view_features(net: nn.Module, paths: Sequence[Path], labels: Sequence[int], views: Sequence[Callable],
+                  args: argparse.Namespace, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """[view, photo, feature]: ``net``'s outputs for the photos in each of ``views``, the i-th view's loader seeded
+    with ``seed + i``."""
+    return torch.stack([predict_views(net, loader(Photos(paths, labels, view), args, seed=seed + i), device,
+                                      flip=False)[0] for i, view in enumerate(views)])
+
+
 def accuracy(probs: torch.Tensor, labels: np.ndarray) -> float:
     return float((probs.argmax(1).numpy() == labels).mean())
 
@@ -318,14 +326,10 @@ def run_headfit(seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dic
     config = data_config_of(net, args.image_size)
     views = [EvalView(config, args.image_size)] + [AugmentedView(config, args.image_size, args.augment,
                                                                  seed * 1000 + v) for v in range(args.headfit_views)]
-    rows, labels, groups = [], [], []
-    for i, view in enumerate(views):
-        x, _ = predict_views(net, loader(Photos(ctx["train_paths"], ctx["train_labels"], view), args, seed=seed + i),
-                             device, flip=False)
-        rows.append(x)
-        labels.append(torch.as_tensor(ctx["train_labels"]))
-        groups.append(np.arange(len(x)))
-    x, y, groups = torch.cat(rows), torch.cat(labels), np.concatenate(groups)
+    x = view_features(net, ctx["train_paths"], ctx["train_labels"], views, args, device, seed)
+    photos = len(ctx["train_labels"])
+    y, groups = torch.as_tensor(ctx["train_labels"]).repeat(len(views)), np.tile(np.arange(photos), len(views))
+    x = x.reshape(-1, x.shape[-1])
     started = time.perf_counter()
     weight, bias, info = fit_head(x, y, groups, num_classes)
     solver_seconds = time.perf_counter() - started

@@ -30,13 +30,11 @@ import torch  # noqa: E402
 from accuracy import (  # noqa: E402
     AugmentedView,
     EvalView,
-    Photos,
     class_names_of,
     data_config_of,
     load_backbone,
-    loader,
     markdown,
-    predict_views,
+    view_features,
 )
 
 from carnet.data.layout import scan_train  # noqa: E402
@@ -51,10 +49,7 @@ def features(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     config = data_config_of(backbone, args.image_size)
     views = [EvalView(config, args.image_size)] + [
         AugmentedView(config, args.image_size, "light", seed) for seed in range(args.views)]
-    cpu = torch.device("cpu")
-    x = torch.stack([predict_views(backbone, loader(Photos(paths, labels, view), args, seed=i), cpu, flip=False)[0]
-                     for i, view in enumerate(views)])
-    return x, torch.tensor(labels)
+    return view_features(backbone, paths, labels, views, args, torch.device("cpu")), torch.tensor(labels)
 
 
 def main(argv: list[str] | None = None) -> int:
