@@ -1,6 +1,6 @@
 """Predict: `python predict.py ckpt=PATH [tta=true] [split=val|oof] [images=DIR]` (conf/predict.yaml)."""
 
-from carnet.inference.predict import main
+from carnet.inference.cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Train a car classifier: `python train.py [group=option ...] [key=value ...]` (see conf/train.yaml)."""
 
-from carnet.training.train import main
+from carnet.training.cli import main
 
 if __name__ == "__main__":
     main()

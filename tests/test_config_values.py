@@ -88,11 +88,25 @@ def test_train_py_says_every_bad_value_in_one_line(tmp_path: Path) -> None:
 ])
 def test_a_mistyped_option_or_key_is_one_line(script: str, args: list[str], line: str, tmp_path: Path) -> None:
     """Hydra refuses these before carnet runs, in a dozen lines (its config search path, a HYDRA_FULL_ERROR hint):
-    the one-line promise of the README held only for carnet's own checks."""
-    proc = subprocess.run([sys.executable, str(REPO / script), *args, f"hydra.run.dir={tmp_path / 'run'}"],
+    the one-line promise of the README held only for carnet's own checks. They come before torch is imported
+    (carnet.training.cli, carnet.inference.cli): the script runs as ``python SCRIPT``, and prints at exit which of
+    the heavy packages it loaded."""
+    proc = subprocess.run([sys.executable, "-c", LOADED_AT_EXIT, str(REPO / script), *args,
+                           f"hydra.run.dir={tmp_path / 'run'}"],
                           cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     assert (proc.returncode, proc.stderr.strip()) == (1, line)
+    assert proc.stdout == "loaded:"
     assert not (tmp_path / "run").exists()
+
+
+# python -c LOADED_AT_EXIT SCRIPT ARGS: ``python SCRIPT ARGS``, then which heavy packages it imported.
+LOADED_AT_EXIT = """
+import atexit, runpy, sys
+heavy = ("torch", "pytorch_lightning", "timm", "albumentations")
+atexit.register(lambda: sys.stdout.write(" ".join(["loaded:", *(m for m in heavy if m in sys.modules)])))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def test_bad_predict_values_are_one_line_before_loading(tiny_data: Path, tmp_path: Path) -> None:

@@ -226,7 +226,7 @@ def test_every_documented_command_parses(command: Command, monkeypatch: pytest.M
     elif program == "carnet-train":
         _check_hydra("train", args)
     elif program == "carnet-predict":
-        from carnet.inference.predict import quote_tta_option
+        from carnet.inference.cli import quote_tta_option
 
         _check_hydra("predict", quote_tta_option(args))
     elif program == "carnet-pipeline":

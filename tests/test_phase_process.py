@@ -26,7 +26,7 @@ def test_a_forked_phase_ends_as_a_fresh_interpreter_would(tiny_data: Path, tmp_p
                                                           capfd: pytest.CaptureFixture[str]) -> None:
     """Same exit status and the same one-line error, forked or fresh; with a second thread alive it runs fresh."""
     def ending(fork: bool) -> tuple[type, int, str]:
-        command = [sys.executable, "-m", "carnet.training.train", f"data.root={tiny_data}", *TINY,
+        command = [sys.executable, "-m", "carnet.training.cli", f"data.root={tiny_data}", *TINY,
                    "early_stop.min_delta=-1", f"hydra.run.dir={tmp_path / str(fork)}"]
         process = start_phase(command, child_env(), fork=fork)
         code = process.wait()

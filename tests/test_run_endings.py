@@ -109,7 +109,7 @@ def test_a_schedulers_preemption_handler_ends_the_run_interrupted(tiny_data: Pat
     run_dir = tmp_path / "run"
     script = ("import signal, sys\n"
               "signal.signal(signal.SIGUSR2, lambda signum, frame: sys.exit(-1))  # submitit's, after its requeue\n"
-              "from carnet.training.train import main\n"
+              "from carnet.training.cli import main\n"
               "main()\n")
     args = [f"data.root={tiny_data}", *ONE_BATCH, "trainer.max_epochs=5", _signal_at(signal.SIGUSR2, 1),
             f"hydra.run.dir={run_dir}"]

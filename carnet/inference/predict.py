@@ -5,24 +5,21 @@ of conf/predict.yaml.
 The parts: :mod:`~carnet.inference.ensemble` (checkpoints and weights), :mod:`~carnet.inference.selection` (which
 images), :mod:`~carnet.inference.runner` (batched inference), :mod:`~carnet.inference.tta` (views and their merge),
 :mod:`~carnet.inference.evaluate` (val and oof reports) and :mod:`~carnet.inference.outputs` (submission and
-pseudo-labels). ``predict.py`` at the top level and ``carnet-predict`` call :func:`main`.
+pseudo-labels). ``carnet-predict`` (carnet.inference.cli, ``predict.py`` at the top level) runs :func:`predict`.
 """
 
 from __future__ import annotations
 
-import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, ListConfig
 
-from carnet.config import config_dir, config_errors_in_one_line, plain
+from carnet.config import plain
 from carnet.config_check import check_predict_config
-from carnet.errors import PredictError, exit_on_error
+from carnet.errors import PredictError
 from carnet.inference.ensemble import load_models
 from carnet.inference.evaluate import describe, evaluate_oof, evaluate_val, uses_tta
 from carnet.inference.outputs import (
@@ -156,35 +153,3 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                                                [m.path for m in models])
     result["seconds"] = time.time() - started
     return result
-
-
-def quote_tta_option(argv: list[str]) -> list[str]:
-    """``tta=true`` / ``tta=false`` as the names of the tta group's options (conf/tta/true.yaml, false.yaml).
-
-    Hydra's override grammar reads a bare true/false as a boolean and refuses it for a config group, so the
-    value is quoted before Hydra parses the command line.
-    """
-    return [f"tta='{m[1].lower()}'" if (m := re.fullmatch(r"tta=(true|false)", a, re.IGNORECASE)) else a
-            for a in argv]
-
-
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
-def _main(cfg: DictConfig) -> float | None:
-    """Returns the validation (split=val) or out-of-fold (split=oof) accuracy: what a TTA sweep would maximise."""
-    with exit_on_error("predict"):
-        result = predict(cfg)
-    for report in ("oof", "val"):
-        if report in result:
-            return result[report]["accuracy"]
-    return None
-
-
-def main() -> None:
-    """``carnet-predict ckpt=PATH [tta=true] [split=val|oof]`` (conf/predict.yaml)."""
-    sys.argv = quote_tta_option(sys.argv)
-    with config_errors_in_one_line("predict"):
-        _main()
-
-
-if __name__ == "__main__":
-    main()

@@ -14,13 +14,13 @@ its final weights average (carnet.training.soup).
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from carnet.artifacts import atomic_path
 from carnet.summary import read_summary
+from carnet.training import cli
 
 # The phases that unfreeze more of the same network at the same size: a kept start skips the rest of them.
 UNFREEZING = ("unfreeze_half", "unfreeze_3q", "unfreeze_all")
@@ -69,9 +69,8 @@ def refit_command(phase: str, selection_dir: Path, run_dir: Path, refit_phases: 
                   own: list[str]) -> list[str]:
     """The train command that refits ``phase`` on every photo, following ``selection_dir``'s length."""
     keys = ("paths.phases", "refit", "refit_from", "hydra.run.dir")
-    return [sys.executable, "-m", "carnet.training.train", f"phase={phase}", *without(common, *keys),
-            *without(own, *keys), f"paths.phases={refit_phases}", f"refit_from={selection_dir}",
-            f"hydra.run.dir={run_dir}"]
+    return cli.command(f"phase={phase}", *without(common, *keys), *without(own, *keys),
+                       f"paths.phases={refit_phases}", f"refit_from={selection_dir}", f"hydra.run.dir={run_dir}")
 
 
 def final_checkpoint(ends_dir: Path, last_phase: str) -> Path:

@@ -1,5 +1,5 @@
-"""How carnet-pipeline starts a phase's ``python -m carnet.training.train ...``: forked from the pipeline's own
-process, which imported carnet-train once, or as a fresh interpreter.
+"""How carnet-pipeline starts a phase's ``python -m carnet.training.cli ...``: forked from the pipeline's own
+process, which imported carnet-train's training stack once, or as a fresh interpreter.
 
 Why fork: importing torch, Lightning, timm and albumentations takes about 10 s on a 2-core CPU, paid again by
 every phase and refit run in a fresh interpreter (seven times in a four-phase pipeline with its refit): a fifth of
@@ -24,9 +24,8 @@ from typing import Protocol
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from carnet.training import train as train_module
-
-TRAIN_MODULE = train_module.__name__
+from carnet.training import cli
+from carnet.training import train as _training_stack  # noqa: F401  imported here once, before the forks
 
 
 class PhaseProcess(Protocol):
@@ -40,7 +39,7 @@ class PhaseProcess(Protocol):
 
 
 class ForkedPhase:
-    """``python -m carnet.training.train ARGS`` as a fork of this process; ``wait`` returns the exit status a fresh
+    """``python -m carnet.training.cli ARGS`` as a fork of this process; ``wait`` returns the exit status a fresh
     interpreter would (the code of its SystemExit, 1 after a traceback, -N when signal N killed it)."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
@@ -60,11 +59,11 @@ class ForkedPhase:
 
 
 def _run_train(args: list[str], env: dict[str, str]) -> None:
-    """In the forked child: carnet-train's main with ``args``, as ``python -m carnet.training.train`` runs it."""
+    """In the forked child: carnet-train's main with ``args``, as ``python -m carnet.training.cli`` runs it."""
     os.environ.update(env)
-    sys.argv = [train_module.__file__, *args]
+    sys.argv = [cli.__file__, *args]
     GlobalHydra.instance().clear()  # fresh Hydra state, whatever the parent composed
-    train_module.main()
+    cli.main()
 
 
 def can_fork() -> bool:
@@ -74,8 +73,8 @@ def can_fork() -> bool:
 
 
 def start_phase(command: list[str], env: dict[str, str], fork: bool = True) -> PhaseProcess:
-    """Start a phase's command (``[python, -m, carnet.training.train, ARG ...]``): forked when ``fork`` and
-    :func:`can_fork` allow, else in a fresh interpreter."""
-    if fork and command[1:3] == ["-m", TRAIN_MODULE] and can_fork():
+    """Start a phase's command (:func:`carnet.training.cli.command`): forked when ``fork`` and :func:`can_fork`
+    allow, else in a fresh interpreter."""
+    if fork and command[:3] == cli.command() and can_fork():
         return ForkedPhase(command[3:], env)
     return subprocess.Popen(command, env=env)

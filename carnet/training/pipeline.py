@@ -39,6 +39,7 @@ from rich.console import Console
 
 from carnet.config import config_dir
 from carnet.errors import CarnetError, PhaseError
+from carnet.training import cli
 from carnet.training.chain import (
     REFIT_FOLDER,
     final_checkpoint,
@@ -129,10 +130,9 @@ def plan_pipeline(overrides: list[str], phases: list[str], folder: str | os.Path
     for i, phase in enumerate(phases, next_index(folder)):
         run_dir = folder / f"{i}-{phase}"
         # refit is the pipeline's to run once every phase has chosen (carnet.training.chain), not each phase's
-        commands.append((phase, run_dir, [sys.executable, "-m", "carnet.training.train", f"phase={phase}",
-                                          *without(common, "refit", "refit_from"), *hand_off,
-                                          *without(per_phase[phase], "refit", "refit_from"),
-                                          f"hydra.run.dir={run_dir}"]))
+        commands.append((phase, run_dir, cli.command(f"phase={phase}", *without(common, "refit", "refit_from"),
+                                                     *hand_off, *without(per_phase[phase], "refit", "refit_from"),
+                                                     f"hydra.run.dir={run_dir}")))
     return folder, commands
 
 

@@ -1,6 +1,6 @@
-"""Training entry: config -> DataModule, LightningModule, callbacks -> Trainer -> a run directory.
+"""Training: config -> DataModule, LightningModule, callbacks -> Trainer -> a run directory.
 
-:func:`main` is the ``carnet-train`` command; ``train.py`` at the top level calls it.
+:func:`train` is what the ``carnet-train`` command (carnet.training.cli, ``train.py`` at the top level) runs.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from carnet.artifacts import SPLIT_FILE
-from carnet.config import config_dir, config_errors_in_one_line, overrides_of, run_dir_of
+from carnet.config import overrides_of, run_dir_of
 from carnet.config_check import check_train_config
 from carnet.data.corrections import read_corrections
 from carnet.data.layout import scan_train
-from carnet.errors import RunInterrupted, exit_on_error, note_scheduler_signal, stopping_signal
+from carnet.errors import RunInterrupted, note_scheduler_signal, stopping_signal
 from carnet.models.hub import check_pretrained_available
 from carnet.runtime import resolve_runtime
 from carnet.summary import RunSummary
@@ -205,20 +204,3 @@ def result_line(summary: RunSummary) -> str | None:
             and summary.max_val_acc > summary.best_val_acc:
         line += f"; highest val/acc {summary.max_val_acc:.4f} at epoch {summary.max_val_acc_epoch}"
     return line
-
-
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def _main(cfg: DictConfig) -> float | None:
-    """Returns best val/acc, what Hydra sweepers maximise."""
-    with exit_on_error("train"):
-        return train(cfg).best_val_acc
-
-
-def main() -> None:
-    """``carnet-train [group=option ...] [key=value ...]`` (conf/train.yaml)."""
-    with config_errors_in_one_line("train"):
-        _main()
-
-
-if __name__ == "__main__":
-    main()
