@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from carnet.errors import CarnetError
+from carnet.training.pipeline import main as pipeline_main
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
@@ -98,6 +99,26 @@ def test_a_mistyped_option_or_key_is_one_line(script: str, args: list[str], line
     assert proc.stdout == "loaded:"
     assert not (tmp_path / "run").exists()
 
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["optimizer=adamx"],
+     "pipeline: error: optimizer=adamx: conf/optimizer has no option 'adamx'; expected one of adam, adamw, sgd"),
+    (["optimizer.lrr=1e-3"], "pipeline: error: optimizer.lrr: no such key in the config; check its spelling, or add "
+                             "a new key with +optimizer.lrr=VALUE"),
+    (["unfreeze_3q:optimizer.lr=abc"],
+     "pipeline: error: phase unfreeze_3q: optimizer.lr='abc': expected a number >= 0 (the head's learning rate)"),
+])
+def test_a_pipeline_says_a_mistyped_override_in_one_line_before_any_phase(
+        args: list[str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """carnet-pipeline composed only its common overrides up front: a mistyped option was Hydra's 40-line
+    traceback, and a value typed wrong for a later phase stopped the pipeline once the phases before it had
+    trained. Every phase's config is now composed and checked first; nothing is written."""
+    with pytest.raises(SystemExit) as stopped:
+        pipeline_main(["--dir", str(tmp_path / "pipe"), f"paths.output_dir={tmp_path}", *args])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip() == line
+    assert list(tmp_path.iterdir()) == []
 
 # python -c LOADED_AT_EXIT SCRIPT ARGS: ``python SCRIPT ARGS``, then which heavy packages it imported.
 LOADED_AT_EXIT = """

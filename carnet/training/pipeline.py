@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from carnet.config import config_dir
-from carnet.errors import CarnetError, PhaseError
+from carnet.config import config_dir, one_line_config_error
+from carnet.config_check import check_train_config
+from carnet.errors import CarnetError, ConfigError, PhaseError, exit_on_error
 from carnet.training import cli
 from carnet.training.chain import (
     REFIT_FOLDER,
@@ -99,9 +101,24 @@ def _key(override: str) -> str:
 
 
 def compose_common(overrides: list[str]) -> DictConfig:
-    """The training config as train.py composes it with these overrides (Hydra's own keys left out)."""
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=[o for o in overrides if not _key(o).startswith("hydra.")])
+    """The training config as train.py composes it with these overrides (Hydra's own keys left out). A mistyped
+    option or key is a :class:`ConfigError` in the one line train.py would say, not Hydra's traceback."""
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="train", overrides=[o for o in overrides if not _key(o).startswith("hydra.")])
+    except (ConfigCompositionException, OverrideParseException) as err:
+        raise ConfigError(one_line_config_error(err)) from None
+
+
+def check_phases(commands: list[tuple[str, Path, list[str]]]) -> None:
+    """Every phase's config, composed and checked (carnet.config_check) as its run will, before the first starts:
+    a value typed wrong, for every phase or with ``PHASE:``, stops the pipeline in one line with nothing written,
+    not once the phases before it have trained."""
+    for phase, _, command in commands:
+        try:
+            check_train_config(compose_common([arg for arg in command[3:] if "=" in arg]))
+        except ConfigError as err:
+            raise ConfigError(f"phase {phase}: {err}") from None
 
 
 def next_index(folder: Path) -> int:
@@ -224,6 +241,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     common, per_phase = split_overrides(overrides, phases)
     settings = compose_common(common)  # refit and pipeline.*
     folder, commands = plan_pipeline(overrides, phases, folder)
+    check_phases(commands)
     check_start(phases, commands[0][2])
     phases_dir = phases_dir_of(folder, [*common, *(o for extra in per_phase.values() for o in extra)])
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -308,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
                         "<time>); a stopped pipeline's folder resumes it, with --phases from the failed one")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every phase, or PHASE:override for one")
     args = parser.parse_args(argv)
-    folder = run_pipeline(args.overrides, [p for p in args.phases.split(",") if p], folder=args.dir)
+    with exit_on_error("pipeline"):
+        folder = run_pipeline(args.overrides, [p for p in args.phases.split(",") if p], folder=args.dir)
     report = json.loads((folder / PIPELINE_FILE).read_text())
     for row in report["phases"]:
         acc, epoch = row.get("best_val_acc"), row.get("best_epoch")
