@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from carnet.errors import CarnetError, CheckpointError
+from carnet.errors import CarnetError, CheckpointError, WeightsError
 from carnet.models.checkpoint import load_checkpoint, read_checkpoint
+from carnet.models.network import create_backbone
 from carnet.training.train import train
 from tests.helpers.config import compose_cfg
 from tests.helpers.overrides import TINY
@@ -109,3 +110,25 @@ def test_export_and_serve_name_an_unknown_timm_model_in_one_line(entry: str, tin
     assert exit_info.value.code != 0 and "\n" not in err, err
     assert f"checkpoint {unknown} was trained with model 'efficientnet_b99_nope', which timm" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_weights_file_that_is_no_state_dict_is_one_line_naming_it(tmp_path: Path) -> None:
+    """``model.weights=`` a file that holds no state dict ended in a 50-line traceback: torch's UnpicklingError for
+    random bytes or a pickle with code (refused, never run), safetensors' header error, an AttributeError for a
+    saved tensor."""
+    marker = tmp_path / "it-ran"
+    files = {"random.pth": "is not a weights file carnet can read: not a file written by torch.save",
+             "random.safetensors": "is not a safetensors file carnet can read (",
+             "tensor.pth": "holds a Tensor, not a state dict: expected parameter names mapped to tensors",
+             "evil.pth": "holds Python objects beyond tensors and plain values (posix.mkdir); carnet refuses"}
+    noise = np.random.default_rng(0).bytes(4096)
+    (tmp_path / "random.pth").write_bytes(noise)
+    (tmp_path / "random.safetensors").write_bytes(noise)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    torch.save({"conv_stem.weight": torch.zeros(1), "x": Payload(marker)}, tmp_path / "evil.pth")
+    for name, message in files.items():
+        path = tmp_path / name
+        with pytest.raises(WeightsError) as err:
+            create_backbone("test_efficientnet", weights=str(path))
+        assert str(err.value).startswith(f"model.weights={path} {message}") and "\n" not in str(err.value), name
+    assert not marker.exists()

@@ -15,44 +15,12 @@ import timm
 import torch
 
 from carnet.errors import CheckpointError
+from carnet.models.files import load_weights_only
 from carnet.models.heads import build_head
 from carnet.models.network import CarNet, create_backbone
 
 CHECKPOINT_KEY = "carnet"
 META_KEYS = ("model_name", "head", "class_names", "mean", "std")  # what load_checkpoint rebuilds the network from
-
-
-def load_weights_only(path: Path, label: str, *, mmap: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True``, and a one-line :class:`CheckpointError` that starts with ``label``
-    (``checkpoint PATH``, ``resume=PATH``) when it fails: either the file holds pickled Python objects beyond
-    tensors and plain values, which carnet refuses to unpickle because loading them could run code, or it is no
-    checkpoint at all (random bytes, a truncated or foreign file).
-
-    torch raises ``UnpicklingError`` with six lines of advice in both cases; which one it is comes from
-    ``torch.serialization.get_unsafe_globals_in_checkpoint``, which lists the objects a ``torch.save`` archive
-    would import, without importing them.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except OSError as err:
-        raise CheckpointError(f"{label} cannot be read ({err.strerror or err})") from None
-    except Exception:  # whatever torch raises for a foreign file; which case it is comes from the archive itself
-        unsafe = _unsafe_globals(path)
-        if unsafe:
-            shown = ", ".join(unsafe[:3]) + (", ..." if len(unsafe) > 3 else "")
-            raise CheckpointError(f"{label} holds Python objects beyond tensors and plain values ({shown}); carnet "
-                                  "refuses to unpickle them, since loading could run code") from None
-        # torch's own text here is about weights_only or zip internals, not about this file: left out
-        raise CheckpointError(f"{label} is not a checkpoint carnet can read: not a file written by torch.save, or a "
-                              "truncated or damaged one") from None
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """The Python objects (``module.name``) a ``torch.save`` archive would import; [] if it is no such archive."""
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # not a torch.save zip archive at all: the caller says so
-        return []
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carnet.errors import CarnetError, WeightsError
+from carnet.models.files import read_state_dict
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
@@ -33,16 +34,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"model.weights={path}: file not found (expected a .safetensors or .pth state dict)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "state_dict_ema"):  # common wrappers of training checkpoints
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
+    state = read_state_dict(path, f"model.weights={path}")
     classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier", "classifier")
     classifiers = [classifier] if isinstance(classifier, str) else list(classifier)
     state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifiers)}

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import CSVLogger
 
 from carnet.errors import CarnetError
-from carnet.models.checkpoint import CHECKPOINT_KEY, load_weights_only
+from carnet.models.checkpoint import CHECKPOINT_KEY
+from carnet.models.files import load_weights_only
 from carnet.summary import RunSummary, read_summary
 from carnet.training.phases import check_fits
 
