@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from flask import Flask
 from carnet.errors import ModelLoadError
 from carnet.models.checkpoint import load_checkpoint
 from carnet.serving.app import create_app
+from carnet.serving.app import main as serve_main
 from carnet.serving.upload import DEFAULT_MAX_CONTENT_LENGTH
 from tests.helpers.devtools import ARTIFACTS, DevTools, require_browser
 from tests.helpers.images import photo
@@ -350,6 +352,29 @@ def test_gunicorn_stops_in_one_line_when_its_model_cannot_load(tmp_path: Path, n
            "broken.onnx": "cannot be read as ONNX"}[name]
     assert ours[0].startswith("model not loaded: ") and str(ckpt) in ours[0] and why in ours[0], ours[0]
     assert ("Booting worker" in output) == (name == "broken.onnx"), output  # the master checked the others
+
+
+def test_carnet_serve_refuses_what_it_cannot_listen_on_before_loading_the_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--port 99999`` served on port 34463 (werkzeug's wrap-around), ``--threads 0`` ran, and a port in use was
+    found only after the model had loaded, in werkzeug's 5 lines. Each is now the last line of argparse's usage, or
+    one line, exit 2; the checkpoint here does not exist, so none of them reached the model."""
+    missing = str(tmp_path / "missing.ckpt")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = {("--port", "99999"): "carnet-serve: error: argument --port: expected a port number 1-65535, got "
+                                      "'99999'",
+                 ("--threads", "0"): "carnet-serve: error: argument --threads: expected a whole number >= 1, got '0'",
+                 ("--max-mb", "-1"): "carnet-serve: error: argument --max-mb: expected a number > 0, got '-1'",
+                 ("--port", str(port)): f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pass "
+                                        "another --port"}
+        for args, line in cases.items():
+            with pytest.raises(SystemExit) as stopped:
+                serve_main(["--ckpt", missing, *args])
+            assert stopped.value.code == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == line
 
 
 # ---- the page in a real browser ----------------------------------------------------------------------------

@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import inspect
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
 import uuid
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
@@ -252,24 +255,59 @@ def precheck(app_uri: str) -> None:
         raise ModelNotLoaded(load_failure(err)) from None
 
 
+def _number(kind: type, low: float, text: str, what: str) -> Any:
+    """An argparse type: ``text`` as a ``kind`` (int or float) of at least ``low``, else an error saying so."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    port = _number(int, 1, text, "a port number 1-65535")
+    if port > 65535:  # werkzeug would listen on another port (99999 became 34463)
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return port
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise OSError when nothing can listen on ``host:port`` (a port in use, a host this machine is not), as
+    werkzeug would bind it (SO_REUSEADDR), so that the server says so before spending seconds on the model."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``carnet-serve``: the development server (use gunicorn in production)."""
+    positive_int = partial(_number, int, 1, what="a whole number >= 1")
+    positive = partial(_number, float, sys.float_info.min, what="a number > 0")
     parser = argparse.ArgumentParser(prog="carnet-serve", description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="carnet checkpoint (.ckpt), or .onnx with --backend onnx")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="torch or onnx (default: onnx for a .onnx file, else torch)")
     parser.add_argument("--tta", action="store_true", help="average the image and its horizontal mirror")
-    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--top-k", type=positive_int, default=3)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_CONTENT_LENGTH / 2**20,
+    parser.add_argument("--port", type=_port, default=8000)
+    parser.add_argument("--max-mb", type=positive, default=DEFAULT_MAX_CONTENT_LENGTH / 2**20,
                         help="largest accepted request body in MB (413 above)")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads of the backend")
-    parser.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT,
+    parser.add_argument("--threads", type=positive_int, default=None, help="intra-op threads of the backend")
+    parser.add_argument("--max-concurrent", type=positive_int, default=DEFAULT_MAX_CONCURRENT,
                         help="requests decoded and classified at once (others wait, then 503)")
-    parser.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+    parser.add_argument("--read-timeout", type=positive, default=DEFAULT_READ_TIMEOUT,
                         help="seconds a request body may take to arrive (408 after)")
     args = parser.parse_args(argv)
+    try:
+        check_address(args.host, args.port)
+    except OSError as err:
+        instead = ("a --host of this machine (127.0.0.1; 0.0.0.0 for all its interfaces)"
+                   if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL else "another --port")
+        parser.exit(2, f"error: cannot listen on {args.host}:{args.port} ({err.strerror or err}); pass {instead}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():
         logging.getLogger("werkzeug").addFilter(PlainText())
