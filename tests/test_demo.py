@@ -82,3 +82,19 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main([str(out)])
     assert exc.value.code != 0
     assert str(out) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--per-class", "0"], "carnet-demo: error: --per-class 0 --test 100: expected --per-class >= 1 and --test >= 0"),
+    ([], "error: {out} is a file; expected a folder to write the data set into"),
+])
+def test_cli_refuses_what_it_cannot_write_in_one_line(args: list[str], line: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A file for OUT was a NotADirectoryError traceback; --per-class 0 wrote a data set that training refuses."""
+    out = tmp_path / "taken"
+    out.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exc:
+        main([str(out), *args])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line.format(out=out)
+    assert out.read_text() == "a file, not a folder"

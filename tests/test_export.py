@@ -139,3 +139,21 @@ def test_export_cli_names_a_missing_checkpoint(tmp_path: Path, capsys: pytest.Ca
         main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x.onnx")])
     assert exit_info.value.code == 2 and "nope.ckpt not found" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize(("flag", "example"), [("--out", "model.onnx"), ("--torchscript", "model.pt")])
+def test_export_cli_refuses_a_folder_for_a_file(flag: str, example: str, tiny_checkpoint: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """A folder for --out ended in "[Errno 21] Is a directory: '.out.iza5z27v.tmp' -> 'out'", naming a temporary
+    file the user never made."""
+    from carnet.inference.export import main
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    args = {"--out": str(tmp_path / "model.onnx"), flag: str(folder)}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", str(tiny_checkpoint), *(part for item in args.items() for part in item)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"carnet-export: error: {flag} {folder} is a folder; expected a file name, e.g. {folder / example}")
+    assert list(folder.iterdir()) == [] and not (tmp_path / "model.onnx").exists()

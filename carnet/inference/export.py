@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch comparison")
     args = parser.parse_args(argv)
+    for flag, path, example in (("--out", args.out, "model.onnx"), ("--torchscript", args.torchscript, "model.pt")):
+        if path and Path(path).is_dir():
+            parser.error(f"{flag} {path} is a folder; expected a file name, e.g. {Path(path) / example}")
     try:
         result = export_onnx(args.ckpt, args.out, opset=args.opset, check=not args.no_check)
         if args.torchscript:

@@ -275,11 +275,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     ap.add_argument("--force", action="store_true", help="write into a non-empty OUT")
     a = ap.parse_args(argv)
+    if a.per_class < 1 or a.test < 0:  # a class without photos is a data set that training refuses
+        ap.error(f"--per-class {a.per_class} --test {a.test}: expected --per-class >= 1 and --test >= 0")
+    if a.out.exists() and not a.out.is_dir():
+        ap.exit(2, f"error: {a.out} is a file; expected a folder to write the data set into\n")
     t0 = time.perf_counter()
     try:
         make_dataset(a.out, a.per_class, a.test, a.seed, force=a.force)
-    except FileExistsError as e:
-        ap.exit(2, f"error: {e}\n")
+    except OSError as e:  # our FileExistsError, or what the system says of OUT (a file, no permission)
+        ap.exit(2, f"error: {e if isinstance(e, FileExistsError) else f'cannot write {a.out} ({e.strerror})'}\n")
     n = a.per_class * len(CLASS_NAMES)
     dt = time.perf_counter() - t0
     print(f"demo data: {n} train ({a.per_class}/class) + {a.test} test images -> {a.out} in {dt:.1f}s")
