@@ -155,11 +155,12 @@ class RunInterrupted(SystemExit):
 
     A SystemExit, like Lightning's own ``SIGTERMException``, so that no ``except Exception`` (Hydra's, a sweep's)
     takes it for a failed job, and with the exit status shells and schedulers give a process ended by that signal,
-    128 + its number (130, 143): a script tells "interrupted, resume it" from "failed" (1).
+    128 + its number (130, 143): a script tells "interrupted, resume it" from "failed" (1). Where a scheduler's own
+    handler ended the run, the status is the one it chose (``exit_status``, :func:`scheduler_exit_status`).
     """
 
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(128 + signum)
+    def __init__(self, message: str, signum: int, exit_status: int | None = None) -> None:
+        super().__init__(128 + signum if exit_status is None else exit_status)
         self.message, self.signum = message, signum
 
     def __str__(self) -> str:
@@ -196,6 +197,17 @@ def stopping_signal(err: BaseException | None) -> signal.Signals | None:
     if isinstance(err, SystemExit) and _scheduler_signals:
         return signal.Signals(_scheduler_signals[-1])
     return None
+
+
+def scheduler_exit_status(err: BaseException | None) -> int | None:
+    """The exit status a scheduler's preemption handler ended the run with (:func:`stopping_signal`'s last case), or
+    None. The scheduler reads it: submitit's local executor starts the requeued job only when the process exits
+    144, the status its handler asks for; on SLURM the handler requeues with ``scontrol`` and asks for -1."""
+    if stopping_signal(err) in (None, signal.SIGINT, signal.SIGTERM) or any(isinstance(cause, RunInterrupted)
+                                                                         for cause in _chain(err)):
+        return None
+    code = getattr(err, "code", None)
+    return code if isinstance(code, int) else None
 
 
 @contextmanager

@@ -156,4 +156,4 @@ def test_a_preempted_submitit_job_is_requeued_and_continues_from_its_last_checkp
     log = "".join(path.read_text() for path in (sweep / ".submitit").rglob("*_log.*"))
     assert "Caught signal SIGUSR2" in log and "this job is preempted" in log and "Requeued job" in log
     assert f"Restoring states from the checkpoint path at {sweep / '0' / 'checkpoints' / 'last.ckpt'}" in log
-    assert assert_continued(sweep / "0", never_stopped)["job_id"].startswith("SUBMITIT_LOCAL_JOB_ID=")
+    assert assert_continued(sweep / "0", never_stopped).job_id.startswith("SUBMITIT_LOCAL_JOB_ID=")

@@ -24,7 +24,7 @@ from carnet.config import overrides_of, run_dir_of
 from carnet.config_check import check_train_config
 from carnet.data.corrections import read_corrections
 from carnet.data.layout import scan_train
-from carnet.errors import RunInterrupted, note_scheduler_signal, stopping_signal
+from carnet.errors import RunInterrupted, note_scheduler_signal, scheduler_exit_status, stopping_signal
 from carnet.models.hub import check_pretrained_available
 from carnet.runtime import resolve_runtime
 from carnet.summary import RunSummary
@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> RunSummary:
                              else f"run failed: {type(err).__name__}: {err}", logging.ERROR)
             if signum is None:
                 raise
-            raise RunInterrupted(_how_to_continue(run_dir, signum), signum) from err
+            raise RunInterrupted(_how_to_continue(run_dir, signum), signum, scheduler_exit_status(err)) from err
     if wants_plain_refit(cfg) and summary.status == "completed":  # refit=true: every photo trains the final weights
         print(f"refit on every photo: {run_dir / REFIT_DIR}")
         train(refit_config(as_typed, run_dir))
