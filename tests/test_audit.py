@@ -93,3 +93,23 @@ def test_dedup_drops_training_twins_of_validation_images(tiny_data: Path, tmp_pa
     assert list(dm.split[dm.split.source == "twins"].path.map(lambda p: Path(p).name)) == ["unrelated.jpg"]
     assert dm.data_summary()["num_dedup_excluded"] == 3
     assert (dm.split.split == "val").sum() == (plain.split.split == "val").sum()  # validation untouched
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--threshold", "-3"], "--threshold -3: expected a Hamming distance 0-64 (the bits of a 64-bit phash)"),
+    (["--similarity", "2"], "--similarity 2.0: expected a number in [0, 1] (0: the hash alone)"),
+    (["--workers", "0"], "--workers 0: expected a whole number >= 1"),
+    (["--data-config", "{tmp}/none.yaml"], "--data-config {tmp}/none.yaml: cannot read it (No such file or directory)"),
+    (["--data-config", "{tmp}/list.yaml"], "--data-config {tmp}/list.yaml: expected a YAML with a class_names list, "
+                                           "as conf/data/kaggle_cars.yaml has"),
+])
+def test_cli_refuses_bad_options_in_one_line(args: list[str], line: str, tiny_data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A negative --threshold or a --similarity above 1 audited silently with no near duplicates at all; a
+    --data-config that was missing or held no class_names ended in a traceback. Nothing is written."""
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(SystemExit) as stopped:
+        audit_main([str(tiny_data), "--out", str(tmp_path / "audit"), *(a.format(tmp=tmp_path) for a in args)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"carnet-audit: error: {line.format(tmp=tmp_path)}"
+    assert not (tmp_path / "audit").exists()

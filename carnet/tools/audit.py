@@ -251,6 +251,18 @@ def audit(root: str | os.PathLike, extra: Sequence[str | os.PathLike] = (), out:
             "paths": {"audit_md": md_path, "pairs_csv": pairs_path, "classes_png": png_path}}
 
 
+def _class_names(path: Path, ap: argparse.ArgumentParser) -> list[str]:
+    """``--data-config``'s class names, or argparse's error naming the file and what it lacks."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        ap.error(f"--data-config {path}: cannot read it ({getattr(err, 'strerror', None) or 'not YAML'})")
+    names = loaded.get("class_names") if isinstance(loaded, dict) else None
+    if not isinstance(names, list) or not names:
+        ap.error(f"--data-config {path}: expected a YAML with a class_names list, as conf/data/kaggle_cars.yaml has")
+    return [str(name) for name in names]
+
+
 def _default_class_names() -> list[str]:
     """The competition's classes, as ``conf/data/kaggle_cars.yaml`` lists them."""
     return list(yaml.safe_load((config_dir() / "data" / "kaggle_cars.yaml").read_text())["class_names"])
@@ -269,10 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data-config", type=Path, default=None,
                     help="YAML with class_names (default: conf/data/kaggle_cars.yaml)")
     a = ap.parse_args(argv)
-    import yaml
-
-    names = (list(yaml.safe_load(a.data_config.read_text())["class_names"]) if a.data_config
-             else _default_class_names())
+    if not 0 <= a.threshold <= 64:
+        ap.error(f"--threshold {a.threshold}: expected a Hamming distance 0-64 (the bits of a 64-bit phash)")
+    if not 0 <= a.similarity <= 1:
+        ap.error(f"--similarity {a.similarity}: expected a number in [0, 1] (0: the hash alone)")
+    if a.workers is not None and a.workers < 1:
+        ap.error(f"--workers {a.workers}: expected a whole number >= 1")
+    names = _class_names(a.data_config, ap) if a.data_config else _default_class_names()
     try:
         result = audit(a.root, a.extra, a.out, names, a.threshold, a.workers, min_similarity=a.similarity)
     except DataError as err:
