@@ -157,3 +157,20 @@ def test_export_cli_refuses_a_folder_for_a_file(flag: str, example: str, tiny_ch
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"carnet-export: error: {flag} {folder} is a folder; expected a file name, e.g. {folder / example}")
     assert list(folder.iterdir()) == [] and not (tmp_path / "model.onnx").exists()
+
+
+def test_export_cli_takes_the_opsets_torch_writes(tiny_checkpoint: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """``--opset 3`` was torch's 200-line traceback; carnet's range is torch's own (a torch that changes it fails
+    here first)."""
+    from torch.onnx import _constants
+
+    from carnet.inference.export import OPSETS, main
+
+    assert (OPSETS[0], OPSETS[-1]) == (_constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "model.onnx"), "--opset", "3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "carnet-export: error: --opset 3: expected 7-20, the opsets torch's exporter writes")
+    assert not (tmp_path / "model.onnx").exists()

@@ -33,6 +33,9 @@ from carnet.models.checkpoint import load_checkpoint
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 INPUT_DTYPE = "uint8"  # what the exported files take: pixels, as the loaders hand them over
 DEFAULT_OPSET = 17
+# The opsets torch's TorchScript-based exporter (dynamo=False) writes: torch.onnx._constants' ONNX_MIN_OPSET and
+# ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET (tests/test_export.py holds the two equal).
+OPSETS = range(7, 21)
 
 
 def example_pixels(batch: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -112,9 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", required=True, help="carnet checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--torchscript", default=None, metavar="PATH", help="also write a TorchScript file")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET})")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch comparison")
     args = parser.parse_args(argv)
+    if args.opset not in OPSETS:
+        parser.error(f"--opset {args.opset}: expected {OPSETS[0]}-{OPSETS[-1]}, the opsets torch's exporter writes")
     for flag, path, example in (("--out", args.out, "model.onnx"), ("--torchscript", args.torchscript, "model.pt")):
         if path and Path(path).is_dir():
             parser.error(f"{flag} {path} is a folder; expected a file name, e.g. {Path(path) / example}")
