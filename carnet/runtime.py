@@ -115,6 +115,7 @@ class Runtime:
     decode: str = _key("data.decode")  # cpu, gpu or device
     num_workers: int = _key("data.num_workers")
     pin_memory: bool = _key("pin_memory")  # the loaders': page-locked batches copy faster to a GPU
+    world_size: int = _key("world_size")  # processes that train (DDP), each on its share of the training photos
 
     @property
     def cuda(self) -> bool:
@@ -133,7 +134,9 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
     NHWC convolutions measured faster (docs/performance.md, "Measured where"), off elsewhere (mps).
     ``data.num_workers=auto`` is :func:`default_num_workers`."""
     device = run_device(cfg.trainer.accelerator)
-    cuda = device == "cuda" and torch.cuda.is_available()  # else Lightning refuses the accelerator when it builds
+    gpu_wanted = str(cfg.trainer.accelerator).lower() == "gpu" and device == "cpu"  # gpu: CUDA or MPS, else none
+    check_device("cuda" if gpu_wanted else device, f"trainer.accelerator={cfg.trainer.accelerator}", "trainer=cpu")
+    cuda = device == "cuda"
     fused = cfg.optimizer.get("fused")  # absent (sgd): no such option
     channels_last, compile_, async_save = cfg.model.channels_last, cfg.model.compile, cfg.checkpoint.async_save
     augment = OmegaConf.to_container(cfg.augment.train, resolve=True)
@@ -148,12 +151,47 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
         decode=_decode(cfg.data, augment, int(cfg.image_size), cuda),
         num_workers=resolve_workers(cfg.data.num_workers),
         pin_memory=cuda,
+        world_size=world_size(cfg.trainer, device),
     )
 
 
+def check_device(device: str, typed: str, instead: str) -> None:
+    """Refuse, in one line naming what was typed, a device type this machine lacks (Lightning's and torch's own
+    errors are 60-70 lines of traceback)."""
+    kind = torch.device(device).type
+    mps = getattr(torch.backends, "mps", None)
+    missing = (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not (mps and mps.is_available()))
+    if missing:
+        from carnet.errors import ConfigError
+
+        raise ConfigError(f"{typed}: this machine has no {kind.upper()} device (torch sees none); use {instead}")
+
+
+def world_size(trainer: DictConfig, device: str) -> int:
+    """The processes a Trainer of ``trainer`` trains in, as Lightning counts them (``trainer.world_size``, checked
+    against this when the Trainer is built): its devices times its nodes. Each takes its share of an epoch's
+    photos (DDP's DistributedSampler), which the step budget and the loader's batch rule must count with.
+    Devices: a number, a list or a comma-separated string of indices; ``auto`` is every CUDA device on a CUDA run
+    and one elsewhere, as is -1."""
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip() not in ("auto", "-1"):
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
+    if not isinstance(devices, int | str):
+        count = len(devices)
+    elif devices in ("auto", "-1", -1):  # -1 on a CPU: Lightning refuses it when it builds the Trainer
+        count = torch.cuda.device_count() if device == "cuda" else 1
+    else:
+        count = int(devices)
+    return max(1, count) * int(trainer.get("num_nodes") or 1)
+
+
 def inference_device(device: str) -> str:
-    """predict's ``device``: ``auto`` is ``cuda`` where CUDA is available, else ``cpu``; a named device stays."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if _auto(device) else str(device)
+    """predict's ``device``: ``auto`` is ``cuda`` where CUDA is available, else ``cpu``; a named device stays, if
+    this machine has its kind."""
+    if _auto(device):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(str(device), f"device={device}", "device=auto or device=cpu")
+    return str(device)
 
 
 def inference_amp(amp: bool | str, device: str) -> bool:

@@ -62,3 +62,21 @@ def test_the_plan_counts_the_optimizer_steps_a_run_takes(tiny_data: Path, batch_
                          enable_model_summary=False)
     trainer.fit(_StepCounter(), train_dataloaders=datamodule.train_dataloader())
     assert trainer.global_step == steps_per_epoch(num_train, batch_size, accumulate)
+
+
+def test_under_ddp_the_loader_and_the_plan_count_one_processs_share(tiny_data: Path) -> None:
+    """Two processes share an epoch's photos (DistributedSampler: half each, padded). The loader's drop rule counted
+    all of them: 57 photos at batch 32 made 29 a process and no batch at all, and the run "completed" with no
+    step; the plan counted one process's steps as if it trained on every photo (4 x too many on 4 GPUs)."""
+    datamodule = data_module(tiny_data, [str(k) for k in range(10)], image_size=32, batch_size=20, num_workers=0,
+                             verify=False)
+    datamodule.setup("fit")
+    num_train = int((datamodule.split.split == "train").sum())
+    assert num_train // 2 < 20 < num_train  # one batch and a dropped rest in one process; less than a batch in two
+    assert datamodule.train_dataloader().drop_last
+    datamodule.trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False)
+    assert not datamodule.train_dataloader().drop_last  # each process's share is its one, shorter batch
+    cfg = compose_cfg(["trainer.max_epochs=1", "budget.min_steps=0"])
+    assert plan_budget(cfg, num_train, 20, world_size=2)["steps_per_epoch"] == 1
+    assert plan_budget(cfg, 12_449, 32, world_size=4)["steps_per_epoch"] == steps_per_epoch(3_113, 32) == 97

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carnet.errors import DataError
+from carnet.errors import ConfigError, DataError
 from carnet.inference.runner import Runner
 from carnet.runtime import Runtime, default_num_workers, resolve_runtime
 from carnet.training.builders import build_datamodule, build_module
@@ -42,8 +42,8 @@ def test_precision_resolves_per_device(fake_gpu: callable) -> None:
     if not torch.cuda.is_available():
         assert resolved("trainer.precision=auto").precision == "32-true"  # Lightning's name for fp32
     assert resolved("trainer.accelerator=cpu", "trainer.precision=auto").precision == "32-true"
-    assert resolved("trainer.accelerator=gpu", "trainer.precision=16-mixed").precision == "16-mixed"  # kept
     fake_gpu(bf16=True)
+    assert resolved("trainer.accelerator=gpu", "trainer.precision=16-mixed").precision == "16-mixed"  # kept
     assert resolved("trainer.precision=auto").precision == "bf16-mixed"
     assert resolved("trainer=cpu", "trainer.precision=auto").precision == "32-true"  # trainer=cpu on a GPU machine
     fake_gpu(bf16=False)
@@ -56,12 +56,12 @@ def test_benchmark_compile_fused_and_async_save_resolve_per_device(fake_gpu: cal
         here = resolved(*autos)
         assert (here.device, here.benchmark, here.compile, here.fused, here.async_save) == ("cpu", False, False,
                                                                                             False, False)
-    explicit = resolved("trainer=gpu", "trainer.benchmark=false", "model.compile=true", "optimizer.fused=true",
-                        "checkpoint.async_save=true")
-    assert (explicit.benchmark, explicit.compile, explicit.fused, explicit.async_save) == (False, True, True, True)
     assert resolved("trainer=cpu", "trainer.benchmark=true", "model.compile=regional").benchmark is True
     assert resolved("optimizer=sgd").fused is None  # no such option, nothing passed
     fake_gpu()
+    explicit = resolved("trainer=gpu", "trainer.benchmark=false", "model.compile=true", "optimizer.fused=true",
+                        "checkpoint.async_save=true")
+    assert (explicit.benchmark, explicit.compile, explicit.fused, explicit.async_save) == (False, True, True, True)
     gpu = resolved(*autos)
     assert (gpu.device, gpu.benchmark, gpu.compile, gpu.fused, gpu.async_save) == ("cuda", True, "regional", True,
                                                                                    True)
@@ -168,7 +168,7 @@ def test_summary_json_says_what_the_run_ran_with(tiny_data: Path, tmp_path: Path
         assert summary["resolved"] == {
             "device": "cpu", "trainer.precision": "32-true", "trainer.benchmark": False, "model.channels_last": True,
             "model.compile": False, "optimizer.fused": False, "checkpoint.async_save": False, "data.decode": "cpu",
-            "data.num_workers": default_num_workers(), "pin_memory": False}
+            "data.num_workers": default_num_workers(), "pin_memory": False, "world_size": 1}
 
 
 def test_the_docs_table_lists_every_resolved_value() -> None:
@@ -177,3 +177,33 @@ def test_the_docs_table_lists_every_resolved_value() -> None:
     table = text[text.index("## Every `auto`"):]
     keys = set(re.findall(r"`resolved\.([\w.]+)`", table))
     assert keys == set(resolved().summary()), keys
+
+
+@pytest.mark.parametrize("trainer", [["trainer=cpu"], ["trainer=ddp", "trainer.accelerator=cpu"],
+                                     ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3"],
+                                     ["trainer=ddp", "trainer.accelerator=cpu", "+trainer.num_nodes=2"],
+                                     ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices='2'"],
+                                     ["trainer.accelerator=cpu", "trainer.devices=2"]])
+def test_world_size_is_the_processes_lightning_trains_in(trainer: list[str]) -> None:
+    """The budget plans one process's steps before the Trainer exists: its count of processes is Lightning's
+    (build_trainer checks the two agree on every run)."""
+    import pytorch_lightning as pl
+
+    cfg = compose_cfg(trainer)
+    built = pl.Trainer(**{k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy")
+                          if k in cfg.trainer},
+                       logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert resolve_runtime(cfg).world_size == built.world_size
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_in_one_line() -> None:
+    """trainer=gpu and predict's device=cuda were 60-70 lines of Lightning's and torch's traceback here."""
+    with pytest.raises(ConfigError) as err:
+        resolved("trainer=gpu")
+    assert str(err.value) == ("trainer.accelerator=gpu: this machine has no CUDA device (torch sees none); use "
+                              "trainer=cpu")
+    with pytest.raises(ConfigError) as err:
+        Runner.from_config(compose_cfg(["ckpt=x.ckpt", "device=cuda:1"], config_name="predict"))
+    assert str(err.value) == ("device=cuda:1: this machine has no CUDA device (torch sees none); use device=auto or "
+                              "device=cpu")

@@ -25,6 +25,7 @@ from carnet.data.corrections import apply_corrections, read_corrections
 from carnet.data.dataset import (
     ImageDataset,
     drops_last_batch,
+    images_per_rank,
     seed_epoch,
     seed_worker_augmentations,
 )
@@ -224,7 +225,9 @@ class CarDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and drops_last_batch(len(dataset), self.batch_size),
+            # Per DDP process: on its share, a last partial batch is the only one sooner (2 processes, 57 photos,
+            # batch 32: 29 each, which drop_last made no batch at all, and the run "completed" without a step).
+            drop_last=shuffle and drops_last_batch(images_per_rank(len(dataset), self._world_size()), self.batch_size),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             # Training workers start afresh each epoch and take their augmentation seeds from torch's RNG then
@@ -235,6 +238,10 @@ class CarDataModule(pl.LightningDataModule):
             generator=generator,
             collate_fn=collate_encoded if isinstance(dataset, EncodedDataset) else None,
         )
+
+    def _world_size(self) -> int:
+        """The processes the attached Trainer trains in (DDP), each loading its share; 1 without a Trainer."""
+        return int(self.trainer.world_size) if self.trainer is not None else 1
 
     def set_epoch(self, epoch: int) -> None:
         """Seed what training epoch ``epoch`` draws (its shuffle, the loader workers' augmentation seeds, the views

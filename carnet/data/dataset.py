@@ -12,6 +12,7 @@ training and evaluation loaders from it.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -71,6 +72,12 @@ def drops_last_batch(num_images: int, batch_size: int) -> bool:
     """Whether a training loader drops its last partial batch: yes (no 1-image batch to upset BatchNorm), unless
     that batch is the only one."""
     return num_images > batch_size
+
+
+def images_per_rank(num_images: int, world_size: int) -> int:
+    """One DDP process's share of ``num_images`` an epoch: Lightning's DistributedSampler pads the images to a
+    multiple of the processes and hands each the same number."""
+    return math.ceil(num_images / max(1, world_size))
 
 
 def train_batches(num_images: int, batch_size: int) -> int:

@@ -10,7 +10,7 @@ import math
 
 from omegaconf import DictConfig, open_dict
 
-from carnet.data.dataset import train_batches
+from carnet.data.dataset import images_per_rank, train_batches
 
 
 def steps_per_epoch(num_train: int, batch_size: int, accumulate: int = 1) -> int:
@@ -27,9 +27,11 @@ def budget_epochs(num_train: int, batch_size: int, max_epochs: int, min_steps: i
     return max(int(max_epochs), math.ceil(int(min_steps or 0) / per_epoch))
 
 
-def plan_budget(cfg: DictConfig, num_train: int, batch_size: int) -> dict[str, int]:
+def plan_budget(cfg: DictConfig, num_train: int, batch_size: int, world_size: int = 1) -> dict[str, int]:
     """Set ``cfg.trainer.max_epochs`` from ``budget.min_steps`` (:func:`budget_epochs`); return the plan for
-    summary.json."""
+    summary.json. With DDP each of ``world_size`` processes steps through its share of the photos, in step with
+    the others: the run's steps are one process's."""
+    num_train = images_per_rank(num_train, world_size)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
     epochs = budget_epochs(num_train, batch_size, cfg.trainer.max_epochs, cfg.budget.min_steps, accumulate)
     with open_dict(cfg):

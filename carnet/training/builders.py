@@ -113,4 +113,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
     if (trainer.strategy.root_device.type == "cuda") != runtime.cuda:  # a bug in carnet.runtime.run_device
         raise RuntimeError(f"trainer.accelerator={cfg.trainer.accelerator} trains on {trainer.strategy.root_device}, "
                            f"but its auto values were resolved for {runtime.device}")
+    if trainer.world_size != runtime.world_size:  # a bug in carnet.runtime.world_size: the budget counted others
+        raise RuntimeError(f"trainer.devices={cfg.trainer.devices} trains in {trainer.world_size} processes, but the "
+                           f"step budget was planned for {runtime.world_size}")
     return trainer

@@ -160,7 +160,7 @@ def _train(cfg: DictConfig, run_dir: Path, artifacts: RunArtifacts, is_rank_zero
             artifacts.finish(tune={k: v for k, v in result.items() if not isinstance(v, list | tuple | dict)})
         return artifacts.summary
     counts = datamodule.split.split.value_counts()
-    budget = plan_budget(cfg, int(counts.get("train", 0)), datamodule.batch_size)
+    budget = plan_budget(cfg, int(counts.get("train", 0)), datamodule.batch_size, runtime.world_size)
     artifacts.summary.update(
         data_root=str(datamodule.root), num_train=int(counts.get("train", 0)), num_val=int(counts.get("val", 0)),
         num_excluded=len(datamodule.excluded),  # photos left out as unreadable (data.verify)

@@ -36,4 +36,5 @@ class WhatRan(pl.Callback):
             else "gpu" if pl_module.device.type == "cuda" else "device",
             "data.num_workers": loader.num_workers,
             "pin_memory": loader.pin_memory,
+            "world_size": trainer.world_size,
         }))
