@@ -364,8 +364,8 @@ def test_carnet_serve_refuses_what_it_cannot_listen_on_before_loading_the_model(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cases = {("--port", "99999"): "carnet-serve: error: argument --port: expected a port number 1-65535, got "
-                                      "'99999'",
+        cases = {("--port", "99999"): "carnet-serve: error: argument --port: expected a port number 0-65535 (0: any "
+                                      "free one), got '99999'",
                  ("--threads", "0"): "carnet-serve: error: argument --threads: expected a whole number >= 1, got '0'",
                  ("--max-mb", "-1"): "carnet-serve: error: argument --max-mb: expected a number > 0, got '-1'",
                  ("--port", str(port)): f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pass "

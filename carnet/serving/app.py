@@ -267,9 +267,10 @@ def _number(kind: type, low: float, text: str, what: str) -> Any:
 
 
 def _port(text: str) -> int:
-    port = _number(int, 1, text, "a port number 1-65535")
-    if port > 65535:  # werkzeug would listen on another port (99999 became 34463)
-        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    """``--port``: 0-65535, 0 for any free port (werkzeug would listen on another port for 99999: 34463)."""
+    port = _number(int, 0, text, "a port number 0-65535 (0: any free one)")
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535 (0: any free one), got {text!r}")
     return port
 
 
