@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from carnet.data.dataset import default_num_workers
+from carnet.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +159,13 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
 def check_device(device: str, typed: str, instead: str) -> None:
     """Refuse, in one line naming what was typed, a device type this machine lacks (Lightning's and torch's own
     errors are 60-70 lines of traceback)."""
-    kind = torch.device(device).type
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:  # an accelerator torch has no device type for: Lightning's to judge
+        return
     mps = getattr(torch.backends, "mps", None)
     missing = (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not (mps and mps.is_available()))
     if missing:
-        from carnet.errors import ConfigError
-
         raise ConfigError(f"{typed}: this machine has no {kind.upper()} device (torch sees none); use {instead}")
 
 
