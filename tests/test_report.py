@@ -74,6 +74,21 @@ def test_cli_writes_to_out_and_rejects_empty_dirs(runs_dir: Path, tmp_path: Path
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_out_it_cannot_write_in_one_line(runs_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A file for --out was a FileExistsError traceback; a folder that cannot be made names it."""
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(SystemExit) as stopped:
+        main([str(runs_dir), "--out", str(taken)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"carnet-report: error: --out {taken} is a file; expected a folder for report.md and report.png")
+    assert main([str(runs_dir), "--out", str(taken / "inside")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot write {taken / 'inside'} (Not a directory)"
+    assert taken.read_text() == "a file"
+
+
 def visible_ticks(ax, axis: str = "x") -> list[float]:
     """The tick values matplotlib draws inside the axis' limits."""
     lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()

@@ -283,10 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", help="a sweep folder (multirun/DATE/TIME) or any folder of run directories")
     parser.add_argument("--out", default=None, help="where report.md and report.png go (default: DIR)")
     args = parser.parse_args(argv)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; expected a folder for {REPORT_MD} and {REPORT_PNG}")
     try:
         frame = write_report(args.dir, args.out)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except OSError as err:  # ours (no runs) says what it means; the system's names the file it could not write
+        print(f"error: {f'cannot write {err.filename} ({err.strerror})' if err.strerror else err}", file=sys.stderr)
         return 2
     out = Path(args.out or args.dir)
     print(f"{len(frame)} runs; wrote {out / REPORT_MD} and {out / REPORT_PNG}")
