@@ -80,8 +80,10 @@ def load_source(yaml_path: str | os.PathLike, class_names: Sequence[str]) -> Sou
         raise DataError(f"data.extra: source file {yaml_path} not found (expected a YAML with name, type, path)")
     try:
         spec = yaml.safe_load(yaml_path.read_text())
-    except yaml.YAMLError as err:
-        raise DataError(f"{yaml_path}: not valid YAML: {err}") from err
+    except yaml.YAMLError as err:  # PyYAML's text spans lines; its problem and where are the one line
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise DataError(f"{yaml_path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(spec, dict):
         raise DataError(f"{yaml_path}: expected a mapping with keys name, type, path[, label_map]")
     unknown = sorted(set(spec) - {"name", "type", "path", "label_map"})
