@@ -159,6 +159,9 @@ def test_inspect_a_checkpoint_with_a_data_root(tiny_checkpoint: Path, tiny_data:
     (["{ckpt}"], r"its training run is not found; pass --data ROOT"),
     (["--data", "{data}"], r"nothing to inspect: .* --data ROOT with --model NAME"),
     (["--data", "{tmp}/gone", "--model", "test_efficientnet"], r"--data .*gone: no such folder"),
+    (["--data", "{data}", "--model", "efficientnet_b00"],  # timm's 28-line traceback, once
+     r"--model efficientnet_b00: expected a conf/model name \(.*tf_efficientnet_lite0\) or a model name timm .*close: "
+     r"efficientnet_b0"),
     (["--data", "{data}", "--model", "test_efficientnet", "--out", "{edited}"],
      r"label_issues.csv has changes carnet-inspect did not make"),
     (["--data", "{data}", "--model", "test_efficientnet", "--out", "{data}/inspect"],

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from carnet.artifacts import SPLIT_FILE
 from carnet.config import config_dir
+from carnet.config_check import TimmModel
 from carnet.data.layout import scan_train
 from carnet.data.splits import assign_split
 from carnet.errors import CarnetError, InspectError, PredictError
@@ -173,9 +174,15 @@ def checkpoint_target(ckpt: Path, data: Path | None, seed: int, val_fraction: fl
 
 
 def timm_model_name(model: str) -> str:
-    """``model`` as timm knows it: conf/model/<model>.yaml's ``name`` when carnet has that config, else as given."""
+    """``model`` as timm knows it: conf/model/<model>.yaml's ``name`` when carnet has that config, else as given;
+    a name timm does not know is an :class:`InspectError` saying what it expects (it was timm's traceback)."""
     path = config_dir() / "model" / f"{model}.yaml"
-    return str(OmegaConf.load(path).get("name", model)) if path.is_file() else model
+    name = str(OmegaConf.load(path).get("name", model)) if path.is_file() else model
+    if not TimmModel().accepts(name):
+        configs = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml") if not p.stem.startswith("_"))
+        raise InspectError(f"--model {model}: expected a conf/model name ({', '.join(configs)}) or "
+                           f"{TimmModel().expected(name)}")
+    return name
 
 
 def data_target(data: Path, model: str, class_names: list[str] | None, image_size: int, weights: str | None,
