@@ -185,6 +185,13 @@ def stopping_signal(err: BaseException | None) -> signal.Signals | None:
     :func:`carnet.training.train.signals_stop_the_run`); a scheduler's preemption signal (submitit's SIGUSR2) as
     the SystemExit its handler raises after requeueing the job (:func:`note_scheduler_signal`).
     """
+    if _ended_by_scheduler(err):
+        return signal.Signals(_scheduler_signals[-1])
+    return _signal_in_chain(err)
+
+
+def _signal_in_chain(err: BaseException | None) -> signal.Signals | None:
+    """The signal an exception in ``err``'s chain stands for: ours (RunInterrupted), Lightning's SIGTERM, Ctrl-C."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException  # Lightning only where runs train
 
     for cause in _chain(err):
@@ -194,20 +201,21 @@ def stopping_signal(err: BaseException | None) -> signal.Signals | None:
             return signal.SIGTERM
         if isinstance(cause, KeyboardInterrupt):
             return signal.SIGINT
-    if isinstance(err, SystemExit) and _scheduler_signals:
-        return signal.Signals(_scheduler_signals[-1])
     return None
 
 
+def _ended_by_scheduler(err: BaseException | None) -> bool:
+    """A scheduler's handler ended the run: a plain SystemExit after a signal it noted (:func:`note_scheduler_signal`),
+    none of the others in its chain."""
+    return isinstance(err, SystemExit) and bool(_scheduler_signals) and _signal_in_chain(err) is None
+
+
 def scheduler_exit_status(err: BaseException | None) -> int | None:
-    """The exit status a scheduler's preemption handler ended the run with (:func:`stopping_signal`'s last case), or
-    None. The scheduler reads it: submitit's local executor starts the requeued job only when the process exits
-    144, the status its handler asks for; on SLURM the handler requeues with ``scontrol`` and asks for -1."""
-    if stopping_signal(err) in (None, signal.SIGINT, signal.SIGTERM) or any(isinstance(cause, RunInterrupted)
-                                                                         for cause in _chain(err)):
-        return None
+    """The exit status a scheduler's preemption handler ended the run with, or None. The scheduler reads it:
+    submitit's local executor starts the requeued job only when the process exits 144, the status its handler asks
+    for; on SLURM the handler requeues with ``scontrol`` and asks for -1."""
     code = getattr(err, "code", None)
-    return code if isinstance(code, int) else None
+    return code if _ended_by_scheduler(err) and isinstance(code, int) else None
 
 
 @contextmanager

@@ -46,11 +46,16 @@ def run_device(accelerator: str) -> str:
     and ``gpu`` (CUDA, else Apple's MPS); every other ``auto`` follows from it."""
     accelerator = str(accelerator).lower()
     if accelerator not in ("auto", "gpu"):
-        return accelerator  # cpu, cuda, mps, ...: Lightning refuses one this machine does not have
+        return accelerator  # cpu, cuda, mps, ...: check_device refuses one this machine does not have
     if torch.cuda.is_available():
         return "cuda"
+    return "mps" if _mps_available() else "cpu"
+
+
+def _mps_available() -> bool:
+    """Apple's GPU (MPS), where this torch has the backend."""
     mps = getattr(torch.backends, "mps", None)
-    return "mps" if mps is not None and mps.is_available() else "cpu"
+    return mps is not None and mps.is_available()
 
 
 def _precision(precision: Any, cuda: bool) -> str:
@@ -163,9 +168,7 @@ def check_device(device: str, typed: str, instead: str) -> None:
         kind = torch.device(device).type
     except RuntimeError:  # an accelerator torch has no device type for: Lightning's to judge
         return
-    mps = getattr(torch.backends, "mps", None)
-    missing = (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not (mps and mps.is_available()))
-    if missing:
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not _mps_available()):
         raise ConfigError(f"{typed}: this machine has no {kind.upper()} device (torch sees none); use {instead}")
 
 

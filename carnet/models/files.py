@@ -36,10 +36,10 @@ def load_weights_only(path: Path, label: str, *, mmap: bool = False, kind: str =
         if unsafe:
             shown = ", ".join(unsafe[:3]) + (", ..." if len(unsafe) > 3 else "")
             raise error(f"{label} holds Python objects beyond tensors and plain values ({shown}); carnet "
-                                  "refuses to unpickle them, since loading could run code") from None
+                        "refuses to unpickle them, since loading could run code") from None
         # torch's own text here is about weights_only or zip internals, not about this file: left out
         raise error(f"{label} is not a {kind} carnet can read: not a file written by torch.save, or a "
-                              "truncated or damaged one") from None
+                    "truncated or damaged one") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:

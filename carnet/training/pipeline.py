@@ -110,15 +110,18 @@ def compose_common(overrides: list[str]) -> DictConfig:
         raise ConfigError(one_line_config_error(err)) from None
 
 
-def check_phases(commands: list[tuple[str, Path, list[str]]]) -> None:
+def check_phases(commands: list[tuple[str, Path, list[str]]]) -> list[DictConfig]:
     """Every phase's config, composed and checked (carnet.config_check) as its run will, before the first starts:
     a value typed wrong, for every phase or with ``PHASE:``, stops the pipeline in one line with nothing written,
-    not once the phases before it have trained."""
+    not once the phases before it have trained. Returns the configs, in the commands' order."""
+    configs = []
     for phase, _, command in commands:
         try:
-            check_train_config(compose_common([arg for arg in command[3:] if "=" in arg]))
+            configs.append(compose_common([arg for arg in command[3:] if "=" in arg]))
+            check_train_config(configs[-1])
         except ConfigError as err:
             raise ConfigError(f"phase {phase}: {err}") from None
+    return configs
 
 
 def next_index(folder: Path) -> int:
@@ -153,12 +156,11 @@ def plan_pipeline(overrides: list[str], phases: list[str], folder: str | os.Path
     return folder, commands
 
 
-def check_start(phases: list[str], command: list[str]) -> None:
+def check_start(phases: list[str], cfg: DictConfig) -> None:
     """The first phase's ``init_from`` must be in the pipeline's folder: a pipeline that starts after the head phase
     (``--phases unfreeze_all,...``) continues an earlier one, whose folder ``--dir`` names. Without it the folder
     is new and holds no hand-off, and the phase would fail once started; this says so first, naming the folder
-    that holds the checkpoint."""
-    cfg = compose_common([arg for arg in command[3:] if "=" in arg])  # the phase's overrides, as it will compose
+    that holds the checkpoint. ``cfg``: the first phase's config (:func:`check_phases`)."""
     init_from = cfg.get("init_from")
     if not init_from:
         return
@@ -241,8 +243,7 @@ def run_pipeline(overrides: list[str], phases: list[str] | None = None, console:
     common, per_phase = split_overrides(overrides, phases)
     settings = compose_common(common)  # refit and pipeline.*
     folder, commands = plan_pipeline(overrides, phases, folder)
-    check_phases(commands)
-    check_start(phases, commands[0][2])
+    check_start(phases, check_phases(commands)[0])
     phases_dir = phases_dir_of(folder, [*common, *(o for extra in per_phase.values() for o in extra)])
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     runs = earlier_runs(folder, phases)
